@@ -1,0 +1,29 @@
+# Two entry points: `make demo` runs the default workflow, `make test` runs the test suite.
+# Both create .venv in the repository root if it is missing and install the project into it.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+CORES ?= 2
+
+.PHONY: demo test lint dryrun clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/snakemake --cores $(CORES) --profile workflow/profiles/default
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/snakemake --lint
+
+dryrun: $(STAMP)
+	$(VENV)/bin/snakemake -n --profile workflow/profiles/default
+
+clean:
+	rm -rf results .snakemake
