@@ -1,0 +1,115 @@
+"""NIfTI input/output with validation and atomic writes.
+
+Every stage reads images through `load_image`, so bad input fails with one line naming the file
+and the problem instead of a traceback from deep inside numpy or ANTs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+
+
+class InputError(ValueError):
+    """A user-supplied file or value is unusable; the message names it and says why."""
+
+
+def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nifti1Image:
+    """Load a 3-D NIfTI image and check it is usable.
+
+    Raises InputError for: a missing file, a file that is not NIfTI, a 4-D image (a singleton
+    4th dimension is squeezed), NaN/inf voxels, an all-zero image, or an affine that is singular
+    or not finite.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for non-NIfTI input
+        raise InputError(f"{path}: not a readable NIfTI image ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
+        shape = img.shape
+    if len(shape) != 3:
+        raise InputError(f"{path}: expected a 3-D image, got shape {shape}")
+    if min(shape) < 2:
+        raise InputError(f"{path}: degenerate image shape {shape}")
+    data = np.asanyarray(img.dataobj)
+    if not np.issubdtype(data.dtype, np.number):
+        raise InputError(f"{path}: voxel type {data.dtype} is not numeric")
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        n_bad = int((~np.isfinite(data)).sum())
+        raise InputError(f"{path}: contains {n_bad} NaN/inf voxels")
+    if not allow_empty and not np.any(data):
+        raise InputError(f"{path}: image is all zeros")
+    affine = img.affine
+    if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-8:
+        raise InputError(f"{path}: no usable affine (singular or non-finite voxel-to-world matrix)")
+    return img
+
+
+def load_mask(path: str | os.PathLike, like: nib.Nifti1Image | None = None) -> np.ndarray:
+    """Load a binary brain mask (voxels > 0.5), checking it matches `like`'s grid."""
+    img = load_image(path)
+    if like is not None:
+        if img.shape != like.shape or not np.allclose(img.affine, like.affine, atol=1e-3):
+            raise InputError(
+                f"{path}: mask grid {img.shape} does not match the image grid {like.shape} "
+                "(shape or affine differ)"
+            )
+    return np.asarray(img.dataobj) > 0.5
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it over `path`.
+
+    A killed job leaves no half-written output that Snakemake or the user could take for a
+    finished one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_image(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
+               header: nib.Nifti1Header | None = None, dtype=np.float32) -> Path:
+    """Write a NIfTI atomically (temp file then rename)."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine, header)
+    img.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(obj, path: str | os.PathLike) -> Path:
+    return write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)

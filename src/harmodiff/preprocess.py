@@ -1,0 +1,318 @@
+"""Preprocessing of one raw T1 scan onto the working grid (paper section 3.1, steps i-v).
+
+skull strip -> N4 bias correction -> affine registration to the MNI152 brain -> resampling onto
+the working grid (which crops/pads to its shape) -> median normalization.
+
+Outputs: the normalized brain, its brain mask (uint8), the ANTs affine (.mat) and a QC PNG.
+The .mat is ANTs' forward transform of `ants.registration(fixed=MNI, moving=scan)`: with
+`ants.apply_transforms(fixed=MNI-space image, moving=scan, transformlist=[mat])` it brings the
+scan into MNI space, and with `fixed=native scan, moving=MNI-space image, whichtoinvert=[True]`
+it brings a working-grid result back to the native scan.
+
+Intensities on disk: the brain median is MEDIAN_TARGET (500), background 0, nothing negative.
+The network later sees x / 500 - 1 (see `to_model_units`): brain median 0, background -1.
+
+Skull stripping backends:
+* `ants` (default, runs everywhere): the scan is registered to the nilearn MNI152 brain template
+  (affine, then a short SyN, metric restricted to the dilated template brain) and the template's
+  brain mask is pulled back onto the scan (see `skullstrip_ants`).
+* `hdbet`: HD-BET 2 with weights from a local folder (they cannot be downloaded here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from harmodiff.io import InputError, atomic_path, load_image, save_image
+from harmodiff.templates import mni_images, working_grid
+
+MEDIAN_TARGET = 500.0
+SKULLSTRIP_BACKENDS = ("ants", "hdbet")
+REGISTRATIONS = ("affine", "rigid")
+
+
+def set_threads(n: int) -> None:
+    """ITK/ANTs and torch thread counts; must run before the first ANTs call to take effect."""
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(n))
+    os.environ["OMP_NUM_THREADS"] = str(int(n))
+
+
+def _ants():
+    import ants
+
+    return ants
+
+
+def to_ants(img: nib.Nifti1Image):
+    return _ants().from_nibabel_nifti(nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine))
+
+
+def to_nib(image) -> nib.Nifti1Image:
+    return _ants().to_nibabel_nifti(image)
+
+
+def _seed(seed: int) -> None:
+    # antspyx appends "--random-seed" to every registration call when this is set; unlike
+    # ants.set_ants_deterministic it does not force a single thread.
+    _ants().config._random_seed = int(seed)
+
+
+def _template(name: str, spacing: float | None = None):
+    """A template image as ANTs image, optionally resampled to a coarser isotropic spacing."""
+    ants = _ants()
+    img = to_ants(mni_images()[name])
+    if spacing and spacing > 1.2:
+        img = ants.resample_image(img, (spacing, spacing, spacing), use_voxels=False, interp_type=0)
+    return img
+
+
+def _largest_component_filled(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+    keep = labels == (int(np.argmax(sizes)) + 1)
+    return ndimage.binary_fill_holes(keep)
+
+
+# --------------------------------------------------------------------------------------------
+# steps
+
+
+def skullstrip_ants(image, *, seed: int = 0):
+    """Brain mask (ANTs image, 0/1) of a head scan, and the scan->MNI affine found on the way.
+
+    The scan is registered to the MNI brain template (affine, then a short SyN) with the metric
+    restricted to the template brain dilated by ~6 mm, so the scalp and skull of the scan, which
+    the brain-only template lacks, do not pull the fit outwards. The template mask is then
+    pulled back onto the scan through the inverse transforms and cleaned (largest connected
+    component, holes filled).
+    """
+    ants = _ants()
+    _seed(seed)
+    spacing = float(np.mean(image.spacing))
+    template = _template("t1", spacing)
+    mask = _template("mask", spacing)
+    dilated = ndimage.binary_dilation(mask.numpy() > 0.5, iterations=max(1, int(round(6.0 / spacing))))
+    metric_mask = mask.new_image_like(dilated.astype(np.float32))
+    aff = ants.registration(fixed=template, moving=image, type_of_transform="Affine", mask=metric_mask,
+                            aff_iterations=(500, 250, 100, 0), aff_shrink_factors=(6, 4, 2, 1),
+                            aff_smoothing_sigmas=(3, 2, 1, 0))
+    syn = ants.registration(fixed=template, moving=image, type_of_transform="SyNOnly", mask=metric_mask,
+                            initial_transform=aff["fwdtransforms"], reg_iterations=(40, 20, 0))
+    warped = ants.apply_transforms(fixed=image, moving=mask, transformlist=syn["invtransforms"],
+                                   whichtoinvert=[True, False], interpolator="linear")
+    brain = _largest_component_filled(warped.numpy() > 0.5)
+    return image.new_image_like(brain.astype(np.float32)), aff["fwdtransforms"][0]
+
+
+def skullstrip_hdbet(path: Path, weights: Path, *, device: str = "cpu"):
+    """Brain mask from HD-BET 2 run with weights from `weights` (no download)."""
+    weights = Path(weights)
+    need = ["dataset.json", "plans.json", "fold_all/checkpoint_final.pth"]
+    missing = [n for n in need if not (weights / n).is_file()]
+    if missing:
+        raise InputError(
+            f"{weights}: HD-BET weights not found (missing {', '.join(missing)}). HD-BET 2.0.1 weights "
+            "cannot be downloaded here; copy the release_2.0.0 folder (dataset.json, plans.json, "
+            "fold_all/checkpoint_final.pth) to this path, or use --skullstrip ants"
+        )
+    try:
+        from HD_BET import hd_bet_prediction
+        from HD_BET.checkpoint_download import maybe_download_parameters  # noqa: F401
+    except ImportError:
+        raise InputError("HD-BET is not installed: pip install 'harmodiff[hdbet]'") from None
+    hd_bet_prediction.folder_with_parameter_files = str(weights)
+    import torch
+
+    predictor = hd_bet_prediction.get_hdbet_predictor(use_tta=False, device=torch.device(device), verbose=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "brain.nii.gz"
+        hd_bet_prediction.hdbet_predict(str(path), str(out), predictor, keep_brain_mask=True,
+                                        compute_brain_extracted_image=False)
+        mask_file = Path(tmp) / "brain_bet.nii.gz"
+        mask_img = _ants().image_read(str(mask_file if mask_file.exists() else out))
+    return mask_img.new_image_like((mask_img.numpy() > 0.5).astype(np.float32))
+
+
+def n4(image, mask, *, shrink_factor: int | None = None):
+    """N4 bias-field correction inside a slightly dilated brain mask.
+
+    The field is smooth, so N4 is fitted on a ~4 mm grid (shrink factor from the voxel size).
+    """
+    ants = _ants()
+    if shrink_factor is None:
+        shrink_factor = max(1, int(round(4.0 / float(np.mean(image.spacing)))))
+    dil = ndimage.binary_dilation(mask.numpy() > 0.5, iterations=2)
+    weight = mask.new_image_like(dil.astype(np.float32))
+    clipped = image.new_image_like(np.clip(image.numpy(), 0, None).astype(np.float32))
+    return ants.n4_bias_field_correction(clipped, mask=weight, shrink_factor=shrink_factor,
+                                         convergence={"iters": [50, 50, 30], "tol": 1e-6})
+
+
+def register_to_mni(brain, *, kind: str = "affine", seed: int = 0, spacing: float = 1.0,
+                    initial_transform: str | None = None):
+    """Register a skull-stripped brain to the MNI152 brain template; returns the ANTs .mat path.
+
+    `initial_transform` (e.g. the skull stripper's affine) starts the optimizer near the answer,
+    so fewer iterations are needed; without it ANTs starts from the centres of mass.
+    """
+    if kind not in REGISTRATIONS:
+        raise ValueError(f"registration must be one of {REGISTRATIONS}, got {kind!r}")
+    ants = _ants()
+    _seed(seed)
+    template = _template("t1", max(spacing, float(np.mean(brain.spacing))))
+    if initial_transform is not None and kind == "affine":
+        iters, shrink, sigmas = (200, 100, 50), (4, 2, 1), (2, 1, 0)
+    else:
+        iters, shrink, sigmas = (1000, 500, 250, 50), (6, 4, 2, 1), (3, 2, 1, 0)
+    reg = ants.registration(fixed=template, moving=brain, type_of_transform="Affine" if kind == "affine" else "Rigid",
+                            initial_transform=[initial_transform] if initial_transform and kind == "affine" else None,
+                            aff_iterations=iters, aff_shrink_factors=shrink, aff_smoothing_sigmas=sigmas)
+    return reg["fwdtransforms"][0]
+
+
+def working_reference(spacing: float, shape):
+    """An ANTs image with the working grid's geometry (ANTs stores LPS, nibabel RAS)."""
+    affine = working_grid(spacing, shape)
+    ref = nib.Nifti1Image(np.zeros(tuple(int(s) for s in shape), np.float32), affine)
+    return to_ants(ref), affine
+
+
+def resample_to_grid(image, transform: str, reference, *, interpolator: str = "linear"):
+    return _ants().apply_transforms(fixed=reference, moving=image, transformlist=[transform],
+                                    interpolator=interpolator)
+
+
+def median_normalize(data: np.ndarray, mask: np.ndarray, target: float = MEDIAN_TARGET) -> np.ndarray:
+    """Scale so the median inside `mask` is `target`; background 0, negatives clipped to 0."""
+    if not mask.any():
+        raise InputError("median normalization: the brain mask is empty")
+    med = float(np.median(data[mask]))
+    if med <= 0:
+        raise InputError(f"median normalization: brain median is {med:.3g} (must be > 0)")
+    out = np.where(mask, np.clip(data, 0, None) * (target / med), 0.0)
+    return out.astype(np.float32)
+
+
+def to_model_units(data: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """What the network sees: x / 500 - 1 (brain median 0); background exactly -1."""
+    x = data / MEDIAN_TARGET - 1.0
+    if mask is not None:
+        x = np.where(mask, x, -1.0)
+    return x.astype(np.float32)
+
+
+def from_model_units(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of `to_model_units`: (y + 1) * 500, clipped at 0, background 0."""
+    y = np.clip((x + 1.0) * MEDIAN_TARGET, 0, None)
+    if mask is not None:
+        y = np.where(mask, y, 0.0)
+    return y.astype(np.float32)
+
+
+def qc_png(data: np.ndarray, mask: np.ndarray, path: Path, title: str = "") -> None:
+    """Three orthogonal central slices with the brain-mask outline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centre = [int(round(c)) for c in ndimage.center_of_mass(mask)] if mask.any() else [s // 2 for s in data.shape]
+    vmax = float(np.percentile(data[mask], 99.5)) if mask.any() else float(data.max() or 1)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    for ax, axis, name in zip(axes, range(3), ("sagittal", "coronal", "axial")):
+        sl = np.take(data, centre[axis], axis=axis).T
+        ms = np.take(mask, centre[axis], axis=axis).T.astype(float)
+        ax.imshow(sl, cmap="gray", origin="lower", vmin=0, vmax=vmax)
+        ax.contour(ms, levels=[0.5], colors="r", linewidths=0.7)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# the whole stage
+
+
+def preprocess(input_path, output, mask_output, *, transform_output=None, qc_output=None,
+               spacing: float = 2.0, shape=(80, 96, 80), skullstrip: str = "ants",
+               hdbet_weights=None, registration: str = "affine", seed: int = 0, device: str = "cpu"):
+    """Preprocess one raw scan; writes the outputs atomically and returns the median before scaling."""
+    if skullstrip not in SKULLSTRIP_BACKENDS:
+        raise InputError(f"skull stripping backend must be one of {SKULLSTRIP_BACKENDS}, got {skullstrip!r}")
+    input_path = Path(input_path)
+    outputs = [Path(p) for p in (output, mask_output, transform_output, qc_output) if p]
+    for out in outputs:
+        if out.resolve() == input_path.resolve():
+            raise InputError(f"{out}: refusing to overwrite the input scan")
+    raw = load_image(input_path)
+    ants = _ants()
+    image = to_ants(raw)
+    initial = None
+    if skullstrip == "ants":
+        brain_mask, initial = skullstrip_ants(image, seed=seed)
+    else:
+        brain_mask = skullstrip_hdbet(input_path, hdbet_weights or "resources/hd-bet", device=device)
+    if brain_mask.numpy().sum() == 0:
+        raise InputError(f"{input_path}: skull stripping found no brain")
+    corrected = n4(image, brain_mask)
+    brain = corrected * brain_mask
+    transform = register_to_mni(brain, kind=registration, seed=seed, spacing=spacing, initial_transform=initial)
+    reference, affine = working_reference(spacing, shape)
+    moved = resample_to_grid(brain, transform, reference).numpy()
+    moved_mask = resample_to_grid(brain_mask, transform, reference).numpy() > 0.5
+    moved_mask = _largest_component_filled(moved_mask)
+    normalized = median_normalize(moved, moved_mask)
+    save_image(normalized, affine, output)
+    save_image(moved_mask, affine, mask_output, dtype=np.uint8)
+    if transform_output:
+        with atomic_path(transform_output) as tmp:
+            shutil.copyfile(transform, tmp)
+    if qc_output:
+        qc_png(normalized, moved_mask, Path(qc_output), title=input_path.name)
+    return normalized, moved_mask, affine
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harmodiff.preprocess", description=__doc__.split("\n")[0])
+    p.add_argument("--input", required=True, help="raw T1 NIfTI (any orientation and voxel size)")
+    p.add_argument("--output", required=True, help="normalized brain on the working grid (.nii.gz)")
+    p.add_argument("--mask-output", required=True, help="brain mask on the working grid (.nii.gz)")
+    p.add_argument("--transform-output", help="ANTs affine scan->MNI (.mat)")
+    p.add_argument("--qc-output", help="QC PNG")
+    p.add_argument("--spacing", type=float, default=2.0, help="working grid spacing in mm")
+    p.add_argument("--shape", type=int, nargs=3, default=(80, 96, 80), metavar=("X", "Y", "Z"))
+    p.add_argument("--skullstrip", choices=SKULLSTRIP_BACKENDS, default="ants")
+    p.add_argument("--hdbet-weights", default="resources/hd-bet")
+    p.add_argument("--registration", choices=REGISTRATIONS, default="affine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="device for HD-BET")
+    a = p.parse_args(argv)
+    set_threads(a.threads)
+    try:
+        preprocess(a.input, a.output, a.mask_output, transform_output=a.transform_output, qc_output=a.qc_output,
+                   spacing=a.spacing, shape=a.shape, skullstrip=a.skullstrip, hdbet_weights=a.hdbet_weights,
+                   registration=a.registration, seed=a.seed, device=a.device)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

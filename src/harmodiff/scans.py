@@ -1,0 +1,232 @@
+"""Scan sheets: the TSV every run starts from (scan_id, subject, site, cohort, path).
+
+`read_scan_sheet` validates a sheet against `schemas/scans.schema.yaml` and checks what a schema
+cannot: unique scan_ids, files that exist and are NIfTI, and target sites that have training
+scans. Every error names the sheet row (1-based line number in the file, header = line 1).
+
+Builders (`python -m harmodiff.scans {synthetic,bids,srpbs} ...`):
+
+* synthetic: the sheet of a cohort written by `harmodiff.synth`.
+* bids: `sub-*/[ses-*/]anat/*_T1w.nii[.gz]`; the site comes from a column of the session's
+  `sub-*_sessions.tsv` if it has that column, else from `participants.tsv`.
+* srpbs: the SRPBS traveling-subject release laid out as
+  `sub-XX/ses-site<CODE>/anat/sub-XX_ses-site<CODE>[_run-N]_T1w.nii[.gz]` (site = CODE). Repeated
+  scans of a subject at a site (several runs) are reduced to the first run, which is how the
+  release's 97 unique T1 scans are counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import nibabel as nib
+import pandas as pd
+import yaml
+
+from harmodiff.io import InputError, write_text
+
+COLUMNS = ["scan_id", "subject", "site", "cohort", "path"]
+
+
+def _schema() -> dict:
+    text = resources.files("harmodiff").joinpath("schemas/scans.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _is_nifti(path: Path) -> bool:
+    try:
+        img = nib.load(str(path))
+    except Exception:
+        return False
+    return isinstance(img, (nib.Nifti1Image, nib.Nifti2Image))
+
+
+def validate_scan_sheet(df: pd.DataFrame, *, source: str = "scan sheet", base_dir: Path | None = None,
+                        target_sites=(), check_files: bool = True) -> pd.DataFrame:
+    """Validate a scan sheet DataFrame; returns a copy with absolute paths.
+
+    Raises InputError naming the row and the problem.
+    """
+    unknown = [c for c in df.columns if c not in COLUMNS]
+    if unknown:
+        raise InputError(f"{source}: unknown column(s) {unknown}; a scan sheet has exactly {COLUMNS}")
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(f"{source}: missing column(s) {missing}; a scan sheet has exactly {COLUMNS}")
+    if df.empty:
+        raise InputError(f"{source}: no scans listed")
+    validator = jsonschema.Draft202012Validator(_schema())
+    df = df[COLUMNS].copy()
+    seen: dict[str, int] = {}
+    paths = []
+    for i, row in enumerate(df.itertuples(index=False)):
+        line = i + 2
+        record = {c: ("" if pd.isna(v) else str(v)) for c, v in zip(COLUMNS, row)}
+        errors = sorted(validator.iter_errors(record), key=lambda e: list(e.path))
+        if errors:
+            e = errors[0]
+            where = e.path[0] if e.path else "row"
+            raise InputError(f"{source}, row {line} (scan_id {record['scan_id']!r}): {where}: {e.message}")
+        if record["scan_id"] in seen:
+            raise InputError(f"{source}, row {line}: duplicate scan_id {record['scan_id']!r} "
+                             f"(first on row {seen[record['scan_id']]})")
+        seen[record["scan_id"]] = line
+        p = Path(record["path"])
+        if not p.is_absolute() and base_dir is not None:
+            p = base_dir / p
+        if check_files:
+            if not p.is_file():
+                raise InputError(f"{source}, row {line} (scan_id {record['scan_id']!r}): file not found: {p}")
+            if not _is_nifti(p):
+                raise InputError(f"{source}, row {line} (scan_id {record['scan_id']!r}): not a NIfTI file: {p}")
+        paths.append(str(p.resolve()) if check_files else str(p))
+    df["path"] = paths
+    train_sites = set(df.loc[df["cohort"] == "train", "site"])
+    for site in target_sites:
+        if site not in train_sites:
+            raise InputError(f"{source}: target site {site!r} has no training scans "
+                             f"(training sites: {sorted(train_sites) or 'none'})")
+    return df.reset_index(drop=True)
+
+
+def read_scan_sheet(path: str | Path, *, target_sites=(), check_files: bool = True) -> pd.DataFrame:
+    """Read and validate a scan sheet TSV; relative paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: scan sheet not found")
+    try:
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable TSV ({exc})") from None
+    return validate_scan_sheet(df, source=str(path), base_dir=path.parent,
+                               target_sites=target_sites, check_files=check_files)
+
+
+def write_scan_sheet(df: pd.DataFrame, path: str | Path) -> Path:
+    return write_text(df[COLUMNS].to_csv(sep="\t", index=False), path)
+
+
+# --------------------------------------------------------------------------------------------
+# builders
+
+
+def from_synthetic(cohort_dir: str | Path) -> pd.DataFrame:
+    """The sheet of a cohort written by `harmodiff.synth` (validated, absolute paths)."""
+    return read_scan_sheet(Path(cohort_dir) / "scans.tsv")
+
+
+_T1W = re.compile(r"^(sub-[^_]+)(?:_(ses-[^_]+))?(?:_.*)?_T1w\.nii(\.gz)?$")
+
+
+def _bids_t1w_files(root: Path):
+    for f in sorted(root.glob("sub-*/anat/*_T1w.nii*")) + sorted(root.glob("sub-*/ses-*/anat/*_T1w.nii*")):
+        m = _T1W.match(f.name)
+        if m:
+            yield f, m.group(1), m.group(2)
+
+
+def from_bids(root: str | Path, *, site_column: str = "site", cohort: str = "train") -> pd.DataFrame:
+    """Sheet of a BIDS dataset; the site is read from sessions.tsv or participants.tsv."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: BIDS root not found")
+    participants = root / "participants.tsv"
+    part_sites = {}
+    if participants.is_file():
+        p = pd.read_csv(participants, sep="\t", dtype=str)
+        if site_column in p.columns:
+            part_sites = dict(zip(p["participant_id"], p[site_column]))
+    rows = []
+    for f, sub, ses in _bids_t1w_files(root):
+        site = None
+        sessions = root / sub / f"{sub}_sessions.tsv"
+        if ses and sessions.is_file():
+            s = pd.read_csv(sessions, sep="\t", dtype=str)
+            if site_column in s.columns:
+                hit = s.loc[s["session_id"] == ses, site_column]
+                if len(hit):
+                    site = hit.iloc[0]
+        if site is None:
+            site = part_sites.get(sub)
+        if site is None or pd.isna(site):
+            raise InputError(f"{f}: no {site_column!r} for {sub}{' ' + ses if ses else ''} in "
+                             f"{sub}_sessions.tsv or participants.tsv")
+        scan_id = f.name.split(".nii")[0].removesuffix("_T1w")
+        rows.append((scan_id, sub, str(site), cohort, str(f.resolve())))
+    if not rows:
+        raise InputError(f"{root}: no sub-*/[ses-*/]anat/*_T1w.nii[.gz] files found")
+    return validate_scan_sheet(pd.DataFrame(rows, columns=COLUMNS), source=str(root))
+
+
+_SRPBS = re.compile(r"^(sub-[^_]+)_ses-site([A-Za-z0-9]+)(?:_run-(\d+))?_T1w\.nii(\.gz)?$")
+
+
+def from_srpbs(root: str | Path, *, cohort: str = "test") -> pd.DataFrame:
+    """Sheet of the SRPBS traveling-subject release (see the module docstring for the layout)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: SRPBS root not found")
+    found: dict[tuple[str, str], list[tuple[int, Path]]] = {}
+    for f in sorted(root.glob("sub-*/ses-site*/anat/*_T1w.nii*")):
+        m = _SRPBS.match(f.name)
+        if not m:
+            continue
+        sub, site, run = m.group(1), m.group(2), int(m.group(3) or 1)
+        found.setdefault((sub, site), []).append((run, f))
+    if not found:
+        raise InputError(f"{root}: no sub-XX/ses-site<CODE>/anat/*_T1w.nii[.gz] files found")
+    rows = []
+    for (sub, site), runs in sorted(found.items()):
+        run, f = min(runs)
+        rows.append((f"{sub}_ses-site{site}", sub, site, cohort, str(f.resolve())))
+    return validate_scan_sheet(pd.DataFrame(rows, columns=COLUMNS), source=str(root))
+
+
+def combine(*sheets: pd.DataFrame, target_sites=()) -> pd.DataFrame:
+    """Concatenate sheets (e.g. a training cohort and the SRPBS test cohort) and re-validate."""
+    df = pd.concat(sheets, ignore_index=True)
+    return validate_scan_sheet(df, source="combined scan sheet", target_sites=target_sites)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harmodiff.scans", description="Build or check a scan sheet.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="validate a sheet")
+    c.add_argument("sheet")
+    c.add_argument("--target-site", action="append", default=[])
+    s = sub.add_parser("synthetic", help="sheet of a harmodiff.synth cohort")
+    s.add_argument("cohort_dir")
+    b = sub.add_parser("bids", help="sheet of a BIDS dataset")
+    b.add_argument("root")
+    b.add_argument("--site-column", default="site")
+    b.add_argument("--cohort", choices=["train", "test"], default="train")
+    r = sub.add_parser("srpbs", help="sheet of the SRPBS traveling-subject release")
+    r.add_argument("root")
+    r.add_argument("--cohort", choices=["train", "test"], default="test")
+    for q in (s, b, r):
+        q.add_argument("-o", "--output", required=True, help="TSV to write")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "check":
+            df = read_scan_sheet(a.sheet, target_sites=a.target_site)
+            print(f"{a.sheet}: {len(df)} scans, sites {sorted(set(df['site']))}: OK")
+            return 0
+        if a.cmd == "synthetic":
+            df = from_synthetic(a.cohort_dir)
+        elif a.cmd == "bids":
+            df = from_bids(a.root, site_column=a.site_column, cohort=a.cohort)
+        else:
+            df = from_srpbs(a.root, cohort=a.cohort)
+    except InputError as exc:
+        p.exit(2, f"error: {exc}\n")
+    write_scan_sheet(df, a.output)
+    print(f"wrote {len(df)} scans to {a.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
