@@ -14,16 +14,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/snakemake --cores $(CORES) --profile workflow/profiles/default
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/snakemake --cores $(CORES) --profile workflow/profiles/default
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/snakemake --lint
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/snakemake --lint
 
 dryrun: $(STAMP)
-	$(VENV)/bin/snakemake -n --profile workflow/profiles/default
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/snakemake -n --profile workflow/profiles/default
 
 clean:
 	rm -rf results .snakemake

@@ -259,7 +259,10 @@ def native_grid(pose: dict, spacing_mm: float, head_box_mni: np.ndarray):
 
 
 def render_scan(cfg: SynthConfig, subject: dict, site: dict, scan_index: int):
-    """Render one scan. Returns (image, native affine, native brain mask, scan_to_mni, pose)."""
+    """Render one scan.
+
+    Returns (image, native affine, native brain mask, scan_to_mni, pose, noise-free MNI render).
+    """
     s = cfg.render_spacing
     pose = scan_pose(cfg, scan_index)
     mni_img = render_site_mni(subject, site, s)
@@ -279,7 +282,7 @@ def render_scan(cfg: SynthConfig, subject: dict, site: dict, scan_index: int):
     n1 = rng_n.normal(0, sd, shape).astype(np.float32)
     n2 = rng_n.normal(0, sd, shape).astype(np.float32)
     image = np.sqrt((image + n1) ** 2 + n2 ** 2) * site["scale"]  # Rician magnitude
-    return image.astype(np.float32), vox, brain, scan_to_mni, pose
+    return image.astype(np.float32), vox, brain, scan_to_mni, pose, mni_img
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +293,8 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
     """Render the cohort into `outdir`; returns the scan sheet (also written as scans.tsv).
 
     Layout: raw/{cohort}/{site}/{scan_id}.nii.gz, truth/subjects/{subject}_{mask,gm,wm,csf}.nii.gz
-    (MNI space), truth/scans/{scan_id}_brainmask.nii.gz (native), truth/subjects.tsv,
+    (MNI space), truth/scans/{scan_id}_brainmask.nii.gz (native), truth/rendered/{scan_id}.nii.gz
+    (the scan's noise- and bias-free brain in MNI space), truth/subjects.tsv,
     truth/scans.tsv, truth/sites.json, truth/config.json, scans.tsv.
     """
     from tqdm import tqdm
@@ -317,8 +321,10 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
                           "gm_ratio": vols["gm_ml"] / total, "wm_ratio": vols["wm_ml"] / total,
                           "csf_ratio": vols["csf_ml"] / total, "gm_thinning": subject["gm_thinning"]})
         for row in plan[plan["subject"] == subject_id].itertuples():
-            image, vox, brain, scan_to_mni, pose = render_scan(cfg, subject, sites[row.site], row.Index)
+            image, vox, brain, scan_to_mni, pose, mni_img = render_scan(cfg, subject, sites[row.site], row.Index)
             save_image(image, vox, out / row.path)
+            # what the preprocessed scan should look like: the noise-free brain in MNI space
+            save_image(mni_img * subject["brain_mask"], aff, out / "truth" / "rendered" / f"{row.scan_id}.nii.gz")
             save_image(brain, vox, out / "truth" / "scans" / f"{row.scan_id}_brainmask.nii.gz", dtype=np.uint8)
             scan_rows.append({
                 "scan_id": row.scan_id, "subject": subject_id, "site": row.site, "cohort": row.cohort,

@@ -1,0 +1,158 @@
+"""The site-invariant anatomical prior A and its coarse context A_coarse (paper section 2.2).
+
+    I' = gamma_perturb(I)                 brain scaled to [0, 1], raised to exp(log_gamma)
+    G  = |grad I'|                        central differences, voxel units
+    H  = |I' - Gauss_sigma(I')|           Gaussian truncated at radius r = max(1, ceil(3 sigma))
+    A  = alpha G + (1 - alpha) H          then quantile-normalized: the 0.5th / 99.5th brain
+                                          percentiles map to -1 / 1, clipped; background -1
+
+A multi-scale variant (the authors' released code) is a weighted sum of terms, each either the
+gradient magnitude of a Gaussian-smoothed image ("grad", sigma) or a high-frequency residual
+("hf", sigma): pass `terms=[("grad", s1, 0.5), ("grad", s2, 0.3), ("hf", s, 0.2)]`.
+
+A_coarse: mode `local` downsamples A trilinearly by `factor` and brings it back to A's grid, so a
+patch of it is cut at the patch's own coordinates; mode `global` resamples the whole A to the
+patch shape (one volume-wide context shared by every patch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from harmodiff.io import InputError, load_image, load_mask, save_image
+
+QUANTILES = (0.5, 99.5)
+
+
+def kernel_radius(sigma: float) -> int:
+    """Radius of the truncated Gaussian kernel: r = max(1, ceil(3 sigma)); kernel side 2r + 1."""
+    return max(1, int(math.ceil(3.0 * float(sigma))))
+
+
+def gaussian(image: np.ndarray, sigma: float) -> np.ndarray:
+    return ndimage.gaussian_filter(image, sigma=float(sigma), radius=kernel_radius(sigma), mode="nearest")
+
+
+def gamma_perturb(image: np.ndarray, mask: np.ndarray, log_gamma: float = 0.0) -> np.ndarray:
+    """Scale the brain to [0, 1] (min/max inside the mask), raise to exp(log_gamma); background 0."""
+    if not mask.any():
+        raise InputError("gamma_perturb: the brain mask is empty")
+    values = image[mask]
+    lo, hi = float(values.min()), float(values.max())
+    scaled = np.clip((image - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    scaled = np.where(mask, scaled, 0.0)
+    if log_gamma != 0.0:
+        scaled = np.power(scaled, math.exp(log_gamma))
+    return scaled.astype(np.float32)
+
+
+def gradient_magnitude(image: np.ndarray) -> np.ndarray:
+    """|grad I| with central differences (one-sided at the borders), in voxel units."""
+    grads = np.gradient(image.astype(np.float64))
+    return np.sqrt(sum(g * g for g in grads)).astype(np.float32)
+
+
+def high_frequency(image: np.ndarray, sigma: float) -> np.ndarray:
+    """|I - Gauss_sigma(I)|."""
+    return np.abs(image - gaussian(image, sigma)).astype(np.float32)
+
+
+def raw_anatomy(perturbed: np.ndarray, *, alpha: float = 0.5, sigma: float = 1.0,
+                terms: Sequence[tuple[str, float, float]] | None = None) -> np.ndarray:
+    """alpha G + (1 - alpha) H of an already perturbed image, or the weighted multi-scale sum."""
+    if terms is None:
+        return (alpha * gradient_magnitude(perturbed) + (1 - alpha) * high_frequency(perturbed, sigma)).astype(np.float32)
+    out = np.zeros(perturbed.shape, np.float32)
+    for kind, s, weight in terms:
+        if kind == "grad":
+            out += weight * gradient_magnitude(gaussian(perturbed, s) if s > 0 else perturbed)
+        elif kind == "hf":
+            out += weight * high_frequency(perturbed, s)
+        else:
+            raise ValueError(f"anatomy term kind must be 'grad' or 'hf', got {kind!r}")
+    return out
+
+
+def quantile_normalize(values: np.ndarray, mask: np.ndarray, quantiles=QUANTILES) -> np.ndarray:
+    """Map the brain's lower/upper quantiles to -1/1, clip to [-1, 1]; background -1."""
+    lo, hi = np.percentile(values[mask], quantiles)
+    scaled = 2.0 * (values - lo) / max(float(hi - lo), 1e-12) - 1.0
+    return np.where(mask, np.clip(scaled, -1.0, 1.0), -1.0).astype(np.float32)
+
+
+def anatomy_map(image: np.ndarray, mask: np.ndarray, *, alpha: float = 0.5, sigma: float = 1.0,
+                log_gamma: float = 0.0, terms=None) -> np.ndarray:
+    """The anatomical map A in [-1, 1] (see the module docstring)."""
+    mask = np.asarray(mask, bool)
+    perturbed = gamma_perturb(image, mask, log_gamma)
+    return quantile_normalize(raw_anatomy(perturbed, alpha=alpha, sigma=sigma, terms=terms), mask)
+
+
+def _trilinear(volume: np.ndarray, size) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)[0, 0].numpy()
+
+
+def coarse_map(anatomy: np.ndarray, factor: int = 2, mode: str = "local", patch_shape=None) -> np.ndarray:
+    """A_coarse: `local` -> A downsampled by `factor` and back on A's grid; `global` -> A at patch shape."""
+    if mode == "local":
+        small = [max(1, int(round(s / factor))) for s in anatomy.shape]
+        return _trilinear(_trilinear(anatomy, small), anatomy.shape)
+    if mode == "global":
+        if patch_shape is None:
+            raise ValueError("coarse_map mode 'global' needs patch_shape")
+        return _trilinear(anatomy, patch_shape)
+    raise ValueError(f"coarse_map mode must be 'local' or 'global', got {mode!r}")
+
+
+def coarse_patch(coarse: np.ndarray, corner, patch_shape, mode: str = "local") -> np.ndarray:
+    """The A_coarse input of the patch at `corner`."""
+    if mode == "global":
+        return coarse
+    sl = tuple(slice(int(c), int(c) + int(p)) for c, p in zip(corner, patch_shape))
+    return coarse[sl]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harmodiff.anatomy", description="Compute A and A_coarse.")
+    p.add_argument("--input", required=True, help="preprocessed image (working grid)")
+    p.add_argument("--mask", required=True, help="its brain mask")
+    p.add_argument("--output", required=True, help="A (.nii.gz)")
+    p.add_argument("--coarse-output", required=True, help="A_coarse (.nii.gz)")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--sigma", type=float, default=1.0, help="voxels")
+    p.add_argument("--log-gamma", type=float, default=0.0)
+    p.add_argument("--coarse-factor", type=int, default=2)
+    p.add_argument("--coarse-mode", choices=["local", "global"], default="local")
+    p.add_argument("--patch-shape", type=int, nargs=3, default=None)
+    a = p.parse_args(argv)
+    try:
+        img = load_image(a.input)
+        mask = load_mask(a.mask, like=img)
+        if not mask.any():
+            raise InputError(f"{a.mask}: brain mask is empty")
+        A = anatomy_map(np.asarray(img.dataobj, np.float32), mask, alpha=a.alpha, sigma=a.sigma, log_gamma=a.log_gamma)
+        coarse = coarse_map(A, a.coarse_factor, a.coarse_mode, a.patch_shape)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    save_image(A, img.affine, a.output)
+    coarse_affine = img.affine
+    if a.coarse_mode == "global":  # the whole field of view at patch shape
+        coarse_affine = img.affine.copy()
+        coarse_affine[:3, :3] = img.affine[:3, :3] @ np.diag(np.array(img.shape) / np.array(coarse.shape))
+    save_image(coarse, coarse_affine, a.coarse_output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

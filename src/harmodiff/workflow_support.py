@@ -1,0 +1,69 @@
+"""Helpers the Snakefile calls at parse time: the scan table and the synthetic cohort's plan.
+
+The scan table must be known before any job runs (Snakemake builds the DAG from it), so a bad
+scan sheet fails here, naming the row, before anything starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from harmodiff import scans as scan_sheets
+from harmodiff.synth import SynthConfig, cohort_plan
+
+
+def _synth(config: dict) -> SynthConfig | None:
+    cohort = config["cohort"]
+    if cohort["source"] != "synthetic":
+        return None
+    s = dict(cohort.get("synthetic") or {})
+    if "native_spacing" in s:
+        s["native_spacing"] = tuple(s["native_spacing"])
+    return SynthConfig(**s)
+
+
+def synthetic_config(config: dict) -> dict | None:
+    """Paths (relative to results/synthetic) and CLI arguments of the synthetic cohort."""
+    cfg = _synth(config)
+    if cfg is None:
+        return None
+    args = (f"--train-sites {cfg.train_sites} --train-subjects-per-site {cfg.train_subjects_per_site} "
+            f"--test-sites {cfg.test_sites} --test-subjects {cfg.test_subjects} --seed {cfg.seed} "
+            f"--render-spacing {cfg.render_spacing} "
+            f"--native-spacing {cfg.native_spacing[0]} {cfg.native_spacing[1]}")
+    return {"paths": list(cohort_plan(cfg)["path"]), "args": args}
+
+
+def scan_table(config: dict, results: str = "results") -> pd.DataFrame:
+    """All scans of the run, indexed by scan_id (columns subject, site, cohort, path)."""
+    cohort = config["cohort"]
+    source = cohort["source"]
+    targets = list(config.get("target_sites") or [])
+    if source == "synthetic":
+        plan = cohort_plan(_synth(config))
+        plan["path"] = [str(Path(results) / "synthetic" / p) for p in plan["path"]]
+        df = scan_sheets.validate_scan_sheet(plan, source="synthetic cohort", target_sites=targets,
+                                             check_files=False)
+    elif source == "sheet":
+        if not cohort.get("sheet"):
+            raise scan_sheets.InputError("config cohort.sheet: set it to a scan sheet TSV when cohort.source is 'sheet'")
+        df = scan_sheets.read_scan_sheet(cohort["sheet"], target_sites=targets)
+    elif source == "bids":
+        b = cohort.get("bids") or {}
+        if not b.get("root"):
+            raise scan_sheets.InputError("config cohort.bids.root: set it when cohort.source is 'bids'")
+        df = scan_sheets.from_bids(b["root"], site_column=b.get("site_column", "site"),
+                                   cohort=b.get("cohort", "train"))
+        df = scan_sheets.validate_scan_sheet(df, source=b["root"], target_sites=targets)
+    elif source == "srpbs":
+        r = cohort.get("srpbs") or {}
+        if not r.get("root") or not r.get("training_sheet"):
+            raise scan_sheets.InputError("config cohort.srpbs: set root and training_sheet when cohort.source is 'srpbs'")
+        test = scan_sheets.from_srpbs(r["root"])
+        train = scan_sheets.read_scan_sheet(r["training_sheet"])
+        df = scan_sheets.combine(train, test, target_sites=targets)
+    else:  # the config schema already rejects this
+        raise scan_sheets.InputError(f"config cohort.source: unknown source {source!r}")
+    return df.set_index("scan_id", drop=False)

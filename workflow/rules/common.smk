@@ -1,0 +1,46 @@
+import os
+import sys
+
+from snakemake.utils import validate
+
+sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+
+from harmodiff.workflow_support import scan_table, synthetic_config  # noqa: E402
+
+
+validate(config, "../schemas/config.schema.yaml")
+
+SCANS = scan_table(config, results="results")
+# Jobs run `python -m harmodiff.<stage>`; exporting src/ lets them import the package in a
+# per-rule conda env too, where the project itself is not installed.
+os.environ.update(PYTHONPATH=os.path.join(workflow.basedir, "src"))
+
+
+wildcard_constraints:
+    cohort="train|test",
+    site="[A-Za-z0-9][A-Za-z0-9_.+-]*",
+    scan="[A-Za-z0-9][A-Za-z0-9_.+-]*",
+
+
+def scan_row(wildcards):
+    return SCANS.loc[wildcards.scan]
+
+
+def raw_scan(wildcards):
+    return scan_row(wildcards)["path"]
+
+
+def stage_files(stage, suffix, scans=None):
+    scans = SCANS if scans is None else scans
+    return [
+        f"results/{stage}/{r.cohort}/{r.site}/{r.Index}{suffix}" for r in scans.itertuples()
+    ]
+
+
+def all_outputs():
+    return (
+        stage_files("preprocessed", ".nii.gz")
+        + stage_files("qc", "_qc.png")
+        + stage_files("anatomy", "_A.nii.gz")
+        + ["results/tables/leakage.csv"]
+    )
