@@ -25,8 +25,8 @@ def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nif
     """Load a 3-D NIfTI image and check it is usable.
 
     Raises InputError for: a missing file, a file that is not NIfTI, a 4-D image (a singleton
-    4th dimension is squeezed), NaN/inf voxels, an all-zero image, or an affine that is singular
-    or not finite.
+    4th dimension is squeezed), NaN/inf voxels, an all-zero image, or no usable affine (qform and
+    sform both unset, or a singular / non-finite matrix).
     """
     path = Path(path)
     if not path.is_file():
@@ -39,7 +39,10 @@ def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nif
         raise InputError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
-        img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
+        squeezed = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
+        squeezed.header.set_qform(img.affine, code=int(img.header["qform_code"]))
+        squeezed.header.set_sform(img.affine, code=int(img.header["sform_code"]))
+        img = squeezed
         shape = img.shape
     if len(shape) != 3:
         raise InputError(f"{path}: expected a 3-D image, got shape {shape}")
@@ -53,6 +56,10 @@ def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nif
         raise InputError(f"{path}: contains {n_bad} NaN/inf voxels")
     if not allow_empty and not np.any(data):
         raise InputError(f"{path}: image is all zeros")
+    header = img.header
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        raise InputError(f"{path}: no usable affine (qform and sform codes are both 0, so the "
+                         "voxel-to-world orientation is unknown)")
     affine = img.affine
     if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-8:
         raise InputError(f"{path}: no usable affine (singular or non-finite voxel-to-world matrix)")

@@ -1,0 +1,110 @@
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from harmodiff import scans
+from harmodiff.io import InputError
+
+
+def _nii(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ones((3, 3, 3), np.float32), np.eye(4)), str(path))
+    return path
+
+
+@pytest.fixture
+def sheet(tmp_path):
+    for n in ("a", "b", "c"):
+        _nii(tmp_path / f"{n}.nii.gz")
+    df = pd.DataFrame({"scan_id": ["s1", "s2", "s3"], "subject": ["x", "y", "x"], "site": ["A", "A", "B"],
+                       "cohort": ["train", "train", "test"], "path": ["a.nii.gz", "b.nii.gz", "c.nii.gz"]})
+    return tmp_path, df
+
+
+def _write(tmp_path, df):
+    p = tmp_path / "scans.tsv"
+    df.to_csv(p, sep="\t", index=False)
+    return p
+
+
+def test_valid_sheet_resolves_relative_paths(sheet):
+    tmp, df = sheet
+    out = scans.read_scan_sheet(_write(tmp, df), target_sites=["A"])
+    assert list(out["path"]) == [str((tmp / f"{n}.nii.gz").resolve()) for n in "abc"]
+
+
+def test_unknown_column(sheet):
+    tmp, df = sheet
+    df["age"] = 30
+    with pytest.raises(InputError, match=r"unknown column\(s\) \['age'\]"):
+        scans.read_scan_sheet(_write(tmp, df))
+
+
+def test_duplicate_scan_id_names_rows(sheet):
+    tmp, df = sheet
+    df.loc[2, "scan_id"] = "s1"
+    with pytest.raises(InputError, match=r"row 4: duplicate scan_id 's1' \(first on row 2\)"):
+        scans.read_scan_sheet(_write(tmp, df))
+
+
+def test_missing_and_non_nifti_files_name_row_and_path(sheet):
+    tmp, df = sheet
+    df.loc[1, "path"] = "gone.nii.gz"
+    with pytest.raises(InputError, match=r"row 3 \(scan_id 's2'\): file not found: .*gone.nii.gz"):
+        scans.read_scan_sheet(_write(tmp, df))
+    (tmp / "text.nii.gz").write_text("hello")
+    df.loc[1, "path"] = "text.nii.gz"
+    with pytest.raises(InputError, match=r"row 3 \(scan_id 's2'\): not a NIfTI file: .*text.nii.gz"):
+        scans.read_scan_sheet(_write(tmp, df))
+
+
+def test_bad_cohort_value_names_row_and_column(sheet):
+    tmp, df = sheet
+    df.loc[0, "cohort"] = "training"
+    with pytest.raises(InputError, match=r"row 2 \(scan_id 's1'\): cohort: 'training' is not one of"):
+        scans.read_scan_sheet(_write(tmp, df))
+
+
+def test_target_without_training_scans(sheet):
+    tmp, df = sheet
+    with pytest.raises(InputError, match=r"target site 'B' has no training scans \(training sites: \['A'\]\)"):
+        scans.read_scan_sheet(_write(tmp, df), target_sites=["B"])
+
+
+def test_bids_builder_reads_site_from_sessions_then_participants(tmp_path):
+    _nii(tmp_path / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz")
+    _nii(tmp_path / "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz")
+    _nii(tmp_path / "sub-02/anat/sub-02_T1w.nii")
+    _nii(tmp_path / "sub-02/anat/sub-02_T2w.nii")  # not a T1w: ignored
+    pd.DataFrame({"participant_id": ["sub-01", "sub-02"], "scanner": ["P1", "P2"]}).to_csv(
+        tmp_path / "participants.tsv", sep="\t", index=False)
+    pd.DataFrame({"session_id": ["ses-1", "ses-2"], "scanner": ["S1", "S2"]}).to_csv(
+        tmp_path / "sub-01/sub-01_sessions.tsv", sep="\t", index=False)
+    df = scans.from_bids(tmp_path, site_column="scanner", cohort="train")
+    got = dict(zip(df["scan_id"], df["site"]))
+    assert got == {"sub-01_ses-1": "S1", "sub-01_ses-2": "S2", "sub-02": "P2"}
+    assert set(df["subject"]) == {"sub-01", "sub-02"}
+    with pytest.raises(InputError, match="no 'site' for sub-"):
+        scans.from_bids(tmp_path, site_column="site")
+
+
+def test_srpbs_builder_drops_repeated_runs(tmp_path):
+    for sub in ("sub-01", "sub-02"):
+        for site in ("KPM", "ATV", "HUH"):
+            _nii(tmp_path / f"{sub}/ses-site{site}/anat/{sub}_ses-site{site}_T1w.nii.gz")
+    _nii(tmp_path / "sub-01/ses-siteKPM/anat/sub-01_ses-siteKPM_run-2_T1w.nii.gz")
+    df = scans.from_srpbs(tmp_path)
+    assert len(df) == 6
+    assert set(df["site"]) == {"KPM", "ATV", "HUH"} and set(df["cohort"]) == {"test"}
+    kpm1 = df.set_index("scan_id").loc["sub-01_ses-siteKPM", "path"]
+    assert kpm1.endswith("sub-01_ses-siteKPM_T1w.nii.gz")
+
+
+def test_cli_check_reports_row(sheet, capsys):
+    tmp, df = sheet
+    df.loc[0, "path"] = "missing.nii.gz"
+    with pytest.raises(SystemExit) as exc:
+        scans.main(["check", str(_write(tmp, df))])
+    assert exc.value.code == 2
+    assert "row 2" in capsys.readouterr().err
