@@ -42,6 +42,14 @@ def site_accuracy(features: np.ndarray, sites, folds: int = 3, seed: int = 0) ->
 
 
 def leakage_table(images, masks, anatomies, sites, folds: int = 3) -> pd.DataFrame:
+    """Site accuracy from image and from A. Sites with a single scan cannot be cross-validated
+    and are left out (the table says how many sites and scans were used)."""
+    counts = Counter(sites)
+    keep = [counts[s] >= 2 for s in sites]
+    if sum(keep) < 4 or len({s for s, k in zip(sites, keep) if k}) < 2:
+        raise ValueError("leakage: need at least two sites with two or more scans each")
+    images, masks, anatomies, sites = ([x for x, k in zip(seq, keep) if k]
+                                       for seq in (images, masks, anatomies, sites))
     img_f, ana_f = [], []
     for img_p, mask_p, ana_p in zip(images, masks, anatomies, strict=True):
         img = load_image(img_p)

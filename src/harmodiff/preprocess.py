@@ -14,7 +14,7 @@ The network later sees x / 500 - 1 (see `to_model_units`): brain median 0, backg
 
 Skull stripping backends:
 * `ants` (default, runs everywhere): the scan is registered to the nilearn MNI152 brain template
-  (affine, then a short SyN, metric restricted to the dilated template brain) and the template's
+  (rigid, affine, then a short SyN; metric restricted to the dilated template brain) and the template's
   brain mask is pulled back onto the scan (see `skullstrip_ants`).
 * `hdbet`: HD-BET 2 with weights from a local folder (they cannot be downloaded here).
 """
@@ -91,7 +91,7 @@ def _largest_component_filled(mask: np.ndarray) -> np.ndarray:
 def skullstrip_ants(image, *, seed: int = 0):
     """Brain mask (ANTs image, 0/1) of a head scan, and the scan->MNI affine found on the way.
 
-    The scan is registered to the MNI brain template (affine, then a short SyN) with the metric
+    The scan is registered to the MNI brain template (rigid, affine, then a short SyN) with the metric
     restricted to the template brain dilated by ~6 mm, so the scalp and skull of the scan, which
     the brain-only template lacks, do not pull the fit outwards. The template mask is then
     pulled back onto the scan through the inverse transforms and cleaned (largest connected
@@ -104,9 +104,14 @@ def skullstrip_ants(image, *, seed: int = 0):
     mask = _template("mask", spacing)
     dilated = ndimage.binary_dilation(mask.numpy() > 0.5, iterations=max(1, int(round(6.0 / spacing))))
     metric_mask = mask.new_image_like(dilated.astype(np.float32))
+    # Rigid first: an affine started from the centres of mass can scale the template brain up
+    # onto the whole head when the scan's GM/WM contrast is low.
+    rigid = ants.registration(fixed=template, moving=image, type_of_transform="Rigid", mask=metric_mask,
+                              aff_iterations=(500, 250, 100, 0), aff_shrink_factors=(6, 4, 2, 1),
+                              aff_smoothing_sigmas=(3, 2, 1, 0))
     aff = ants.registration(fixed=template, moving=image, type_of_transform="Affine", mask=metric_mask,
-                            aff_iterations=(500, 250, 100, 0), aff_shrink_factors=(6, 4, 2, 1),
-                            aff_smoothing_sigmas=(3, 2, 1, 0))
+                            initial_transform=rigid["fwdtransforms"], aff_iterations=(250, 100, 50),
+                            aff_shrink_factors=(4, 2, 1), aff_smoothing_sigmas=(2, 1, 0))
     syn = ants.registration(fixed=template, moving=image, type_of_transform="SyNOnly", mask=metric_mask,
                             initial_transform=aff["fwdtransforms"], reg_iterations=(40, 20, 0))
     warped = ants.apply_transforms(fixed=image, moving=mask, transformlist=syn["invtransforms"],

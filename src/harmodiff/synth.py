@@ -145,6 +145,23 @@ def _smooth_field(rng: np.random.Generator, shape, spacing_mm: float, control_mm
 # subjects, sites, scans
 
 
+def _remove_affine_part(disp: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Subtract the least-squares affine fit of the displacement over `region`.
+
+    What remains is the subject's non-affine shape difference, so the truth "in MNI space" is
+    what an ideal affine registration (the paper's preprocessing) would produce.
+    """
+    idx = np.argwhere(region)[::97].astype(np.float64)
+    design = np.c_[idx, np.ones(len(idx))]
+    values = np.stack([d[tuple(idx.astype(int).T)] for d in disp], axis=1)
+    coef, *_ = np.linalg.lstsq(design, values, rcond=None)  # 4 x 3
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in region.shape], indexing="ij", sparse=True)
+    out = np.empty_like(disp)
+    for k in range(3):
+        out[k] = disp[k] - (coef[0, k] * grids[0] + coef[1, k] * grids[1] + coef[2, k] * grids[2] + coef[3, k])
+    return out
+
+
 def subject_params(cfg: SynthConfig, subject_index: int) -> dict:
     rng = np.random.default_rng([cfg.seed, 1, subject_index])
     return {"gm_thinning": float(rng.uniform(*cfg.gm_thinning)), "warp_seed": int(rng.integers(2**31))}
@@ -157,6 +174,7 @@ def render_subject(cfg: SynthConfig, subject_index: int) -> dict:
     rng = np.random.default_rng(params["warp_seed"])
     s = cfg.render_spacing
     disp = _smooth_field(rng, mask.shape, s, 40.0, cfg.warp_mm / s, 3)  # in voxels
+    disp = _remove_affine_part(disp, mask > 0.5)
     grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in mask.shape], indexing="ij", sparse=True)
     coords = [g + d for g, d in zip(grid, disp)]
     del disp

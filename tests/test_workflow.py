@@ -1,0 +1,135 @@
+"""The real Snakemake DAG on config/test.yaml, plus config and scan-sheet validation at parse time.
+
+The end-to-end run also scores preprocessing and the anatomy map against the synthetic truth.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import ndimage
+
+from conftest import ROOT, dice
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def _env():
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def snakemake(workdir, *args, check=True, timeout=1500):
+    cmd = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_lint_is_clean(tmp_path):
+    proc = snakemake(tmp_path, "--lint", "--configfile", str(ROOT / "config/test.yaml"))
+    assert "Congratulations" in proc.stdout + proc.stderr
+
+
+def test_wrong_config_type_names_the_key(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config/test.yaml").read_text())
+    cfg["grid"]["spacing"] = "two"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "bad.yaml"), check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "spacing" in out and "'two' is not of type 'number'" in out
+
+
+def test_bad_scan_sheet_fails_before_any_job(tmp_path):
+    good = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(good))
+    sheet = tmp_path / "scans.tsv"
+    pd.DataFrame({"scan_id": ["a", "b"], "subject": ["s1", "s2"], "site": ["X", "X"],
+                  "cohort": ["train", "test"], "path": ["a.nii.gz", "missing.nii.gz"]}).to_csv(sheet, sep="\t", index=False)
+    cfg = yaml.safe_load((ROOT / "config/test.yaml").read_text())
+    cfg["cohort"] = {"source": "sheet", "sheet": str(sheet)}
+    cfg["target_sites"] = ["X"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "--cores", "1", "--configfile", str(tmp_path / "c.yaml"), check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "row 3 (scan_id 'b'): file not found" in out and "missing.nii.gz" in out
+    assert not (tmp_path / "results").exists()  # nothing ran
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("e2e")
+    snakemake(wd, "--cores", "2", "--configfile", str(ROOT / "config/test.yaml"))
+    return wd
+
+
+def _truth_on_grid(truth_path, like):
+    t = nib.load(truth_path)
+    m = np.linalg.inv(t.affine) @ like.affine
+    return ndimage.affine_transform(t.get_fdata(dtype=np.float32), m[:3, :3], m[:3, 3],
+                                    output_shape=like.shape, order=1)
+
+
+@pytest.mark.e2e
+def test_e2e_preprocessing_matches_truth(e2e):
+    scans = pd.read_csv(e2e / "results/synthetic/truth/scans.tsv", sep="\t")
+    masks = {}
+    for row in scans.itertuples():
+        base = e2e / f"results/preprocessed/{row.cohort}/{row.site}/{row.scan_id}"
+        img = nib.load(f"{base}.nii.gz")
+        mask = nib.load(f"{base}_mask.nii.gz").get_fdata() > 0.5
+        masks[row.scan_id] = mask
+        data = img.get_fdata()
+        truth_mask = _truth_on_grid(e2e / f"results/synthetic/truth/subjects/{row.subject}_mask.nii.gz", img) > 0.5
+        assert dice(mask, truth_mask) >= 0.95, row.scan_id
+        rendered = _truth_on_grid(e2e / f"results/synthetic/truth/rendered/{row.scan_id}.nii.gz", img)
+        both = mask & truth_mask
+        assert np.corrcoef(data[both], rendered[both])[0, 1] >= 0.9, row.scan_id
+        assert np.median(data[mask]) == pytest.approx(500.0, rel=1e-4)
+        assert (data[~mask] == 0).all()
+        for f in (f"results/logs/preprocess/{row.cohort}/{row.site}/{row.scan_id}.log",
+                  f"results/benchmarks/preprocess/{row.cohort}/{row.site}/{row.scan_id}.tsv"):
+            assert (e2e / f).is_file()
+    # the same subject at two sites lands on the same voxels
+    test = scans[scans.cohort == "test"]
+    for subject, group in test.groupby("subject"):
+        ids = list(group.scan_id)
+        assert dice(masks[ids[0]], masks[ids[1]]) >= 0.95, subject
+
+
+@pytest.mark.e2e
+def test_e2e_anatomy_agrees_across_sites_better_than_images(e2e):
+    scans = pd.read_csv(e2e / "results/synthetic/truth/scans.tsv", sep="\t")
+    test = scans[scans.cohort == "test"]
+    r_img, r_ana = [], []
+    for subject, group in test.groupby("subject"):
+        a, b = [group.iloc[i] for i in (0, 1)]
+        load = lambda stage, r, suf: nib.load(e2e / f"results/{stage}/{r.cohort}/{r.site}/{r.scan_id}{suf}").get_fdata()
+        brain = (load("preprocessed", a, "_mask.nii.gz") > 0.5) & (load("preprocessed", b, "_mask.nii.gz") > 0.5)
+        ia, ib = load("preprocessed", a, ".nii.gz"), load("preprocessed", b, ".nii.gz")
+        aa, ab = load("anatomy", a, "_A.nii.gz"), load("anatomy", b, "_A.nii.gz")
+        assert aa.min() >= -1 and aa.max() <= 1
+        # agreement = correlation of voxel-wise differences from identity: use 1 - normalized MSE
+        nmse = lambda x, y: np.mean((x - y) ** 2) / np.var(np.r_[x, y])
+        r_img.append(nmse(ia[brain], ib[brain]))
+        r_ana.append(nmse(aa[brain], ab[brain]))
+    assert np.mean(r_ana) < np.mean(r_img)
+
+
+@pytest.mark.e2e
+def test_e2e_leakage_table(e2e):
+    table = pd.read_csv(e2e / "results/tables/leakage.csv")
+    assert list(table.features) == ["image", "anatomy_map"]
+    assert table.site_accuracy.between(0, 1).all()
+    assert (table.n_sites == 2).all()  # the single-scan training sites cannot be cross-validated
