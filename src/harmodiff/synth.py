@@ -47,7 +47,7 @@ class SynthConfig:
     seed: int = 0
     render_spacing: float = 1.0          # mm, MNI-space grid the heads are rendered on
     native_spacing: tuple[float, float] = (1.8, 2.2)  # range of scan voxel sizes (mm)
-    warp_mm: float = 2.5                 # sd of the subject warp's control-point displacements
+    warp_mm: float = 2.0                 # sd of the subject warp's control-point displacements
     max_rotation_deg: float = 10.0
     max_shift_mm: float = 10.0
     gm_thinning: tuple[float, float] = (0.0, 0.25)
@@ -208,7 +208,7 @@ def site_params(cfg: SynthConfig, site: str, site_index: int) -> dict:
         },
         "gamma": float(np.exp(rng.uniform(-0.35, 0.35))),
         "blur_mm": float(rng.uniform(0.0, 1.0)),
-        "bias_sd": float(rng.uniform(0.05, 0.20)),
+        "bias_sd": float(rng.uniform(0.05, 0.15)),
         "noise": float(rng.uniform(0.01, 0.035)),
         "scale": float(rng.uniform(300.0, 3000.0)),
         "spacing_mm": float(rng.uniform(*cfg.native_spacing)),
@@ -293,7 +293,8 @@ def render_scan(cfg: SynthConfig, subject: dict, site: dict, scan_index: int):
     image = _resample(mni_img, native_to_render, shape, order=1)
     brain = _resample(subject["brain"], native_to_render, shape, order=1) > 0.5
     rng_b = np.random.default_rng(pose["bias_seed"])
-    bias = np.exp(_smooth_field(rng_b, shape, site["spacing_mm"], 60.0, site["bias_sd"], 1)[0])
+    # control points every 100 mm: a head-scale field, like a receive-coil profile
+    bias = np.exp(_smooth_field(rng_b, shape, site["spacing_mm"], 100.0, site["bias_sd"], 1)[0])
     image *= bias
     rng_n = np.random.default_rng(pose["noise_seed"])
     sd = site["noise"] * site["contrast"]["wm"]

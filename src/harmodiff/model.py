@@ -1,0 +1,130 @@
+"""The conditional 3-D denoiser (paper sections 2.4, 2.5 and 3.2) and the site-label map.
+
+The network is MONAI's `DiffusionModelUNet`: 3 input channels [x_t, A, A_coarse], one output
+(the predicted noise), residual blocks with GroupNorm and SiLU, a sinusoidal time embedding
+with a 2-layer MLP, self- and cross-attention at the two middle levels. The site enters through
+cross-attention as one token: a learnable embedding per site label, with index 0 reserved for
+the null (unconditional) embedding used by classifier-free guidance.
+
+Site labels are (site, log-gamma contrast level) pairs, as in the paper's augmentation: a
+training volume whose contrast was changed by a log-gamma factor gets that pair's label. At
+inference the target is (target site, 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+NULL_LABEL = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    channels: tuple[int, ...] = (64, 128, 256, 256)        # the authors' widths
+    attention_levels: tuple[bool, ...] = (False, True, True, False)
+    num_res_blocks: int = 2
+    num_head_channels: int = 64
+    context_dim: int = 512
+    norm_num_groups: int = 32
+    use_flash_attention: bool = True  # torch SDPA; ~3.7x faster on CPU than MONAI's einsum path
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ModelConfig":
+        d = dict(d or {})
+        for k in ("channels", "attention_levels"):
+            if k in d:
+                d[k] = tuple(d[k])
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"model config: unknown key(s) {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        d["attention_levels"] = list(self.attention_levels)
+        return d
+
+
+class SiteLabels:
+    """The map (site, log-gamma level) -> label index (1..n); 0 is the null label."""
+
+    def __init__(self, sites, levels):
+        self.sites = sorted(dict.fromkeys(str(s) for s in sites))
+        self.levels = [round(float(g), 6) for g in levels]
+        if 0.0 not in self.levels:
+            raise ValueError(f"contrast levels must include 0 (the target at inference), got {self.levels}")
+        self._index = {(s, g): 1 + i * len(self.levels) + j
+                       for i, s in enumerate(self.sites) for j, g in enumerate(self.levels)}
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def num_embeddings(self) -> int:
+        return len(self) + 1
+
+    def index(self, site: str, level: float = 0.0) -> int:
+        key = (str(site), round(float(level), 6))
+        if key not in self._index:
+            if str(site) not in self.sites:
+                raise KeyError(f"unknown site {site!r}; known sites: {', '.join(self.sites)}")
+            raise KeyError(f"unknown contrast level {level} for site {site!r}; known levels: {self.levels}")
+        return self._index[key]
+
+    def to_dict(self) -> dict:
+        return {"sites": list(self.sites), "levels": list(self.levels),
+                "index": [[s, g, i] for (s, g), i in self._index.items()]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SiteLabels":
+        labels = cls(d["sites"], d["levels"])
+        saved = {(s, round(float(g), 6)): int(i) for s, g, i in d["index"]}
+        if saved != labels._index:
+            raise ValueError("site-label map in the checkpoint does not match its sites and levels")
+        return labels
+
+
+class HarmonizationUNet(nn.Module):
+    """eps_theta(x_t, t, A, A_coarse, site label)."""
+
+    def __init__(self, config: ModelConfig, num_labels: int):
+        super().__init__()
+        from monai.networks.nets import DiffusionModelUNet
+
+        if len(config.channels) != len(config.attention_levels):
+            raise ValueError("model config: channels and attention_levels need the same length")
+        bad = [c for c in config.channels if c % config.norm_num_groups]
+        if bad:
+            raise ValueError(f"model config: channels {bad} are not divisible by norm_num_groups={config.norm_num_groups}")
+        self.config = config
+        self.unet = DiffusionModelUNet(
+            spatial_dims=3, in_channels=3, out_channels=1, num_res_blocks=config.num_res_blocks,
+            channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
+            norm_num_groups=config.norm_num_groups, num_head_channels=config.num_head_channels,
+            with_conditioning=True, cross_attention_dim=config.context_dim,
+            use_flash_attention=config.use_flash_attention,
+        )
+        self.site_embedding = nn.Embedding(num_labels, config.context_dim)
+
+    @property
+    def downsampling(self) -> int:
+        """Patch sides must be divisible by this (2 ** (levels - 1))."""
+        return 2 ** (len(self.config.channels) - 1)
+
+    def forward(self, x_t, timesteps, anatomy, coarse, labels):
+        context = self.site_embedding(labels)[:, None, :]
+        return self.unet(torch.cat([x_t, anatomy, coarse], dim=1), timesteps, context=context)
+
+
+def build_model(config: ModelConfig | dict, num_labels: int) -> HarmonizationUNet:
+    if isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    return HarmonizationUNet(config, num_labels)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

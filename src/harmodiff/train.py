@@ -1,0 +1,404 @@
+"""Training of the conditional denoiser (paper sections 2.4, 2.5, 3.1 augmentation, 3.2).
+
+Each training sample is drawn as the paper describes:
+1. a training volume (preprocessed, brain median 500) is picked uniformly;
+2. optionally one or two random spatial transforms (affine perturbation, elastic deformation,
+   left-right flip; TorchIO) are applied to it and its mask;
+3. a log-gamma contrast level g is drawn from `contrast_levels` and applied (TorchIO `Gamma` on
+   the brain scaled to [0, 1], then median-normalized again); the site label becomes (site, g);
+4. A is computed from the augmented volume under a random log-gamma u ~ U(-0.5, 0.5) (the
+   paper's anatomy perturbation) and A_coarse from A;
+5. a patch corner is drawn (`patches.random_patch`, overlapping the brain bounding box), and
+   x0, A, A_coarse are cut there; with probability `null_prob` the label is the null label.
+
+Loss: DDPM noise-prediction MSE with MONAI's linear-beta scheduler. Optimizer: Adam. An EMA
+copy of the weights is kept for sampling.
+
+Determinism: every random draw of sample i at step s comes from generators seeded by
+(seed, s, i), so a resumed run draws exactly what an uninterrupted run would, and a
+data-parallel run with W processes of batch B draws exactly the samples of one process with
+batch W*B (process r takes samples r*B .. r*B + B - 1 of each step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from harmodiff import anatomy as anat
+from harmodiff.io import InputError, atomic_path, load_image, load_mask, write_text
+from harmodiff.model import NULL_LABEL, ModelConfig, SiteLabels, build_model, count_parameters
+from harmodiff.patches import brain_bbox, extract, random_patch
+from harmodiff.preprocess import MEDIAN_TARGET, median_normalize, to_model_units
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100000
+    batch_size: int = 2
+    lr: float = 1e-4
+    num_train_timesteps: int = 1000
+    null_prob: float = 0.15
+    anatomy_log_gamma: float = 0.5            # A is computed under log-gamma ~ U(-x, x)
+    contrast_levels: list = field(default_factory=lambda: [round(-0.4 + 0.1 * i, 1) for i in range(9)])
+    spatial_augmentation: bool = True
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    seed: int = 0
+    bf16: bool = False
+    compile: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "TrainConfig":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"train config: unknown key(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class Volume:
+    image: np.ndarray   # brain median 500, background 0
+    mask: np.ndarray
+    site: str
+    name: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# samples
+
+
+def _torch_seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(2**62))
+
+
+def spatial_augment(vol: Volume, rng: np.random.Generator) -> Volume:
+    """One or two of (affine perturbation, elastic deformation, left-right flip), via TorchIO."""
+    import torchio as tio
+
+    choices = {
+        "affine": lambda: tio.RandomAffine(scales=0.05, degrees=5, translation=2, image_interpolation="linear"),
+        "elastic": lambda: tio.RandomElasticDeformation(num_control_points=6, max_displacement=3),
+        "flip": lambda: tio.Flip(axes=(0,)),  # axis 0 of the RAS working grid is left-right
+    }
+    names = list(choices)
+    picked = rng.choice(names, size=int(rng.integers(1, 3)), replace=False)
+    transform = tio.Compose([choices[n]() for n in sorted(picked, key=names.index)])
+    torch.manual_seed(_torch_seed(rng))  # TorchIO draws its parameters from torch's global RNG
+    subject = tio.Subject(
+        image=tio.ScalarImage(tensor=torch.from_numpy(vol.image[None].astype(np.float32))),
+        mask=tio.LabelMap(tensor=torch.from_numpy(vol.mask[None].astype(np.uint8))),
+    )
+    out = transform(subject)
+    mask = out["mask"].data[0].numpy() > 0
+    image = np.where(mask, np.clip(out["image"].data[0].numpy(), 0, None), 0.0).astype(np.float32)
+    return Volume(image, mask, vol.site, vol.name)
+
+
+def contrast_augment(image: np.ndarray, mask: np.ndarray, log_gamma: float) -> np.ndarray:
+    """The paper's contrast augmentation: brain / max raised to exp(log_gamma) (TorchIO Gamma),
+    then median-normalized again (brain median 500)."""
+    if log_gamma == 0.0:
+        return image
+    import torchio as tio
+
+    peak = float(image[mask].max())
+    scaled = torch.from_numpy((np.clip(image, 0, None) / peak)[None].astype(np.float32))
+    gamma = tio.Gamma(gamma=math.exp(log_gamma))
+    out = gamma(tio.ScalarImage(tensor=scaled)).data[0].numpy()
+    return median_normalize(out, mask)
+
+
+def make_sample(volumes, labels: SiteLabels, cfg: TrainConfig, patch_shape, anatomy_cfg: dict,
+                step: int, index: int):
+    """Sample `index` of training step `step`: (x0, A, A_coarse, label, t, noise) as arrays."""
+    rng = np.random.default_rng([cfg.seed, step, index])
+    vol = volumes[int(rng.integers(len(volumes)))]
+    if cfg.spatial_augmentation:
+        vol = spatial_augment(vol, rng)
+    level = float(rng.choice(cfg.contrast_levels))
+    image = contrast_augment(vol.image, vol.mask, level)
+    u = float(rng.uniform(-cfg.anatomy_log_gamma, cfg.anatomy_log_gamma))
+    A = anat.anatomy_map(image, vol.mask, alpha=anatomy_cfg.get("alpha", 0.5),
+                         sigma=anatomy_cfg.get("sigma", 1.0), log_gamma=u)
+    mode = anatomy_cfg.get("coarse_mode", "local")
+    coarse = anat.coarse_map(A, anatomy_cfg.get("coarse_factor", 2), mode, patch_shape)
+    corner = random_patch(image.shape, patch_shape, brain_bbox(vol.mask), rng)
+    x0 = to_model_units(extract(image, corner, patch_shape), extract(vol.mask, corner, patch_shape))
+    label = NULL_LABEL if rng.random() < cfg.null_prob else labels.index(vol.site, level)
+    gen = torch.Generator().manual_seed(_torch_seed(rng))
+    t = int(torch.randint(0, cfg.num_train_timesteps, (1,), generator=gen))
+    noise = torch.randn((1, *patch_shape), generator=gen)
+    return (x0[None], extract(A, corner, patch_shape)[None],
+            anat.coarse_patch(coarse, corner, patch_shape, mode)[None], label, t, noise)
+
+
+def make_batch(volumes, labels, cfg, patch_shape, anatomy_cfg, step, indices):
+    samples = [make_sample(volumes, labels, cfg, patch_shape, anatomy_cfg, step, i) for i in indices]
+    x0 = torch.from_numpy(np.stack([s[0] for s in samples]))
+    A = torch.from_numpy(np.stack([s[1] for s in samples]))
+    coarse = torch.from_numpy(np.stack([s[2] for s in samples]))
+    label = torch.tensor([s[3] for s in samples], dtype=torch.long)
+    t = torch.tensor([s[4] for s in samples], dtype=torch.long)
+    noise = torch.stack([s[5] for s in samples])
+    return x0, A, coarse, label, t, noise
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint with `weights_only=True` (no arbitrary pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable harmodiff checkpoint ({exc.__class__.__name__}: {exc})") from None
+
+
+def load_model_for_inference(path, device="cpu", use_ema: bool = True):
+    """(model in eval mode, SiteLabels, checkpoint config) from a checkpoint."""
+    ckpt = load_checkpoint(path, map_location=device)
+    labels = SiteLabels.from_dict(ckpt["site_labels"])
+    model = build_model(ckpt["config"]["model"], labels.num_embeddings)
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
+    model.load_state_dict(weights)
+    return model.to(device).eval(), labels, ckpt["config"]
+
+
+def _ema(model, decay):
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _ema_weights(ema) -> dict:
+    return {k.removeprefix("module."): v for k, v in ema.state_dict().items() if k != "n_averaged"}
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def _dist():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: TrainConfig, patch_shape,
+          anatomy_cfg: dict | None = None, resume: bool = False, max_steps: int | None = None,
+          device: str = "cpu", progress: bool = True) -> dict:
+    """Train (or resume) and write checkpoint.pt, loss.csv, loss.png into `output_dir`.
+
+    Returns {'step', 'loss_first', 'loss_last'}. `max_steps` stops early (the checkpoint then
+    holds that step; `resume` continues from it)."""
+    from monai.networks.schedulers import DDPMScheduler
+    from tqdm import tqdm
+
+    anatomy_cfg = dict(anatomy_cfg or {})
+    patch_shape = tuple(int(p) for p in patch_shape)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = _dist()
+    torch.manual_seed(cfg.seed)
+    labels = SiteLabels(sorted({v.site for v in volumes}), cfg.contrast_levels)
+    model = build_model(model_cfg, labels.num_embeddings).to(device)
+    if any(p % model.downsampling for p in patch_shape):
+        raise InputError(f"patch shape {patch_shape}: every side must be divisible by {model.downsampling} "
+                         f"(2^(levels-1) for {len(model_cfg.channels)} levels)")
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    ema = _ema(model, cfg.ema_decay)
+    start = 0
+    ckpt_path = out / CHECKPOINT
+    config_record = {"model": model_cfg.to_dict(), "train": asdict(cfg), "patch_shape": list(patch_shape),
+                     "anatomy": anatomy_cfg}
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, map_location=device)
+        if SiteLabels.from_dict(state["site_labels"]).to_dict() != labels.to_dict():
+            raise InputError(f"{ckpt_path}: its site labels differ from this run's training sites")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema_state"])
+        start = int(state["step"])
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    if cfg.compile:
+        net = torch.compile(net)
+    scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule="linear_beta", clip_sample=False)
+    end = cfg.steps if max_steps is None else min(cfg.steps, int(max_steps))
+    loss_csv = out / "loss.csv"
+    rows = []
+    if start > 0 and loss_csv.is_file():
+        with open(loss_csv) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+    t_start = time.perf_counter()
+    bar = tqdm(range(start, end), initial=start, total=end, desc="train", disable=not progress or rank != 0)
+
+    def checkpoint(step):
+        if rank != 0:
+            return
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "ema": _ema_weights(ema), "ema_state": ema.state_dict(),
+            "optimizer": optimizer.state_dict(), "step": step, "config": config_record,
+            "site_labels": labels.to_dict(), "torch_rng": torch.get_rng_state(),
+        })
+        with atomic_path(loss_csv) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
+            w.writeheader()
+            w.writerows(rows)
+        write_text(json.dumps(labels.to_dict(), indent=1) + "\n", out / "site_labels.json")
+
+    model.train()
+    for step in bar:
+        indices = range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+        x0, A, coarse, label, t, noise = (v.to(device) for v in make_batch(
+            volumes, labels, cfg, patch_shape, anatomy_cfg, step, indices))
+        x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            pred = net(x_t, t, A, coarse, label)
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update_parameters(model)
+        value = loss.detach()
+        if world > 1:
+            torch.distributed.all_reduce(value)
+            value /= world
+        rows.append({"step": step + 1, "loss": f"{float(value):.6g}", "lr": cfg.lr,
+                     "seconds": f"{time.perf_counter() - t_start:.3f}"})
+        bar.set_postfix(loss=f"{float(value):.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < end:
+            checkpoint(step + 1)
+    checkpoint(end)
+    if rank == 0:
+        plot_loss(rows, out / "loss.png")
+    losses = [float(r["loss"]) for r in rows]
+    return {"step": end, "loss_first": losses[0] if losses else math.nan,
+            "loss_last": losses[-1] if losses else math.nan}
+
+
+def plot_loss(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([int(r["step"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(steps, loss, lw=0.5, alpha=0.5, label="loss")
+    if len(loss) >= 10:
+        k = max(5, len(loss) // 20)
+        ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("noise MSE")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def load_volumes(images, masks, sites) -> list[Volume]:
+    vols = []
+    for img_p, mask_p, site in zip(images, masks, sites, strict=True):
+        img = load_image(img_p)
+        mask = load_mask(mask_p, like=img)
+        if not mask.any():
+            raise InputError(f"{mask_p}: brain mask is empty")
+        vols.append(Volume(np.asarray(img.dataobj, np.float32), mask, str(site), str(img_p)))
+    return vols
+
+
+def _read_config(text: str | None) -> dict:
+    if not text:
+        return {}
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    path = Path(text)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harmodiff.train", description="Train the conditional denoiser.")
+    p.add_argument("--config", help="workflow config YAML (keys model, train, grid.patch_shape, anatomy) or inline JSON")
+    p.add_argument("--scans", help="scan sheet; its train rows are used, images found under --preprocessed-dir")
+    p.add_argument("--preprocessed-dir", default="results/preprocessed")
+    p.add_argument("--images", nargs="+", help="preprocessed training images (instead of --scans)")
+    p.add_argument("--masks", nargs="+")
+    p.add_argument("--sites", nargs="+")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoint.pt if it exists")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        config = _read_config(a.config)
+        if a.scans:
+            from harmodiff.scans import read_scan_sheet
+
+            sheet = read_scan_sheet(a.scans, check_files=False)
+            sheet = sheet[sheet["cohort"] == "train"]
+            base = Path(a.preprocessed_dir)
+            images = [base / r.cohort / r.site / f"{r.scan_id}.nii.gz" for r in sheet.itertuples()]
+            masks = [base / r.cohort / r.site / f"{r.scan_id}_mask.nii.gz" for r in sheet.itertuples()]
+            sites = list(sheet["site"])
+        elif a.images:
+            images, masks, sites = a.images, a.masks or [], a.sites or []
+            if not len(images) == len(masks) == len(sites):
+                raise InputError("--images, --masks and --sites need the same number of entries")
+        else:
+            raise InputError("give --scans SHEET or --images/--masks/--sites")
+        volumes = load_volumes(images, masks, sites)
+        result = train(volumes, a.output_dir, model_cfg=ModelConfig.from_dict(config.get("model")),
+                       cfg=TrainConfig.from_dict(config.get("train")),
+                       patch_shape=(config.get("grid") or {}).get("patch_shape", (40, 48, 40)),
+                       anatomy_cfg=config.get("anatomy"), resume=a.resume, max_steps=a.max_steps,
+                       device=a.device)
+    except (InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
