@@ -362,8 +362,10 @@ def main(argv=None) -> int:
     p.add_argument("--images", nargs="+", help="preprocessed training images (instead of --scans)")
     p.add_argument("--masks", nargs="+")
     p.add_argument("--sites", nargs="+")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="where checkpoint.pt, loss.csv and loss.png are kept up to date")
     p.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoint.pt if it exists")
+    p.add_argument("--export-dir", help="when training ends, copy checkpoint.pt, loss.csv and loss.png here "
+                   "(the Snakemake rule's outputs, kept apart so a rerun can resume from output-dir)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int)
@@ -396,6 +398,12 @@ def main(argv=None) -> int:
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if a.export_dir and int(os.environ.get("RANK", "0")) == 0:
+        import shutil
+
+        for name in (CHECKPOINT, "loss.csv", "loss.png"):
+            with atomic_path(Path(a.export_dir) / name) as tmp:
+                shutil.copyfile(Path(a.output_dir) / name, tmp)
     print(json.dumps(result))
     return 0
 

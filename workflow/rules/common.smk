@@ -37,10 +37,20 @@ def stage_files(stage, suffix, scans=None):
     ]
 
 
+def train_settings_json():
+    """What harmodiff.train needs from the config, as one JSON argument (no quotes inside)."""
+    import json
+
+    train = {k: v for k, v in config["train"].items() if k not in ("run", "threads")}
+    settings = {"model": config["model"], "train": train, "anatomy": config["anatomy"],
+                "grid": {"patch_shape": config["grid"]["patch_shape"]}}
+    return json.dumps(settings, separators=(",", ":"))
+
+
 def all_outputs():
     return (
         stage_files("preprocessed", ".nii.gz")
         + stage_files("qc", "_qc.png")
         + stage_files("anatomy", "_A.nii.gz")
-        + ["results/tables/leakage.csv"]
+        + ["results/tables/leakage.csv", f"results/model/{config['train']['run']}/checkpoint.pt"]
     )

@@ -1,0 +1,32 @@
+TRAIN_SCANS = SCANS[SCANS["cohort"] == "train"]
+RUN = config["train"]["run"]
+
+
+rule train:
+    input:
+        images=stage_files("preprocessed", ".nii.gz", TRAIN_SCANS),
+        masks=stage_files("preprocessed", "_mask.nii.gz", TRAIN_SCANS),
+    output:
+        checkpoint=f"results/model/{RUN}/checkpoint.pt",
+        loss=f"results/model/{RUN}/loss.csv",
+        plot=report(f"results/model/{RUN}/loss.png", category="Training"),
+    params:
+        sites=" ".join(TRAIN_SCANS["site"]),
+        settings=train_settings_json(),
+        state=f"results/model/{RUN}/state",
+        export=lambda wildcards, output: os.path.dirname(output.checkpoint),
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=16000,
+        runtime=24 * 60,
+        gpu=1,
+    log:
+        f"results/logs/train/{RUN}.log",
+    benchmark:
+        f"results/benchmarks/train/{RUN}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m harmodiff.train --config '{params.settings}' --images {input.images} "
+        "--masks {input.masks} --sites {params.sites} --output-dir {params.state} --resume "
+        "--export-dir {params.export} --threads {threads} > {log} 2>&1"
