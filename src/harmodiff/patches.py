@@ -92,3 +92,23 @@ def random_patch(volume_shape, patch_shape, bbox, rng: np.random.Generator) -> t
             raise ValueError("random_patch: no patch position overlaps the bounding box")
         corner.append(int(rng.integers(low, high + 1)))
     return tuple(corner)
+
+
+def seam_ratio(volume: np.ndarray, positions, patch_shape) -> float:
+    """Mean |difference between neighbouring voxels| across patch borders over that inside patches.
+
+    Borders are the planes where some patch starts or ends; a value near 1 means no seams.
+    """
+    border, inside = [], []
+    for axis in range(3):
+        diffs = np.abs(np.diff(volume, axis=axis))  # diffs[i] is between planes i and i+1
+        cuts = set()
+        for c in positions:
+            start, end = int(c[axis]), int(c[axis]) + int(patch_shape[axis])
+            if start > 0:
+                cuts.add(start - 1)
+            if end < volume.shape[axis]:
+                cuts.add(end - 1)
+        for i in range(diffs.shape[axis]):
+            (border if i in cuts else inside).append(float(np.take(diffs, i, axis=axis).mean()))
+    return float(np.mean(border) / np.mean(inside))

@@ -1,0 +1,103 @@
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from harmodiff import harmonize as hz
+from harmodiff.io import InputError
+from harmodiff.model import SiteLabels, build_model
+from harmodiff.patches import grid_positions, seam_ratio
+from test_train import TINY, phantom
+
+PATCH = (16, 16, 16)
+
+
+def _model(seed=0, num_labels=3):
+    torch.manual_seed(seed)
+    model = build_model(TINY, num_labels)
+    out_conv = [m for m in model.unet.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    torch.nn.init.normal_(out_conv.weight, std=0.05)  # MONAI zero-inits it: make eps non-trivial
+    return model.eval()
+
+
+CONFIG = {"patch_shape": list(PATCH), "train": {"num_train_timesteps": 1000}, "anatomy": {}}
+
+
+@pytest.fixture(scope="module")
+def scan():
+    v = phantom("A", 0, shape=(32, 40, 32))
+    return v.image, v.mask
+
+
+def test_same_seed_same_bytes_and_seed_matters(scan):
+    image, mask = scan
+    labels = SiteLabels(["A", "B"], [0.0])
+    # from the noised source at 40 % of the schedule: an untrained model keeps values finite there
+    kw = dict(steps=5, batch_size=5, guidance="cfgpp", scale=0.6, start_from="source", strength=0.4)
+    a, stats = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", seed=1, **kw)
+    b, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", seed=1, **kw)
+    c, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", seed=2, **kw)
+    assert a.tobytes() == b.tobytes()
+    assert not np.array_equal(a, c)
+    n = len(grid_positions(image.shape, PATCH, 0.5))
+    assert stats["patches"] == n == 36 and stats["unet_passes"] == n * 2 * 2
+    assert (a[~mask] == 0).all() and a.min() >= 0
+
+
+def test_batch_size_does_not_change_the_result(scan):
+    image, mask = scan
+    labels = SiteLabels(["A", "B"], [0.0])
+    kw = dict(steps=5, seed=3, start_from="source", strength=0.4)
+    a, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "A", batch_size=1, **kw)
+    b, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "A", batch_size=36, **kw)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-2)
+
+
+def test_no_seams_across_patch_borders(scan):
+    image, _ = scan
+    mask = np.ones(image.shape, bool)
+    labels = SiteLabels(["A", "B"], [0.0])
+    out, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", steps=5, batch_size=36, seed=0,
+                                start_from="source", strength=0.4)
+    positions = grid_positions(image.shape, PATCH, 0.5)
+    ratio = seam_ratio(out, positions, PATCH)
+    assert ratio < 1.15, ratio
+    # the measurement does see seams: a volume made of independent constant-per-patch tiles has them
+    tiles = np.zeros(image.shape)
+    for c in grid_positions(image.shape, PATCH, 0.0):
+        tiles[tuple(slice(a, a + p) for a, p in zip(c, PATCH))] = (c[0] // 16 + c[2] // 16) % 2  # checkerboard
+    tiled = out + tiles * 2 * np.abs(np.diff(out, axis=0)).mean()
+    assert seam_ratio(tiled, grid_positions(image.shape, PATCH, 0.0), PATCH) > 1.5
+
+
+def test_unknown_target_site_lists_known_ones(scan):
+    image, mask = scan
+    labels = SiteLabels(["A", "B"], [0.0])
+    with pytest.raises(InputError, match="unknown site 'Z'; known sites: A, B"):
+        hz.harmonize_array(_model(), labels, CONFIG, image, mask, "Z", steps=1)
+
+
+def test_cli_writes_input_header_and_start_from_source_uses_fewer_passes(tmp_path, scan, capsys):
+    from harmodiff.train import save_checkpoint
+
+    image, mask = scan
+    labels = SiteLabels(["A", "B"], [0.0])
+    model = _model()
+    save_checkpoint(tmp_path / "ckpt.pt", {
+        "model": model.state_dict(), "ema": model.state_dict(), "step": 1, "site_labels": labels.to_dict(),
+        "config": {**CONFIG, "model": TINY.to_dict()}})
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = [-30, -40, -30]
+    nib.save(nib.Nifti1Image(image, aff), str(tmp_path / "in.nii.gz"))
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), aff), str(tmp_path / "mask.nii.gz"))
+    args = ["--checkpoint", str(tmp_path / "ckpt.pt"), "--input", str(tmp_path / "in.nii.gz"), "--mask",
+            str(tmp_path / "mask.nii.gz"), "--target-site", "A", "--steps", "4", "--batch-size", "12", "--device", "cpu"]
+    assert hz.main([*args, "--output", str(tmp_path / "out.nii.gz")]) == 0
+    out = nib.load(str(tmp_path / "out.nii.gz"))
+    np.testing.assert_allclose(out.affine, aff)
+    assert out.shape == image.shape
+    assert hz.main([*args, "--output", str(tmp_path / "src.nii.gz"), "--start-from", "source", "--strength", "0.5"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert "'unet_passes': 288" in printed[0] and "'unet_passes': 144" in printed[1]  # 36 patches x 4 (2) steps x 2
+    assert hz.main([*args, "--output", str(tmp_path / "x.nii.gz"), "--target-site", "Q"]) == 2
+    assert "known sites: A, B" in capsys.readouterr().err
