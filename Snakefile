@@ -14,6 +14,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/anatomy.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/harmonize.smk"
 include: "workflow/rules/evaluate.smk"
 
 

@@ -142,3 +142,30 @@ def test_e2e_leakage_table(e2e):
     assert list(table.features) == ["image", "anatomy_map"]
     assert table.site_accuracy.between(0, 1).all()
     assert (table.n_sites == 2).all()  # the single-scan training sites cannot be cross-validated
+
+
+@pytest.mark.e2e
+def test_e2e_training_and_harmonization_outputs(e2e):
+    import torch
+
+    from harmodiff.train import load_model_for_inference
+
+    cfg = yaml.safe_load((ROOT / "config/test.yaml").read_text())
+    loss = pd.read_csv(e2e / "results/model/diffusion/loss.csv")
+    assert list(loss.step) == list(range(1, cfg["train"]["steps"] + 1))
+    assert np.isfinite(loss.loss).all()
+    ckpt = torch.load(e2e / "results/model/diffusion/checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == cfg["train"]["steps"]
+    _, labels, _ = load_model_for_inference(e2e / "results/model/diffusion/checkpoint.pt")
+    scans = pd.read_csv(e2e / "results/synthetic/scans.tsv", sep="\t")
+    assert labels.sites == sorted(set(scans[scans.cohort == "train"].site))
+    test = scans[scans.cohort == "test"]
+    for target in cfg["target_sites"]:
+        for r in test.itertuples():
+            out = nib.load(e2e / f"results/harmonized/diffusion/{target}/{r.site}/{r.scan_id}.nii.gz")
+            pre = nib.load(e2e / f"results/preprocessed/test/{r.site}/{r.scan_id}.nii.gz")
+            mask = nib.load(e2e / f"results/preprocessed/test/{r.site}/{r.scan_id}_mask.nii.gz").get_fdata() > 0.5
+            data = out.get_fdata()
+            np.testing.assert_allclose(out.affine, pre.affine)
+            assert out.shape == pre.shape and np.isfinite(data).all()
+            assert (data[~mask] == 0).all() and data.min() >= 0

@@ -18,6 +18,7 @@ os.environ.update(PYTHONPATH=os.path.join(workflow.basedir, "src"))
 
 wildcard_constraints:
     cohort="train|test",
+    target="[A-Za-z0-9][A-Za-z0-9_.+-]*",
     site="[A-Za-z0-9][A-Za-z0-9_.+-]*",
     scan="[A-Za-z0-9][A-Za-z0-9_.+-]*",
 
@@ -37,6 +38,15 @@ def stage_files(stage, suffix, scans=None):
     ]
 
 
+def harmonized_files(method="diffusion"):
+    test = SCANS[SCANS["cohort"] == "test"]
+    return [
+        f"results/harmonized/{method}/{target}/{r.site}/{r.Index}.nii.gz"
+        for target in config["target_sites"]
+        for r in test.itertuples()
+    ]
+
+
 def train_settings_json():
     """What harmodiff.train needs from the config, as one JSON argument (no quotes inside)."""
     import json
@@ -53,4 +63,5 @@ def all_outputs():
         + stage_files("qc", "_qc.png")
         + stage_files("anatomy", "_A.nii.gz")
         + ["results/tables/leakage.csv", f"results/model/{config['train']['run']}/checkpoint.pt"]
+        + harmonized_files()
     )
