@@ -101,3 +101,31 @@ def test_cli_writes_input_header_and_start_from_source_uses_fewer_passes(tmp_pat
     assert "'unet_passes': 288" in printed[0] and "'unet_passes': 144" in printed[1]  # 36 patches x 4 (2) steps x 2
     assert hz.main([*args, "--output", str(tmp_path / "x.nii.gz"), "--target-site", "Q"]) == 2
     assert "known sites: A, B" in capsys.readouterr().err
+
+
+def test_native_output_follows_the_inverse_of_the_saved_transform(tmp_path):
+    import ants
+    from scipy import ndimage
+
+    # a blob at RAS (10, -20, 5) on a 2 mm MNI-like grid
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = [-40, -60, -40]
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in (40, 50, 40)], indexing="ij"), -1) @ aff[:3, :3].T + aff[:3, 3]
+    p = np.array([10.0, -20.0, 5.0])
+    blob = np.exp(-np.sum((grid - p) ** 2, -1) / (2 * 4.0 ** 2)).astype(np.float32) * 100
+    nib.save(nib.Nifti1Image(blob, aff), str(tmp_path / "harm.nii.gz"))
+    # native grid: 1.5 mm, axes permuted (so the resampling really goes through world space)
+    naff = np.zeros((4, 4))
+    naff[0, 1], naff[1, 2], naff[2, 0], naff[3, 3] = 1.5, 1.5, 1.5, 1
+    naff[:3, 3] = [-60, -80, -60]
+    nib.save(nib.Nifti1Image(np.ones((80, 80, 100), np.float32), naff), str(tmp_path / "raw.nii.gz"))
+    # the preprocessing transform maps MNI points to native points; here a shift d (ANTs uses LPS)
+    d_ras = np.array([6.0, -4.0, 8.0])
+    tx = ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
+                                    translation=tuple(np.diag([-1.0, -1.0, 1.0]) @ d_ras))
+    ants.write_transform(tx, str(tmp_path / "to_mni.mat"))
+    hz.to_native(tmp_path / "harm.nii.gz", tmp_path / "raw.nii.gz", tmp_path / "to_mni.mat", tmp_path / "native.nii.gz")
+    out = nib.load(str(tmp_path / "native.nii.gz"))
+    com_vox = np.array(ndimage.center_of_mass(out.get_fdata()))
+    com_world = out.affine[:3, :3] @ com_vox + out.affine[:3, 3]
+    np.testing.assert_allclose(com_world, p + d_ras, atol=0.5)

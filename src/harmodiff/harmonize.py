@@ -43,6 +43,7 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
         target = labels.index(target_site, 0.0)
     except KeyError as exc:
         raise InputError(str(exc).strip("'\"")) from None
+    t_all = time.perf_counter()
     patch_shape = tuple(int(p) for p in config["patch_shape"])
     anatomy_cfg = config.get("anatomy") or {}
     mode = anatomy_cfg.get("coarse_mode", "local")
@@ -88,7 +89,6 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
 
     outputs = []
     bar = tqdm(total=passes, desc=f"harmonize -> {target_site}", disable=not progress)
-    t_all = time.perf_counter()
     for b in range(0, len(positions), batch_size):
         batch = positions[b:b + batch_size]
         n = len(batch)

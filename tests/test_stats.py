@@ -1,0 +1,56 @@
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as st
+from statsmodels.stats.multitest import multipletests
+
+from harmodiff import stats
+
+
+def _traveling(n_subjects, sites, site_effect, sd_subject, sd_resid, seed=0):
+    rng = np.random.default_rng(seed)
+    u = rng.normal(0, sd_subject, n_subjects)
+    rows = []
+    for i in range(n_subjects):
+        for s, site in enumerate(sites):
+            rows.append({"scan_id": f"s{i}_{site}", "subject": f"s{i}", "site": site,
+                         "ratio": 0.45 + site_effect[s] + u[i] + rng.normal(0, sd_resid)})
+    return pd.DataFrame(rows)
+
+
+def test_paired_tests_equal_scipy_and_fdr_equals_statsmodels():
+    sites = ["KPM", "A", "B", "C"]
+    df = _traveling(12, sites, [0, 0.002, 0.01, -0.004], 0.02, 0.005, seed=1)
+    df = df[~((df.site == "B") & (df.subject == "s3"))]  # a missing scan: B is tested over 11 subjects
+    out = stats.paired_site_tests(df, "KPM").set_index("site")
+    ref = df[df.site == "KPM"].set_index("subject").ratio
+    for site in ["A", "B", "C"]:
+        other = df[df.site == site].set_index("subject").ratio
+        common = ref.index.intersection(other.index)
+        expected = st.ttest_rel(other[common], ref[common])
+        assert out.loc[site, "n"] == len(common)
+        assert out.loc[site, "t"] == pytest.approx(expected.statistic, rel=1e-9)
+        assert out.loc[site, "p"] == pytest.approx(expected.pvalue, rel=1e-9)
+    np.testing.assert_allclose(out.p_fdr, multipletests(out.p, method="fdr_bh")[1], rtol=1e-12)
+    assert out.loc["B", "n"] == 11
+    with pytest.raises(ValueError, match="reference site 'XYZ'"):
+        stats.paired_site_tests(df, "XYZ")
+
+
+def test_mixed_model_r2_recovers_known_variance_components():
+    sites = [f"S{i}" for i in range(8)]
+    effects = np.linspace(-0.03, 0.03, 8)
+    sd_u, sd_e = 0.025, 0.01
+    df = _traveling(150, sites, effects, sd_u, sd_e, seed=2)
+    var_f = np.var(effects)  # balanced design: the fixed part's variance over observations
+    total = var_f + sd_u ** 2 + sd_e ** 2
+    r = stats.mixed_model_r2(df)
+    assert r["converged"]
+    assert r["marginal"] == pytest.approx(var_f / total, abs=0.03)
+    assert r["conditional"] == pytest.approx((var_f + sd_u ** 2) / total, abs=0.03)
+
+
+def test_mixed_model_without_site_effect_has_small_marginal_r2():
+    df = _traveling(60, ["A", "B", "C"], [0, 0, 0], 0.02, 0.005, seed=3)
+    r = stats.mixed_model_r2(df)
+    assert r["marginal"] < 0.02 and r["conditional"] > 0.85
