@@ -54,3 +54,29 @@ def test_mixed_model_without_site_effect_has_small_marginal_r2():
     df = _traveling(60, ["A", "B", "C"], [0, 0, 0], 0.02, 0.005, seed=3)
     r = stats.mixed_model_r2(df)
     assert r["marginal"] < 0.02 and r["conditional"] > 0.85
+
+
+def test_evaluate_tables_per_method_and_tissue(tmp_path):
+    from harmodiff import evaluate
+
+    sites = ["R", "A", "B"]
+    rows = []
+    for method, effect in (("preprocessed", [0, 0.02, -0.02]), ("harmonized", [0, 0, 0])):
+        df = _traveling(40, sites, effect, 0.02, 0.004, seed=5)
+        for r in df.itertuples():
+            rows.append({"method": method, "target": "R", "scan_id": r.scan_id, "subject": r.subject, "site": r.site,
+                         "gm_ratio": r.ratio, "wm_ratio": 1 - r.ratio - 0.15})
+    ratios = pd.DataFrame(rows)
+    t = evaluate.ttests(ratios, "R")
+    assert len(t) == 2 * 2 * 2  # methods x tissues x non-reference sites
+    pre = t[(t.method == "preprocessed") & (t.tissue == "GM")]
+    assert (pre.p_fdr < 1e-6).all()
+    m = evaluate.mixed_models(ratios).set_index(["method", "tissue"])
+    assert m.loc[("preprocessed", "GM"), "r2_marginal"] > 0.3 > m.loc[("harmonized", "GM"), "r2_marginal"]
+    assert m.loc[("harmonized", "GM"), "r2_conditional"] > 0.8
+
+
+def test_mixed_model_failure_is_reported_not_raised():
+    df = pd.DataFrame({"subject": ["a", "b"], "site": ["X", "Y"], "ratio": [0.4, 0.5]})
+    r = stats.mixed_model_r2(df)
+    assert not r["converged"]

@@ -169,3 +169,53 @@ def test_e2e_training_and_harmonization_outputs(e2e):
             np.testing.assert_allclose(out.affine, pre.affine)
             assert out.shape == pre.shape and np.isfinite(data).all()
             assert (data[~mask] == 0).all() and data.min() >= 0
+
+
+def test_srpbs_config_builds_the_full_dag(tmp_path):
+    root = tmp_path / "srpbs"
+    sites = ["ATV", "COI", "HKH", "HUH", "KPM", "KUS", "KUT", "SWA", "UTO", "YC2"]
+    missing = {("sub-03", "UTO"), ("sub-07", "HKH"), ("sub-09", "SWA")}
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    for i in range(1, 11):
+        for site in sites:
+            if (f"sub-{i:02d}", site) in missing:
+                continue
+            d = root / f"sub-{i:02d}/ses-site{site}/anat"
+            d.mkdir(parents=True)
+            nib.save(img, str(d / f"sub-{i:02d}_ses-site{site}_T1w.nii.gz"))
+    nib.save(img, str(root / "sub-01/ses-siteKPM/anat/sub-01_ses-siteKPM_run-2_T1w.nii.gz"))  # a duplicate
+    train_rows = []
+    for k in range(20):
+        f = tmp_path / f"train/t{k}.nii.gz"
+        f.parent.mkdir(exist_ok=True)
+        nib.save(img, str(f))
+        train_rows.append({"scan_id": f"t{k}", "subject": f"t{k}", "site": f"TRAIN{k % 10}", "cohort": "train", "path": str(f)})
+    pd.DataFrame(train_rows).to_csv(tmp_path / "train.tsv", sep="\t", index=False)
+    cfg = yaml.safe_load((ROOT / "config/srpbs.yaml").read_text())
+    cfg["cohort"]["srpbs"] = {"root": str(root), "training_sheet": str(tmp_path / "train.tsv")}
+    cfg["target_sites"] = ["TRAIN0"]
+    (tmp_path / "srpbs.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "srpbs.yaml"))
+    counts = {}
+    for line in proc.stdout.split("Job stats:")[1].splitlines()[3:]:
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    assert counts["preprocess"] == 97 + 20
+    assert counts["harmonize"] == 97          # one per test scan and setting
+    assert counts["segment"] == 97 * 2       # preprocessed + diffusion
+    assert counts["train"] == 1
+
+
+@pytest.mark.e2e
+def test_e2e_evaluation_tables(e2e):
+    ratios = pd.read_csv(e2e / "results/tables/tissue_ratios.csv")
+    scans = pd.read_csv(e2e / "results/synthetic/scans.tsv", sep="\t")
+    n_test = int((scans.cohort == "test").sum())
+    assert sorted(set(ratios.method)) == ["diffusion", "preprocessed"]
+    assert len(ratios) == 2 * n_test
+    np.testing.assert_allclose(ratios.gm_ratio + ratios.wm_ratio + ratios.csf_ratio, 1.0, rtol=1e-6)
+    t = pd.read_csv(e2e / "results/tables/ttests.csv")
+    assert set(t.tissue) == {"GM", "WM"} and "TSA" not in set(t.site)  # the reference is not tested
+    table2 = pd.read_csv(e2e / "results/tables/table2.csv")
+    assert len(table2) == 4 and set(table2.columns) >= {"r2_marginal", "r2_conditional", "converged"}

@@ -61,7 +61,11 @@ def mixed_model_r2(df: pd.DataFrame, value: str = "ratio") -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = smf.mixedlm("y ~ C(site)", data, groups=data["subject"])
-        result = model.fit(reml=True)
+        try:
+            result = model.fit(reml=True)
+        except (np.linalg.LinAlgError, ValueError) as exc:  # e.g. too few subjects per site
+            return {"marginal": np.nan, "conditional": np.nan, "converged": False, "var_fixed": np.nan,
+                    "var_subject": np.nan, "var_residual": np.nan, "warnings": f"fit failed: {exc}"}
     messages = sorted({str(w.message).split("\n")[0] for w in caught})
     fixed = model.exog @ result.fe_params.to_numpy()
     var_f = float(np.var(fixed))

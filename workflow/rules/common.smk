@@ -19,6 +19,7 @@ os.environ.update(PYTHONPATH=os.path.join(workflow.basedir, "src"))
 wildcard_constraints:
     cohort="train|test",
     target="[A-Za-z0-9][A-Za-z0-9_.+-]*",
+    method="[A-Za-z0-9][A-Za-z0-9_.+-]*",
     site="[A-Za-z0-9][A-Za-z0-9_.+-]*",
     scan="[A-Za-z0-9][A-Za-z0-9_.+-]*",
 
@@ -47,6 +48,26 @@ def harmonized_files(method="diffusion"):
     ]
 
 
+def evaluation_entries():
+    """One entry per (method, target, test scan) to segment: preprocessed (target 'none') and
+    the diffusion harmonization to each target site."""
+    test = SCANS[SCANS["cohort"] == "test"]
+    entries = []
+    for method, targets in (("preprocessed", ["none"]), ("diffusion", list(config["target_sites"]))):
+        for target in targets:
+            for r in test.itertuples():
+                base = f"results/segmentation/{method}/{target}/{r.site}/{r.Index}"
+                entries.append({"method": method, "target": target, "scan": r.Index, "subject": r.subject,
+                                "site": r.site, "volumes": f"{base}_volumes.json"})
+    return entries
+
+
+def segment_input_image(wildcards):
+    if wildcards.method == "preprocessed":
+        return f"results/preprocessed/test/{wildcards.site}/{wildcards.scan}.nii.gz"
+    return f"results/harmonized/{wildcards.method}/{wildcards.target}/{wildcards.site}/{wildcards.scan}.nii.gz"
+
+
 def train_settings_json():
     """What harmodiff.train needs from the config, as one JSON argument (no quotes inside)."""
     import json
@@ -64,4 +85,5 @@ def all_outputs():
         + stage_files("anatomy", "_A.nii.gz")
         + ["results/tables/leakage.csv", f"results/model/{config['train']['run']}/checkpoint.pt"]
         + harmonized_files()
+        + ["results/tables/ttests.csv", "results/tables/table2.csv"]
     )
