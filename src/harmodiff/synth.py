@@ -208,7 +208,7 @@ def site_params(cfg: SynthConfig, site: str, site_index: int) -> dict:
         },
         "gamma": float(np.exp(rng.uniform(-0.35, 0.35))),
         "blur_mm": float(rng.uniform(0.0, 1.0)),
-        "bias_sd": float(rng.uniform(0.05, 0.15)),
+        "bias_sd": float(rng.uniform(0.03, 0.10)),
         "noise": float(rng.uniform(0.01, 0.035)),
         "scale": float(rng.uniform(300.0, 3000.0)),
         "spacing_mm": float(rng.uniform(*cfg.native_spacing)),
