@@ -214,7 +214,7 @@ def test_e2e_evaluation_tables(e2e):
     n_test = int((scans.cohort == "test").sum())
     assert sorted(set(ratios.method)) == ["diffusion", "preprocessed"]
     assert len(ratios) == 2 * n_test
-    np.testing.assert_allclose(ratios.gm_ratio + ratios.wm_ratio + ratios.csf_ratio, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(ratios.gm_ratio + ratios.wm_ratio + ratios.csf_ratio, 1.0, rtol=1e-5)  # 6 digits in the CSV
     t = pd.read_csv(e2e / "results/tables/ttests.csv")
     assert set(t.tissue) == {"GM", "WM"} and "TSA" not in set(t.site)  # the reference is not tested
     table2 = pd.read_csv(e2e / "results/tables/table2.csv")
