@@ -70,9 +70,9 @@ def train_step(name):
     code = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap})); "
             f"import sys; sys.path.insert(0, 'benchmarks'); import model_cost; model_cost.train_step_child('{name}')")
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
-        return {"seconds": None, "peak_gib": None, "error": "did not finish one step in 20 minutes"}
+        return {"seconds": None, "peak_gib": None, "error": "did not finish one step in 10 minutes"}
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"seconds": None, "peak_gib": None, "error": tail[:120]}

@@ -2,6 +2,9 @@
 native voxel size alike), on this machine.
 
     python benchmarks/preprocess_steps.py --threads 2 > benchmarks/preprocess_steps.md
+
+(The committed table was made before `to_ants` set NIfTI units; ITK's unit warnings, printed
+to stdout from C++, were filtered out of it with `grep -v "^Warning: NIftI"`.)
 """
 
 import argparse

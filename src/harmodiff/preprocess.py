@@ -53,7 +53,9 @@ def _ants():
 
 
 def to_ants(img: nib.Nifti1Image):
-    return _ants().from_nibabel_nifti(nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine))
+    out = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+    out.header.set_xyzt_units("mm", "sec")  # otherwise ITK warns on every conversion
+    return _ants().from_nibabel_nifti(out)
 
 
 def to_nib(image) -> nib.Nifti1Image:
