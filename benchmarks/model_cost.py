@@ -82,7 +82,7 @@ def train_step(name):
 def sampler_bench(steps=2):
     from harmodiff import harmonize as hz
     from harmodiff.model import SiteLabels
-    from harmodiff.patches import extract, grid_positions
+    from harmodiff.patches import grid_positions
 
     torch.set_num_threads(2)
     cfg, patch, _ = SIZES["demo"]

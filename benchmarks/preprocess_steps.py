@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 
 from harmodiff import preprocess as pp
 from harmodiff.synth import SynthConfig, generate

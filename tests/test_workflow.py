@@ -4,7 +4,6 @@ The end-to-end run also scores preprocessing and the anatomy map against the syn
 """
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 

@@ -267,7 +267,6 @@ def preprocess(input_path, output, mask_output, *, transform_output=None, qc_out
         if out.resolve() == input_path.resolve():
             raise InputError(f"{out}: refusing to overwrite the input scan")
     raw = load_image(input_path)
-    ants = _ants()
     image = to_ants(raw)
     initial = None
     if skullstrip == "ants":

@@ -13,7 +13,6 @@ Tissue ratio = tissue volume / (GM + WM + CSF), volumes from the summed probabil
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

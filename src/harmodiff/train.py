@@ -38,9 +38,9 @@ import yaml
 
 from harmodiff import anatomy as anat
 from harmodiff.io import InputError, atomic_path, load_image, load_mask, write_text
-from harmodiff.model import NULL_LABEL, ModelConfig, SiteLabels, build_model, count_parameters
+from harmodiff.model import NULL_LABEL, ModelConfig, SiteLabels, build_model
 from harmodiff.patches import brain_bbox, extract, random_patch
-from harmodiff.preprocess import MEDIAN_TARGET, median_normalize, to_model_units
+from harmodiff.preprocess import median_normalize, to_model_units
 
 CHECKPOINT = "checkpoint.pt"
 
