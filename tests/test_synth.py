@@ -89,3 +89,37 @@ def test_same_seed_same_bytes(tmp_path):
     other = synth.SynthConfig(**{**cfg.__dict__, "seed": 4})
     synth.generate(tmp_path / "c", other, progress=False)
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def _sphere_phantom(spacing=1.0, n=80):
+    """WM ball of radius 15 mm in a GM shell to 22 mm, CSF shell to 28 mm (the brain)."""
+    c = (n - 1) / 2.0
+    r = np.sqrt(sum(((g - c) * spacing) ** 2 for g in np.meshgrid(*[np.arange(n)] * 3, indexing="ij")))
+    wm = (r <= 15).astype(np.float32)
+    gm = ((r > 15) & (r <= 22)).astype(np.float32)
+    csf = ((r > 22) & (r <= 28)).astype(np.float32)
+    return gm, wm, csf, r <= 28
+
+
+def _ball_radius(volume):
+    return (3 * volume / (4 * np.pi)) ** (1 / 3)
+
+
+def test_wm_shift_moves_the_boundary_by_the_requested_distance():
+    gm, wm, csf, brain = _sphere_phantom()
+    for shift in (2.0, -2.0):
+        g2, w2, c2 = synth._reshape_tissues(gm, wm, csf, brain, 1.0, 0.0, shift)
+        moved = _ball_radius(w2.sum()) - _ball_radius(wm.sum())  # how far the WM surface moved, mm
+        assert abs(moved - shift) < 0.3, (shift, moved)
+        np.testing.assert_allclose(g2 + w2 + c2, gm + wm + csf, atol=1e-6)  # tissue is moved, not made
+
+
+def test_atrophy_turns_the_outer_cortex_into_csf():
+    gm, wm, csf, brain = _sphere_phantom()
+    g2, w2, c2 = synth._reshape_tissues(gm, wm, csf, brain, 1.0, 3.0, 0.0)
+    outer = _ball_radius(gm.sum() + wm.sum())
+    moved = outer - _ball_radius(g2.sum() + wm.sum())  # how far the GM/CSF surface moved inwards, mm
+    assert abs(moved - 3.0) < 0.3, moved
+    np.testing.assert_array_equal(w2, wm)
+    # whole voxels change class: few voxels are left as a GM / CSF mixture
+    assert ((g2 > 0.05) & (g2 < 0.95)).sum() < 0.25 * (gm > 0).sum()

@@ -2,8 +2,11 @@
 
 Nothing is downloaded: the template, brain mask and GM/WM maps come from nilearn's package data.
 
-* A **subject** is a smooth random warp of the template tissue maps plus a subject-specific grey
-  matter thinning (a fraction of GM becomes CSF), so tissue ratios differ between subjects.
+* A **subject** is a smooth random warp of the template tissue maps plus two geometric changes,
+  so tissue ratios differ between subjects in a way a segmentation can see: cortical atrophy
+  (GM within `atrophy_mm` of CSF or the brain's edge becomes CSF) and a shift of the GM/WM
+  boundary by `wm_shift_mm` (positive: WM grows into GM). A voxel-wise GM->CSF mixture was
+  tried first: it reads as a darker cortex that Atropos still calls GM.
 * A **site** is a tissue contrast (CSF/GM/WM/skull/scalp intensities), a power-law intensity
   curve, blur, the amplitude of a smooth multiplicative bias field, Rician noise and a global
   intensity scale.
@@ -50,7 +53,8 @@ class SynthConfig:
     warp_mm: float = 2.0                 # sd of the subject warp's control-point displacements
     max_rotation_deg: float = 10.0
     max_shift_mm: float = 10.0
-    gm_thinning: tuple[float, float] = (0.0, 0.25)
+    atrophy_mm: tuple[float, float] = (0.0, 3.0)      # range of the subjects' cortical atrophy
+    wm_shift_mm: tuple[float, float] = (-2.5, 2.5)   # range of the subjects' GM/WM boundary shift
 
     def __post_init__(self):
         for name in ("train_sites", "train_subjects_per_site", "test_sites", "test_subjects"):
@@ -164,7 +168,35 @@ def _remove_affine_part(disp: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 def subject_params(cfg: SynthConfig, subject_index: int) -> dict:
     rng = np.random.default_rng([cfg.seed, 1, subject_index])
-    return {"gm_thinning": float(rng.uniform(*cfg.gm_thinning)), "warp_seed": int(rng.integers(2**31))}
+    return {"atrophy_mm": float(rng.uniform(*cfg.atrophy_mm)), "wm_shift_mm": float(rng.uniform(*cfg.wm_shift_mm)),
+            "warp_seed": int(rng.integers(2**31))}
+
+
+def _ramp(x: np.ndarray, soft_mm: float = 1.5) -> np.ndarray:
+    """Soft step 0 -> 1 around x = 0 (width `soft_mm`): smooth boundaries, no staircase."""
+    return np.clip(x / soft_mm + 0.5, 0, 1).astype(np.float32)
+
+
+def _reshape_tissues(p_gm, p_wm, p_csf, brain_mask, spacing, atrophy_mm, wm_shift_mm):
+    """Move whole-voxel tissue across the GM/WM and GM/CSF boundaries (geometric, not mixed).
+
+    Distances are measured from the region's boundary, half a voxel from the centres that
+    `distance_transform_edt` measures to.
+    """
+    half = 0.5 * spacing
+    wm_region = p_wm > 0.5
+    if wm_shift_mm > 0:  # GM voxels within wm_shift_mm outside the WM become WM
+        d = ndimage.distance_transform_edt(~wm_region, sampling=spacing) - half
+        w = _ramp(wm_shift_mm - d) * ~wm_region
+        p_wm, p_gm = p_wm + w * p_gm, (1 - w) * p_gm
+    elif wm_shift_mm < 0:  # WM within |wm_shift_mm| inside its boundary becomes GM
+        d = ndimage.distance_transform_edt(wm_region, sampling=spacing) - half
+        w = _ramp(-wm_shift_mm - d) * wm_region
+        p_gm, p_wm = p_gm + w * p_wm, (1 - w) * p_wm
+    # atrophy: GM nearest to sulcal CSF or to the brain's edge becomes CSF
+    d = ndimage.distance_transform_edt(~((p_csf > 0.5) | ~brain_mask), sampling=spacing) - half
+    w = _ramp(atrophy_mm - d)
+    return (1 - w) * p_gm, p_wm, p_csf + w * p_gm
 
 
 def render_subject(cfg: SynthConfig, subject_index: int) -> dict:
@@ -184,10 +216,10 @@ def render_subject(cfg: SynthConfig, subject_index: int) -> dict:
     total = np.maximum(gm_w + wm_w, 1.0)
     p_gm = np.clip(gm_w, 0, None) * brain / total
     p_wm = np.clip(wm_w, 0, None) * brain / total
-    t = params["gm_thinning"]
-    p_csf = np.clip(brain - p_gm - p_wm, 0, 1) + t * p_gm
-    p_gm = (1 - t) * p_gm
+    p_csf = np.clip(brain - p_gm - p_wm, 0, 1)
     brain_mask = brain > 0.5
+    p_gm, p_wm, p_csf = _reshape_tissues(p_gm, p_wm, p_csf, brain_mask, s, params["atrophy_mm"],
+                                         params["wm_shift_mm"])
     outside_mm = ndimage.distance_transform_edt(~brain_mask, sampling=s).astype(np.float32)
     return {
         "affine": affine, "brain": brain, "brain_mask": brain_mask,
@@ -338,7 +370,8 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
         total = vols["gm_ml"] + vols["wm_ml"] + vols["csf_ml"]
         subj_rows.append({"subject": subject_id, **vols,
                           "gm_ratio": vols["gm_ml"] / total, "wm_ratio": vols["wm_ml"] / total,
-                          "csf_ratio": vols["csf_ml"] / total, "gm_thinning": subject["gm_thinning"]})
+                          "csf_ratio": vols["csf_ml"] / total, "atrophy_mm": subject["atrophy_mm"],
+                          "wm_shift_mm": subject["wm_shift_mm"]})
         for row in plan[plan["subject"] == subject_id].itertuples():
             image, vox, brain, scan_to_mni, pose, mni_img = render_scan(cfg, subject, sites[row.site], row.Index)
             save_image(image, vox, out / row.path)
