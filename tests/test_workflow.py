@@ -70,6 +70,7 @@ def test_bad_scan_sheet_fails_before_any_job(tmp_path):
 def e2e(tmp_path_factory):
     wd = tmp_path_factory.mktemp("e2e")
     snakemake(wd, "--cores", "2", "--configfile", str(ROOT / "config/test.yaml"))
+    snakemake(wd, "--configfile", str(ROOT / "config/test.yaml"), "--report", "results/report.html")
     return wd
 
 
@@ -201,8 +202,10 @@ def test_srpbs_config_builds_the_full_dag(tmp_path):
         if len(parts) == 2 and parts[1].isdigit():
             counts[parts[0]] = int(parts[1])
     assert counts["preprocess"] == 97 + 20
-    assert counts["harmonize"] == 97          # one per test scan and setting
-    assert counts["segment"] == 97 * 2       # preprocessed + diffusion
+    assert counts["harmonize"] == 97          # the main setting (CFG++ 0.6), one per test scan
+    assert counts["harmonize_sweep"] == 97 * 9  # Table 1: 5 CFG + 5 CFG++ settings, the main one reused
+    assert counts["histmatch"] == 97
+    assert counts["segment"] == 97 * 3       # preprocessed, diffusion, histmatch
     assert counts["train"] == 1
 
 
@@ -210,11 +213,61 @@ def test_srpbs_config_builds_the_full_dag(tmp_path):
 def test_e2e_evaluation_tables(e2e):
     ratios = pd.read_csv(e2e / "results/tables/tissue_ratios.csv")
     scans = pd.read_csv(e2e / "results/synthetic/scans.tsv", sep="\t")
-    n_test = int((scans.cohort == "test").sum())
-    assert sorted(set(ratios.method)) == ["diffusion", "preprocessed"]
-    assert len(ratios) == 2 * n_test
-    np.testing.assert_allclose(ratios.gm_ratio + ratios.wm_ratio + ratios.csf_ratio, 1.0, rtol=1e-5)  # 6 digits in the CSV
+    test = scans[scans.cohort == "test"]
+    n_test = len(test)
+    methods = ["combat", "diffusion", "histmatch", "preprocessed", "rawcopy"]
+    assert sorted(set(ratios.method)) == methods
+    assert (ratios.groupby("method").size() == n_test).all()
+    images = ratios[ratios.method != "combat"]
+    np.testing.assert_allclose(images.gm_ratio + images.wm_ratio + images.csf_ratio, 1.0, rtol=1e-5)
     t = pd.read_csv(e2e / "results/tables/ttests.csv")
     assert set(t.tissue) == {"GM", "WM"} and "TSA" not in set(t.site)  # the reference is not tested
     table2 = pd.read_csv(e2e / "results/tables/table2.csv")
-    assert len(table2) == 4 and set(table2.columns) >= {"r2_marginal", "r2_conditional", "converged"}
+    assert len(table2) == 2 * len(methods) and set(table2.columns) >= {"r2_marginal", "r2_conditional", "converged"}
+    assert "| combat | TSA | GM |" in (e2e / "results/tables/table2.md").read_text()
+
+    # Table 1: the sweep reuses the main setting's files, so its CFG++ 0.6 row equals diffusion's on that subject
+    pairs = pd.read_csv(e2e / "results/tables/similarity_pairs.csv")
+    first = sorted(set(test.subject))[0]
+    main = pairs[(pairs.method == "diffusion") & (pairs.subject == first)]
+    swept = pairs[pairs.method == "cfgpp_0.6"]
+    np.testing.assert_allclose(swept.ssim.to_numpy(), main.ssim.to_numpy())
+    assert set(pairs[pairs.method == "cfg_1"].subject) == {first}
+    table1 = pd.read_csv(e2e / "results/tables/table1.csv")
+    assert list(table1[table1.section == "guidance sweep"].method) == ["preprocessed", "cfg_1", "cfgpp_0.6"]
+    assert table1.ssim_mean.between(0, 1).all()
+    assert "CFG w = 1" in (e2e / "results/tables/table1.md").read_text()
+
+    # truth scores: every image method against the subject rendered at the target site
+    truth = pd.read_csv(e2e / "results/tables/truth_similarity.csv")
+    assert set(truth.method) == {"preprocessed", "diffusion", "histmatch"} and len(truth) == 3 * n_test
+    errors = pd.read_csv(e2e / "results/tables/truth_ratios.csv")
+    assert set(errors.method) == set(methods) and (errors.mae < 0.2).all()
+
+
+@pytest.mark.e2e
+def test_e2e_baseline_images(e2e):
+    """Histogram matching lands on the target site's distribution; the external import of the
+    raw scans (native space) lands on the preprocessed scans' voxels."""
+    scans = pd.read_csv(e2e / "results/synthetic/scans.tsv", sep="\t")
+    train = scans[(scans.cohort == "train") & (scans.site == "TRA")]
+    ref = np.concatenate([nib.load(e2e / f"results/preprocessed/train/TRA/{s}.nii.gz").get_fdata()[
+        nib.load(e2e / f"results/preprocessed/train/TRA/{s}_mask.nii.gz").get_fdata() > 0.5] for s in train.scan_id])
+    q = np.linspace(0.1, 0.9, 9)
+    for r in scans[scans.cohort == "test"].itertuples():
+        mask = nib.load(e2e / f"results/preprocessed/test/{r.site}/{r.scan_id}_mask.nii.gz").get_fdata() > 0.5
+        matched = nib.load(e2e / f"results/harmonized/histmatch/TRA/{r.site}/{r.scan_id}.nii.gz").get_fdata()
+        np.testing.assert_allclose(np.quantile(matched[mask], q), np.quantile(ref, q), rtol=0.02)
+        pre = nib.load(e2e / f"results/preprocessed/test/{r.site}/{r.scan_id}.nii.gz").get_fdata()
+        raw = nib.load(e2e / f"results/harmonized/rawcopy/none/{r.site}/{r.scan_id}.nii.gz").get_fdata()
+        inner = ndimage.binary_erosion(mask, iterations=2)
+        assert np.corrcoef(raw[inner], pre[inner])[0, 1] > 0.9, r.scan_id  # same voxels (N4 aside)
+
+
+@pytest.mark.e2e
+def test_e2e_report_has_every_figure_with_its_caption(e2e):
+    html = (e2e / "results/report.html").read_text(errors="replace")
+    for name in ("figure2.png", "figure3.png", "loss_curve.png", "table1.csv", "table2.csv"):
+        assert name in html, name
+    for caption in ("central axial slice of one", "Stars mark sites", "Training loss of the diffusion model"):
+        assert caption in html, caption

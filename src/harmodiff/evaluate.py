@@ -1,12 +1,16 @@
 """Evaluation tables from per-scan segmentations (paper sections 4 and 5).
 
     python -m harmodiff.evaluate ratios --volumes V1.json ... --methods M ... --targets T ... \
-        --scan-ids S ... --subjects SUB ... --sites SITE ... --output tissue_ratios.csv
+        --scan-ids S ... --subjects SUB ... --sites SITE ... [--combat-reference SITE] --output tissue_ratios.csv
     python -m harmodiff.evaluate ttests --ratios tissue_ratios.csv --reference KPM --output ttests.csv
-    python -m harmodiff.evaluate mixed --ratios tissue_ratios.csv --output table2.csv
+    python -m harmodiff.evaluate mixed --ratios tissue_ratios.csv --output table2.csv [--markdown table2.md]
+    python -m harmodiff.evaluate truth --ratios tissue_ratios.csv --truth subjects.tsv --output truth_ratios.csv
 
 `ttests` runs `stats.paired_site_tests` per method, target and tissue (GM, WM); `mixed` fits
-`stats.mixed_model_r2` per method, target and tissue (Table 2 of the paper).
+`stats.mixed_model_r2` per method, target and tissue (Table 2 of the paper). `ratios` with
+`--combat-reference` adds the ComBat baseline: the preprocessed scans' ratios adjusted by
+`combat.combat_ratios` (reference site if it is among the scans' sites, else the pooled mean).
+`truth` scores every method's ratios against the synthetic cohort's true ratios.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import pandas as pd
 
 from harmodiff import stats
+from harmodiff.combat import combat_ratios
 from harmodiff.io import write_text
 
 TISSUES = ("gm", "wm")
@@ -30,6 +35,37 @@ def collect_ratios(volumes, methods, targets, scan_ids, subjects, sites) -> pd.D
             v = json.load(f)
         rows.append({"method": method, "target": target, "scan_id": scan_id, "subject": subject, "site": site, **v})
     return pd.DataFrame(rows)
+
+
+def add_combat(ratios: pd.DataFrame, reference_site: str | None) -> pd.DataFrame:
+    """Append method 'combat': ComBat of the preprocessed ratios, target = the reference or 'pooled'."""
+    pre = ratios[ratios["method"] == "preprocessed"]
+    ref = reference_site if reference_site in set(pre["site"]) else None
+    adjusted = combat_ratios(pre, ref).assign(method="combat", target=ref or "pooled")
+    adjusted[[c for c in adjusted.columns if c.endswith("_ml")]] = float("nan")  # ComBat adjusts ratios only
+    return pd.concat([ratios, adjusted], ignore_index=True)
+
+
+def truth_errors(ratios: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """Per method, target and tissue: mean absolute error, mean error and correlation vs the true ratios."""
+    m = ratios.merge(truth[["subject"] + [f"{t}_ratio" for t in TISSUES]], on="subject", suffixes=("", "_true"))
+    rows = []
+    for (method, target), group in m.groupby(["method", "target"], sort=True):
+        for tissue in TISSUES:
+            est, true = group[f"{tissue}_ratio"], group[f"{tissue}_ratio_true"]
+            rows.append({"method": method, "target": target, "tissue": tissue.upper(),
+                         "mae": float((est - true).abs().mean()), "bias": float((est - true).mean()),
+                         "r": float(est.corr(true)), "n_scans": len(group)})
+    return pd.DataFrame(rows)
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub-flavoured Markdown table (no tabulate dependency)."""
+    def cell(v):
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
 
 
 def ttests(ratios: pd.DataFrame, reference: str) -> pd.DataFrame:
@@ -61,20 +97,33 @@ def main(argv=None) -> int:
     r = sub.add_parser("ratios")
     for name in ("volumes", "methods", "targets", "scan-ids", "subjects", "sites"):
         r.add_argument(f"--{name}", nargs="+", required=True)
+    r.add_argument("--combat-reference", help="add the ComBat baseline, mapped onto this site when present")
     t = sub.add_parser("ttests")
     t.add_argument("--reference", required=True)
     m = sub.add_parser("mixed")
-    for q in (t, m):
+    m.add_argument("--markdown", help="also write Table 2 as Markdown")
+    u = sub.add_parser("truth")
+    u.add_argument("--truth", required=True, help="the synthetic cohort's truth/subjects.tsv")
+    for q in (t, m, u):
         q.add_argument("--ratios", required=True)
-    for q in (r, t, m):
+    for q in (r, t, m, u):
         q.add_argument("--output", required=True)
     a = p.parse_args(argv)
     if a.cmd == "ratios":
         df = collect_ratios(a.volumes, a.methods, a.targets, a.scan_ids, a.subjects, a.sites)
+        if a.combat_reference:
+            df = add_combat(df, a.combat_reference)
     elif a.cmd == "ttests":
         df = ttests(pd.read_csv(a.ratios), a.reference)
+    elif a.cmd == "truth":
+        df = truth_errors(pd.read_csv(a.ratios), pd.read_csv(a.truth, sep="\t"))
     else:
         df = mixed_models(pd.read_csv(a.ratios))
+        if a.markdown:
+            show = df[["method", "target", "tissue", "r2_marginal", "r2_conditional", "converged", "n_scans"]]
+            write_text("Table 2: variance of the tissue ratios explained by site (marginal R2) and by site "
+                       "and subject (conditional R2), ratio ~ site + (1 | subject).\n\n" + markdown_table(show),
+                       a.markdown)
     write_text(df.to_csv(index=False, float_format="%.6g"), a.output)
     print(df.to_string(index=False))
     return 0

@@ -27,7 +27,7 @@ from harmodiff import sample as smp
 from harmodiff.io import InputError, load_image, load_mask, save_image
 from harmodiff.model import NULL_LABEL
 from harmodiff.patches import extract, fuse, grid_positions, hann_window
-from harmodiff.preprocess import from_model_units, to_model_units
+from harmodiff.intensity import from_model_units, to_model_units
 
 
 def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.ndarray, target_site: str, *,

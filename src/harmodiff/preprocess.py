@@ -32,10 +32,10 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from harmodiff.intensity import MEDIAN_TARGET, from_model_units, median_normalize, to_model_units  # noqa: F401
 from harmodiff.io import InputError, atomic_path, load_image, save_image
 from harmodiff.templates import mni_images, working_grid
 
-MEDIAN_TARGET = 500.0
 SKULLSTRIP_BACKENDS = ("ants", "hdbet")
 REGISTRATIONS = ("affine", "rigid")
 
@@ -198,33 +198,6 @@ def working_reference(spacing: float, shape):
 def resample_to_grid(image, transform: str, reference, *, interpolator: str = "linear"):
     return _ants().apply_transforms(fixed=reference, moving=image, transformlist=[transform],
                                     interpolator=interpolator)
-
-
-def median_normalize(data: np.ndarray, mask: np.ndarray, target: float = MEDIAN_TARGET) -> np.ndarray:
-    """Scale so the median inside `mask` is `target`; background 0, negatives clipped to 0."""
-    if not mask.any():
-        raise InputError("median normalization: the brain mask is empty")
-    med = float(np.median(data[mask]))
-    if med <= 0:
-        raise InputError(f"median normalization: brain median is {med:.3g} (must be > 0)")
-    out = np.where(mask, np.clip(data, 0, None) * (target / med), 0.0)
-    return out.astype(np.float32)
-
-
-def to_model_units(data: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """What the network sees: x / 500 - 1 (brain median 0); background exactly -1."""
-    x = data / MEDIAN_TARGET - 1.0
-    if mask is not None:
-        x = np.where(mask, x, -1.0)
-    return x.astype(np.float32)
-
-
-def from_model_units(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Inverse of `to_model_units`: (y + 1) * 500, clipped at 0, background 0."""
-    y = np.clip((x + 1.0) * MEDIAN_TARGET, 0, None)
-    if mask is not None:
-        y = np.where(mask, y, 0.0)
-    return y.astype(np.float32)
 
 
 def qc_png(data: np.ndarray, mask: np.ndarray, path: Path, title: str = "") -> None:

@@ -345,7 +345,9 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
 
     Layout: raw/{cohort}/{site}/{scan_id}.nii.gz, truth/subjects/{subject}_{mask,gm,wm,csf}.nii.gz
     (MNI space), truth/scans/{scan_id}_brainmask.nii.gz (native), truth/rendered/{scan_id}.nii.gz
-    (the scan's noise- and bias-free brain in MNI space), truth/subjects.tsv,
+    (the scan's noise- and bias-free brain in MNI space), truth/at_site/{train site}/{subject}.nii.gz
+    (each traveling subject's noise-free brain at each training site: the ideal harmonization
+    to that target), truth/subjects.tsv,
     truth/scans.tsv, truth/sites.json, truth/config.json, scans.tsv.
     """
     from tqdm import tqdm
@@ -387,6 +389,11 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
                 "scan_to_mni": json.dumps(np.round(scan_to_mni, 10).tolist()),
             })
             bar.update(1)
+        if (plan[plan["subject"] == subject_id]["cohort"] == "test").any():
+            # what a perfect harmonization of this subject to each training (target) site looks like
+            for site in train_sites:
+                img = render_site_mni(subject, sites[site], cfg.render_spacing) * subject["brain_mask"]
+                save_image(img, aff, out / "truth" / "at_site" / site / f"{subject_id}.nii.gz")
     bar.close()
     tdir = out / "truth"
     write_text(pd.DataFrame(subj_rows).to_csv(sep="\t", index=False, float_format="%.6f"), tdir / "subjects.tsv")

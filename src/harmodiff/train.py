@@ -38,9 +38,10 @@ import yaml
 
 from harmodiff import anatomy as anat
 from harmodiff.io import InputError, atomic_path, load_image, load_mask, write_text
+from harmodiff.plotting import plot_loss
 from harmodiff.model import NULL_LABEL, ModelConfig, SiteLabels, build_model
 from harmodiff.patches import brain_bbox, extract, random_patch
-from harmodiff.preprocess import median_normalize, to_model_units
+from harmodiff.intensity import median_normalize, to_model_units
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -303,29 +304,6 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
     losses = [float(r["loss"]) for r in rows]
     return {"step": end, "loss_first": losses[0] if losses else math.nan,
             "loss_last": losses[-1] if losses else math.nan}
-
-
-def plot_loss(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = np.array([int(r["step"]) for r in rows])
-    loss = np.array([float(r["loss"]) for r in rows])
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(steps, loss, lw=0.5, alpha=0.5, label="loss")
-    if len(loss) >= 10:
-        k = max(5, len(loss) // 20)
-        ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("noise MSE")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------

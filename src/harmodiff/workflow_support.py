@@ -25,7 +25,8 @@ def _synth(config: dict) -> SynthConfig | None:
 
 
 def synthetic_config(config: dict) -> dict | None:
-    """Paths (relative to results/synthetic) and CLI arguments of the synthetic cohort."""
+    """Paths (relative to results/synthetic) of the scans and of the truth files the evaluation
+    reads, and the CLI arguments of the synthetic cohort."""
     cfg = _synth(config)
     if cfg is None:
         return None
@@ -33,7 +34,13 @@ def synthetic_config(config: dict) -> dict | None:
             f"--test-sites {cfg.test_sites} --test-subjects {cfg.test_subjects} --seed {cfg.seed} "
             f"--render-spacing {cfg.render_spacing} "
             f"--native-spacing {cfg.native_spacing[0]} {cfg.native_spacing[1]}")
-    return {"paths": list(cohort_plan(cfg)["path"]), "args": args}
+    plan = cohort_plan(cfg)
+    test = plan[plan["cohort"] == "test"]
+    train_sites = list(dict.fromkeys(plan.loc[plan["cohort"] == "train", "site"]))
+    subjects = list(dict.fromkeys(test["subject"]))
+    truth = [f"truth/at_site/{site}/{subj}.nii.gz" for site in train_sites for subj in subjects]
+    truth += [f"truth/subjects/{subj}_mask.nii.gz" for subj in subjects]
+    return {"paths": list(plan["path"]), "truth": truth, "args": args}
 
 
 def scan_table(config: dict, results: str = "results") -> pd.DataFrame:

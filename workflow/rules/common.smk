@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 
 from snakemake.utils import validate
@@ -39,33 +40,122 @@ def stage_files(stage, suffix, scans=None):
     ]
 
 
+EVALUATION = config.get("evaluation", {})
+METHODS = EVALUATION.get("methods", ["preprocessed", "diffusion", "histmatch", "combat"])
+EXTERNAL = EVALUATION.get("external") or {}
+SWEEP = EVALUATION.get("guidance_sweep") or {}
+TEST = SCANS[SCANS["cohort"] == "test"]
+TEST_SUBJECTS = list(dict.fromkeys(TEST["subject"]))
+SWEEP_SUBJECTS = TEST_SUBJECTS[: SWEEP.get("subjects") or len(TEST_SUBJECTS)]
+MAIN_SETTING = (config["harmonize"]["guidance"], float(config["harmonize"]["scale"]))
+
+
+def method_targets(method):
+    """The target sites a method harmonizes to ('none' for the unharmonized scans)."""
+    if method == "preprocessed":
+        return ["none"]
+    if method in EXTERNAL:
+        return [EXTERNAL[method]["target"]]
+    return list(config["target_sites"])
+
+
+def image_methods():
+    """Methods that produce images (ComBat adjusts tissue ratios only); diffusion always runs."""
+    builtin = [m for m in ("preprocessed", "diffusion", "histmatch") if m in METHODS or m == "diffusion"]
+    return builtin + list(EXTERNAL)
+
+
+def method_image(method, target, site, scan):
+    if method == "preprocessed":
+        return f"results/preprocessed/test/{site}/{scan}.nii.gz"
+    return f"results/harmonized/{method}/{target}/{site}/{scan}.nii.gz"
+
+
+def test_mask(site, scan):
+    return f"results/preprocessed/test/{site}/{scan}_mask.nii.gz"
+
+
+def sweep_settings():
+    """(guidance, scale, method name) of the Table 1 guidance sweep."""
+    from harmodiff.figures import sweep_method
+
+    return [(g, float(s), sweep_method(g, float(s))) for g in ("cfg", "cfgpp") for s in SWEEP.get(g, [])]
+
+
+def sweep_image(guidance, scale, target, site, scan):
+    """The main harmonization's file when the setting is the main one (nothing is run twice)."""
+    from harmodiff.figures import sweep_method
+
+    if (guidance, float(scale)) == MAIN_SETTING:
+        return method_image("diffusion", target, site, scan)
+    return f"results/sweep/{sweep_method(guidance, scale)}/{target}/{site}/{scan}.nii.gz"
+
+
 def harmonized_files(method="diffusion"):
-    test = SCANS[SCANS["cohort"] == "test"]
-    return [
-        f"results/harmonized/{method}/{target}/{r.site}/{r.Index}.nii.gz"
-        for target in config["target_sites"]
-        for r in test.itertuples()
-    ]
+    return [method_image(method, t, r.site, r.Index) for t in method_targets(method) for r in TEST.itertuples()]
 
 
 def evaluation_entries():
-    """One entry per (method, target, test scan) to segment: preprocessed (target 'none') and
-    the diffusion harmonization to each target site."""
-    test = SCANS[SCANS["cohort"] == "test"]
+    """One entry per (image method, target, test scan) to segment."""
     entries = []
-    for method, targets in (("preprocessed", ["none"]), ("diffusion", list(config["target_sites"]))):
-        for target in targets:
-            for r in test.itertuples():
+    for method in image_methods():
+        for target in method_targets(method):
+            for r in TEST.itertuples():
                 base = f"results/segmentation/{method}/{target}/{r.site}/{r.Index}"
                 entries.append({"method": method, "target": target, "scan": r.Index, "subject": r.subject,
                                 "site": r.site, "volumes": f"{base}_volumes.json"})
     return entries
 
 
+def similarity_entries():
+    """Images compared across sites: every image method on all test subjects, and the guidance
+    sweep on the sweep subjects (Table 1)."""
+    entries = []
+    for method in image_methods():
+        for target in method_targets(method):
+            for r in TEST.itertuples():
+                entries.append((method, target, r.subject, r.site, method_image(method, target, r.site, r.Index),
+                                test_mask(r.site, r.Index)))
+    for guidance, scale, name in sweep_settings():
+        for target in config["target_sites"]:
+            for r in TEST[TEST["subject"].isin(SWEEP_SUBJECTS)].itertuples():
+                entries.append((name, target, r.subject, r.site, sweep_image(guidance, scale, target, r.site, r.Index),
+                                test_mask(r.site, r.Index)))
+    return entries
+
+
+def truth_entries():
+    """Synthetic cohort: every image at a target site vs the subject rendered at that site;
+    the unharmonized scans are scored against every target."""
+    if config["cohort"]["source"] != "synthetic":
+        return []
+    entries = []
+    for target in config["target_sites"]:
+        for method in image_methods():
+            if method != "preprocessed" and target not in method_targets(method):
+                continue
+            for r in TEST.itertuples():
+                image_target = "none" if method == "preprocessed" else target
+                entries.append((method, target, r.Index, method_image(method, image_target, r.site, r.Index),
+                                test_mask(r.site, r.Index), f"results/synthetic/truth/at_site/{target}/{r.subject}.nii.gz",
+                                f"results/synthetic/truth/subjects/{r.subject}_mask.nii.gz"))
+    return entries
+
+
 def segment_input_image(wildcards):
-    if wildcards.method == "preprocessed":
-        return f"results/preprocessed/test/{wildcards.site}/{wildcards.scan}.nii.gz"
-    return f"results/harmonized/{wildcards.method}/{wildcards.target}/{wildcards.site}/{wildcards.scan}.nii.gz"
+    return method_image(wildcards.method, wildcards.target, wildcards.site, wildcards.scan)
+
+
+def target_training_scans(wildcards, suffix):
+    train = SCANS[(SCANS["cohort"] == "train") & (SCANS["site"] == wildcards.target)]
+    return stage_files("preprocessed", suffix, train)
+
+
+def figure_subject():
+    subject = EVALUATION.get("figure_subject") or TEST_SUBJECTS[0]
+    if subject not in TEST_SUBJECTS:
+        raise ValueError(f"config evaluation.figure_subject: {subject!r} is not a test subject ({TEST_SUBJECTS})")
+    return subject
 
 
 def train_settings_json():
@@ -79,11 +169,16 @@ def train_settings_json():
 
 
 def all_outputs():
-    return (
+    outputs = (
         stage_files("preprocessed", ".nii.gz")
         + stage_files("qc", "_qc.png")
         + stage_files("anatomy", "_A.nii.gz")
         + ["results/tables/leakage.csv", f"results/model/{config['train']['run']}/checkpoint.pt"]
-        + harmonized_files()
-        + ["results/tables/ttests.csv", "results/tables/table2.csv"]
+        + [f for m in image_methods() if m != "preprocessed" for f in harmonized_files(m)]
+        + [f"results/tables/{t}" for t in ("tissue_ratios.csv", "ttests.csv", "table1.csv", "table1.md",
+                                           "table2.csv", "table2.md", "similarity_pairs.csv")]
+        + [f"results/figures/{f}.{ext}" for f in ("figure2", "figure3", "loss_curve") for ext in ("png", "pdf")]
     )
+    if config["cohort"]["source"] == "synthetic":
+        outputs += ["results/tables/truth_ratios.csv", "results/tables/truth_similarity.csv"]
+    return outputs

@@ -6,6 +6,7 @@ rule synth:
         sheet="results/synthetic/scans.tsv",
         scans=[f"results/synthetic/{p}" for p in SYNTH["paths"]] if SYNTH else [],
         truth="results/synthetic/truth/subjects.tsv",
+        truth_images=[f"results/synthetic/{p}" for p in SYNTH["truth"]] if SYNTH else [],
     params:
         args=SYNTH["args"] if SYNTH else "",
     threads: 1

@@ -27,7 +27,7 @@ rule leakage:
 rule segment:
     input:
         image=segment_input_image,
-        mask="results/preprocessed/test/{site}/{scan}_mask.nii.gz",
+        mask=lambda wildcards: test_mask(wildcards.site, wildcards.scan),
     output:
         gm="results/segmentation/{method}/{target}/{site}/{scan}_gm.nii.gz",
         wm="results/segmentation/{method}/{target}/{site}/{scan}_wm.nii.gz",
@@ -55,8 +55,9 @@ rule tissue_ratios:
     input:
         volumes=[e["volumes"] for e in evaluation_entries()],
     output:
-        "results/tables/tissue_ratios.csv",
+        report("results/tables/tissue_ratios.csv", caption="../report/tissue_ratios.rst", category="Tables"),
     params:
+        combat=f"--combat-reference {EVALUATION['reference_site']}" if "combat" in METHODS else "",
         methods=" ".join(e["method"] for e in evaluation_entries()),
         targets=" ".join(e["target"] for e in evaluation_entries()),
         scans=" ".join(e["scan"] for e in evaluation_entries()),
@@ -75,16 +76,16 @@ rule tissue_ratios:
     shell:
         "python -m harmodiff.evaluate ratios --volumes {input.volumes} --methods {params.methods} "
         "--targets {params.targets} --scan-ids {params.scans} --subjects {params.subjects} "
-        "--sites {params.sites} --output {output} > {log} 2>&1"
+        "--sites {params.sites} {params.combat} --output {output} > {log} 2>&1"
 
 
 rule ttests:
     input:
         "results/tables/tissue_ratios.csv",
     output:
-        "results/tables/ttests.csv",
+        report("results/tables/ttests.csv", caption="../report/ttests.rst", category="Tables"),
     params:
-        reference=config["evaluation"]["reference_site"],
+        reference=EVALUATION["reference_site"],
     threads: 1
     resources:
         mem_mb=1000,
@@ -104,7 +105,8 @@ rule mixed_models:
     input:
         "results/tables/tissue_ratios.csv",
     output:
-        "results/tables/table2.csv",
+        csv=report("results/tables/table2.csv", caption="../report/table2.rst", category="Tables"),
+        markdown="results/tables/table2.md",
     threads: 1
     resources:
         mem_mb=1000,
@@ -116,4 +118,169 @@ rule mixed_models:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m harmodiff.evaluate mixed --ratios {input} --output {output} > {log} 2>&1"
+        "python -m harmodiff.evaluate mixed --ratios {input} --output {output.csv} "
+        "--markdown {output.markdown} > {log} 2>&1"
+
+
+def _entry_args(entries, *names):
+    """Parallel CLI lists (one per field) from a list of tuples."""
+    return {name: " ".join(str(e[k]) for e in entries) for k, name in enumerate(names)}
+
+
+rule similarity:
+    input:
+        images=[e[4] for e in similarity_entries()],
+        masks=[e[5] for e in similarity_entries()],
+    output:
+        "results/tables/similarity_pairs.csv",
+    params:
+        **_entry_args(similarity_entries(), "methods", "targets", "subjects", "sites"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    log:
+        "results/logs/similarity.log",
+    benchmark:
+        "results/benchmarks/similarity.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "python -m harmodiff.metrics pairs --images {input.images} --masks {input.masks} "
+        "--methods {params.methods} --targets {params.targets} --subjects {params.subjects} "
+        "--sites {params.sites} --output {output} > {log} 2>&1"
+
+
+rule table1:
+    input:
+        "results/tables/similarity_pairs.csv",
+    output:
+        csv=report("results/tables/table1.csv", caption="../report/table1.rst", category="Tables"),
+        markdown="results/tables/table1.md",
+    params:
+        sweep=" ".join(name for _, _, name in sweep_settings()),
+        subjects=" ".join(SWEEP_SUBJECTS),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    log:
+        "results/logs/table1.log",
+    benchmark:
+        "results/benchmarks/table1.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "python -m harmodiff.figures table1 --pairs {input} --sweep-methods {params.sweep} "
+        "--sweep-subjects {params.subjects} --output-csv {output.csv} --output-md {output.markdown} > {log} 2>&1"
+
+
+rule truth_scores:
+    input:
+        ratios="results/tables/tissue_ratios.csv",
+        truth="results/synthetic/truth/subjects.tsv",
+        images=[e[3] for e in truth_entries()],
+        masks=[e[4] for e in truth_entries()],
+        truths=[e[5] for e in truth_entries()],
+        truth_masks=[e[6] for e in truth_entries()],
+    output:
+        ratios=report("results/tables/truth_ratios.csv", caption="../report/truth.rst", category="Truth"),
+        similarity=report("results/tables/truth_similarity.csv", caption="../report/truth.rst", category="Truth"),
+    params:
+        **_entry_args(truth_entries(), "methods", "targets", "scans"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    log:
+        "results/logs/truth_scores.log",
+    benchmark:
+        "results/benchmarks/truth_scores.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "(python -m harmodiff.evaluate truth --ratios {input.ratios} --truth {input.truth} --output {output.ratios} && "
+        "python -m harmodiff.metrics truth --images {input.images} --masks {input.masks} --methods {params.methods} "
+        "--targets {params.targets} --scan-ids {params.scans} --truths {input.truths} "
+        "--truth-masks {input.truth_masks} --output {output.similarity}) > {log} 2>&1"
+
+
+def figure2_entries():
+    subject = figure_subject()
+    rows = TEST[TEST["subject"] == subject].sort_values("site")
+    entries = []
+    for method in image_methods():
+        target = method_targets(method)[0]
+        for r in rows.itertuples():
+            label = method if target == "none" else f"{method}->{target}"
+            entries.append((method_image(method, target, r.site, r.Index), label, r.site))
+    return entries
+
+
+rule figure2:
+    input:
+        [e[0] for e in figure2_entries()],
+    output:
+        png=report("results/figures/figure2.png", caption="../report/figure2.rst", category="Figures"),
+        pdf="results/figures/figure2.pdf",
+    params:
+        methods=" ".join(e[1] for e in figure2_entries()),
+        sites=" ".join(e[2] for e in figure2_entries()),
+        subject=figure_subject(),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    log:
+        "results/logs/figure2.log",
+    benchmark:
+        "results/benchmarks/figure2.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "python -m harmodiff.figures figure2 --images {input} --methods {params.methods} --sites {params.sites} "
+        "--subject {params.subject} --output {output.png} {output.pdf} > {log} 2>&1"
+
+
+rule figure3:
+    input:
+        ratios="results/tables/tissue_ratios.csv",
+        ttests="results/tables/ttests.csv",
+    output:
+        png=report("results/figures/figure3.png", caption="../report/figure3.rst", category="Figures"),
+        pdf="results/figures/figure3.pdf",
+    params:
+        reference=EVALUATION["reference_site"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    log:
+        "results/logs/figure3.log",
+    benchmark:
+        "results/benchmarks/figure3.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "python -m harmodiff.figures figure3 --ratios {input.ratios} --ttests {input.ttests} "
+        "--reference {params.reference} --output {output.png} {output.pdf} > {log} 2>&1"
+
+
+rule loss_curve:
+    input:
+        rules.train.output.loss,
+    output:
+        png=report("results/figures/loss_curve.png", caption="../report/loss_curve.rst", category="Figures"),
+        pdf="results/figures/loss_curve.pdf",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    log:
+        "results/logs/loss_curve.log",
+    benchmark:
+        "results/benchmarks/loss_curve.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "python -m harmodiff.figures loss --loss {input} --output {output.png} {output.pdf} > {log} 2>&1"

@@ -1,3 +1,13 @@
+HARMONIZE = config["harmonize"]
+HARMONIZE_SHELL = (
+    "python -m harmodiff.harmonize --checkpoint {input.checkpoint} --input {input.image} "
+    "--mask {input.mask} --target-site {wildcards.target} --output {output} "
+    "--guidance {params.guidance} --scale {params.scale} --steps {params.steps} "
+    "--start-from {params.start} --strength {params.strength} --batch-size {params.batch} "
+    "--seed {params.seed} --threads {threads} > {log} 2>&1"
+)
+
+
 rule harmonize:
     input:
         checkpoint=rules.train.output.checkpoint,
@@ -6,14 +16,14 @@ rule harmonize:
     output:
         "results/harmonized/diffusion/{target}/{site}/{scan}.nii.gz",
     params:
-        guidance=config["harmonize"]["guidance"],
-        scale=config["harmonize"]["scale"],
-        steps=config["harmonize"]["steps"],
-        start=config["harmonize"]["start_from"],
-        strength=config["harmonize"]["strength"],
-        batch=config["harmonize"]["batch_size"],
-        seed=config["harmonize"]["seed"],
-    threads: config["harmonize"]["threads"]
+        guidance=HARMONIZE["guidance"],
+        scale=HARMONIZE["scale"],
+        steps=HARMONIZE["steps"],
+        start=HARMONIZE["start_from"],
+        strength=HARMONIZE["strength"],
+        batch=HARMONIZE["batch_size"],
+        seed=HARMONIZE["seed"],
+    threads: HARMONIZE["threads"]
     resources:
         mem_mb=8000,
         runtime=120,
@@ -25,8 +35,90 @@ rule harmonize:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m harmodiff.harmonize --checkpoint {input.checkpoint} --input {input.image} "
-        "--mask {input.mask} --target-site {wildcards.target} --output {output} "
-        "--guidance {params.guidance} --scale {params.scale} --steps {params.steps} "
-        "--start-from {params.start} --strength {params.strength} --batch-size {params.batch} "
-        "--seed {params.seed} --threads {threads} > {log} 2>&1"
+        HARMONIZE_SHELL
+
+
+# Table 1: the same harmonization under other guidance settings (config evaluation.guidance_sweep)
+rule harmonize_sweep:
+    input:
+        checkpoint=rules.train.output.checkpoint,
+        image="results/preprocessed/test/{site}/{scan}.nii.gz",
+        mask="results/preprocessed/test/{site}/{scan}_mask.nii.gz",
+    output:
+        "results/sweep/{guidance}_{scale}/{target}/{site}/{scan}.nii.gz",
+    wildcard_constraints:
+        guidance="cfg|cfgpp",
+        scale="[0-9]+(\\.[0-9]+)?",
+    params:
+        guidance=lambda wildcards: wildcards.guidance,
+        scale=lambda wildcards: wildcards.scale,
+        steps=HARMONIZE["steps"],
+        start=HARMONIZE["start_from"],
+        strength=HARMONIZE["strength"],
+        batch=HARMONIZE["batch_size"],
+        seed=HARMONIZE["seed"],
+    threads: HARMONIZE["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    log:
+        "results/logs/harmonize/sweep/{guidance}_{scale}/{target}/{site}/{scan}.log",
+    benchmark:
+        "results/benchmarks/harmonize/sweep/{guidance}_{scale}/{target}/{site}/{scan}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        HARMONIZE_SHELL
+
+
+rule histmatch:
+    input:
+        image="results/preprocessed/test/{site}/{scan}.nii.gz",
+        mask="results/preprocessed/test/{site}/{scan}_mask.nii.gz",
+        references=lambda wildcards: target_training_scans(wildcards, ".nii.gz"),
+        reference_masks=lambda wildcards: target_training_scans(wildcards, "_mask.nii.gz"),
+    output:
+        "results/harmonized/histmatch/{target}/{site}/{scan}.nii.gz",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    log:
+        "results/logs/harmonize/histmatch/{target}/{site}/{scan}.log",
+    benchmark:
+        "results/benchmarks/harmonize/histmatch/{target}/{site}/{scan}.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "python -m harmodiff.histmatch --input {input.image} --mask {input.mask} "
+        "--reference-images {input.references} --reference-masks {input.reference_masks} "
+        "--output {output} > {log} 2>&1"
+
+
+rule import_external:
+    input:
+        image=lambda wildcards: EXTERNAL[wildcards.method]["pattern"].format(
+            scan_id=wildcards.scan, site=wildcards.site, subject=SCANS.loc[wildcards.scan, "subject"]
+        ),
+        mask="results/preprocessed/test/{site}/{scan}_mask.nii.gz",
+        transform="results/preprocessed/test/{site}/{scan}_to_mni.mat",
+    output:
+        "results/harmonized/{method}/{target}/{site}/{scan}.nii.gz",
+    wildcard_constraints:
+        method="|".join(re.escape(name) for name in EXTERNAL) or "(?!)",
+    params:
+        space=lambda wildcards: EXTERNAL[wildcards.method]["space"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    log:
+        "results/logs/harmonize/{method}/{target}/{site}/{scan}.log",
+    benchmark:
+        "results/benchmarks/harmonize/{method}/{target}/{site}/{scan}.tsv"
+    conda:
+        "../../envs/preprocess.yaml"
+    shell:
+        "python -m harmodiff.external --input {input.image} --mask {input.mask} --space {params.space} "
+        "--transform {input.transform} --output {output} > {log} 2>&1"

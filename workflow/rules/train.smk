@@ -9,7 +9,7 @@ rule train:
     output:
         checkpoint=f"results/model/{RUN}/checkpoint.pt",
         loss=f"results/model/{RUN}/loss.csv",
-        plot=report(f"results/model/{RUN}/loss.png", category="Training"),
+        plot=f"results/model/{RUN}/loss.png",
     params:
         sites=" ".join(TRAIN_SCANS["site"]),
         settings=train_settings_json(),

@@ -1,0 +1,141 @@
+"""Image similarity for the evaluation: SSIM and PSNR (scikit-image), across sites and vs truth.
+
+    python -m harmodiff.metrics pairs --images ... --masks ... --methods ... --targets ... \
+        --subjects ... --sites ... --output similarity_pairs.csv
+    python -m harmodiff.metrics truth --images ... --masks ... --methods ... --targets ... \
+        --scan-ids ... --truths ... --truth-masks ... --output truth_similarity.csv
+
+`pairs` compares the volumes of the same subject from every two sites (per method and target),
+as the paper's Table 1 does; `truth` compares each harmonized scan with the same subject
+rendered noise-free at the target site (synthetic cohort only).
+
+Conventions (the paper does not state them): each volume is zero outside its own brain mask;
+both are cropped to the bounding box of the union of the two masks, so the empty field of view
+does not inflate SSIM; intensities are on the median-normalized scale (brain median 500), and the
+data range is fixed at 1000 (twice the median) for every scan, so scores are comparable across
+scans and methods. SSIM uses scikit-image's default 7-voxel window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from harmodiff.io import InputError, load_image, load_mask, write_text
+from harmodiff.intensity import MEDIAN_TARGET, median_normalize
+
+DATA_RANGE = 2.0 * MEDIAN_TARGET
+
+
+def _union_box(mask_a: np.ndarray, mask_b: np.ndarray) -> tuple[slice, ...]:
+    union = mask_a | mask_b
+    if not union.any():
+        raise InputError("similarity: both brain masks are empty")
+    return ndimage.find_objects(union.astype(np.int8))[0]
+
+
+def ssim_psnr(a: np.ndarray, b: np.ndarray, mask_a: np.ndarray, mask_b: np.ndarray,
+              data_range: float = DATA_RANGE) -> tuple[float, float]:
+    """SSIM and PSNR (dB) of two brains on the same grid (see the module's conventions)."""
+    if a.shape != b.shape:
+        raise InputError(f"similarity: grids differ {a.shape} vs {b.shape}")
+    box = _union_box(mask_a, mask_b)
+    x = np.where(mask_a, a, 0.0)[box].astype(np.float64)
+    y = np.where(mask_b, b, 0.0)[box].astype(np.float64)
+    ssim = structural_similarity(x, y, data_range=data_range)
+    psnr = peak_signal_noise_ratio(x, y, data_range=data_range)
+    return float(ssim), float(psnr)
+
+
+def pairwise_similarity(entries: pd.DataFrame, loader=None) -> pd.DataFrame:
+    """SSIM/PSNR for every two sites of each subject, per method and target.
+
+    `entries` has columns method, target, subject, site, image, mask; `loader(path)` returns
+    an array (default: nibabel). Returns one row per pair.
+    """
+    loader = loader or _load_array
+    rows = []
+    for (method, target, subject), group in entries.groupby(["method", "target", "subject"], sort=True):
+        group = group.sort_values("site")
+        cache = {r.site: (loader(r.image), loader(r.mask) > 0.5) for r in group.itertuples()}
+        for site_a, site_b in itertools.combinations(sorted(cache), 2):
+            (a, ma), (b, mb) = cache[site_a], cache[site_b]
+            s, p = ssim_psnr(a, b, ma, mb)
+            rows.append({"method": method, "target": target, "subject": subject, "site_a": site_a,
+                         "site_b": site_b, "ssim": s, "psnr": p})
+    return pd.DataFrame(rows, columns=["method", "target", "subject", "site_a", "site_b", "ssim", "psnr"])
+
+
+def summarize(pairs: pd.DataFrame, keys=("method", "target")) -> pd.DataFrame:
+    """Mean and sample sd of SSIM and PSNR over pairs (the paper's mean +- sd)."""
+    g = pairs.groupby(list(keys), sort=False)
+    out = g.agg(ssim_mean=("ssim", "mean"), ssim_sd=("ssim", "std"), psnr_mean=("psnr", "mean"),
+                psnr_sd=("psnr", "std"), pairs=("ssim", "size"), subjects=("subject", "nunique"))
+    return out.reset_index()
+
+
+def truth_on_grid(truth_path, like: nib.Nifti1Image, mask: np.ndarray | None = None) -> np.ndarray:
+    """A truth image (any grid in MNI space) resampled onto `like`'s grid; median-normalized in `mask`."""
+    t = load_image(truth_path)
+    m = np.linalg.inv(t.affine) @ like.affine
+    data = ndimage.affine_transform(np.asarray(t.dataobj, np.float32), m[:3, :3], m[:3, 3],
+                                    output_shape=like.shape, order=1)
+    return median_normalize(data, mask) if mask is not None else data
+
+
+def truth_similarity(images, masks, truths, truth_masks) -> list[tuple[float, float]]:
+    """SSIM/PSNR of each image against its truth rendering, both inside the truth brain mask.
+
+    The truth is median-normalized inside the truth mask (as preprocessing normalizes a scan).
+    """
+    out = []
+    for image, mask, truth, truth_mask in zip(images, masks, truths, truth_masks, strict=True):
+        img = load_image(image)
+        m = load_mask(mask, like=img)
+        tm = truth_on_grid(truth_mask, img) > 0.5
+        t = truth_on_grid(truth, img, tm)
+        out.append(ssim_psnr(np.asarray(img.dataobj, np.float32), t, m, tm))
+    return out
+
+
+def _load_array(path) -> np.ndarray:
+    return np.asarray(load_image(path).dataobj, np.float32)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harmodiff.metrics", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pairs = sub.add_parser("pairs")
+    truth = sub.add_parser("truth")
+    for q, names in ((pairs, ("images", "masks", "methods", "targets", "subjects", "sites")),
+                     (truth, ("images", "masks", "methods", "targets", "scan-ids", "truths", "truth-masks"))):
+        for name in names:
+            q.add_argument(f"--{name}", nargs="+", required=True)
+        q.add_argument("--output", required=True)
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "pairs":
+            entries = pd.DataFrame({"image": a.images, "mask": a.masks, "method": a.methods, "target": a.targets,
+                                    "subject": a.subjects, "site": a.sites})
+            df = pairwise_similarity(entries)
+        else:
+            scores = truth_similarity(a.images, a.masks, a.truths, a.truth_masks)
+            df = pd.DataFrame({"method": a.methods, "target": a.targets, "scan_id": a.scan_ids,
+                               "ssim": [s for s, _ in scores], "psnr": [q for _, q in scores]})
+    except (InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_text(df.to_csv(index=False, float_format="%.6g"), a.output)
+    print(df.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from harmodiff import evaluate, figures
+
+
+def _pairs():
+    rows = []
+    rng = np.random.default_rng(0)
+    for method in ("preprocessed", "diffusion", "cfg_2", "cfgpp_0.6", "cfg_0.5"):
+        for subject in ("s1", "s2"):
+            for a, b in (("A", "B"), ("A", "C"), ("B", "C")):
+                rows.append({"method": method, "target": "none" if method == "preprocessed" else "T",
+                             "subject": subject, "site_a": a, "site_b": b, "ssim": rng.uniform(0.7, 0.9),
+                             "psnr": rng.uniform(20, 30)})
+    return pd.DataFrame(rows)
+
+
+def test_table1_sweep_rows_use_only_the_sweep_subjects():
+    pairs = _pairs()
+    t = figures.table1(pairs, ["cfg_2", "cfgpp_0.6", "cfg_0.5"], ["s1"])
+    sweep = t[t.section == "guidance sweep"]
+    assert list(sweep.method) == ["preprocessed", "cfg_0.5", "cfg_2", "cfgpp_0.6"]  # baseline, then by guidance, scale
+    base = pairs[(pairs.method == "preprocessed") & (pairs.subject == "s1")]
+    assert sweep.ssim_mean.iloc[0] == pytest.approx(base.ssim.mean())
+    assert sweep.psnr_sd.iloc[0] == pytest.approx(base.psnr.std(ddof=1))
+    assert (sweep.pairs == 3).all() and (sweep.subjects == 1).all()
+    methods = t[t.section == "methods"]
+    assert list(methods.method) == ["preprocessed", "diffusion"] and (methods.pairs == 6).all()
+    md = figures.table1_markdown(t)
+    assert "CFG++ lambda = 0.6" in md and "CFG w = 0.5" in md
+    assert f"{sweep.ssim_mean.iloc[0]:.3f} ± {sweep.ssim_sd.iloc[0]:.3f}" in md
+
+
+def test_sweep_method_names_round_trip():
+    for guidance, scale in (("cfg", 2.0), ("cfgpp", 0.6), ("cfg", 0.5)):
+        assert figures.parse_sweep_method(figures.sweep_method(guidance, scale)) == (guidance, scale)
+    assert figures.sweep_method("cfgpp", 1.0) == "cfgpp_1"
+
+
+def test_significance_stars_follow_the_thresholds():
+    assert [figures.stars(p) for p in (0.0005, 0.005, 0.03, 0.05, 0.2)] == ["***", "**", "*", "", ""]
+
+
+def test_truth_errors_against_hand_computation():
+    ratios = pd.DataFrame({"method": "m", "target": "T", "scan_id": ["a", "b", "c"], "subject": ["s1", "s1", "s2"],
+                           "site": ["X", "Y", "X"], "gm_ratio": [0.40, 0.44, 0.50], "wm_ratio": [0.35, 0.33, 0.30]})
+    truth = pd.DataFrame({"subject": ["s1", "s2"], "gm_ratio": [0.42, 0.47], "wm_ratio": [0.34, 0.31],
+                          "csf_ratio": [0.24, 0.22]})
+    out = evaluate.truth_errors(ratios, truth).set_index("tissue")
+    assert out.loc["GM", "mae"] == pytest.approx((0.02 + 0.02 + 0.03) / 3)
+    assert out.loc["GM", "bias"] == pytest.approx((-0.02 + 0.02 + 0.03) / 3)
+    assert out.loc["WM", "r"] == pytest.approx(np.corrcoef([0.35, 0.33, 0.30], [0.34, 0.34, 0.31])[0, 1])
+
+
+def test_combat_rows_are_added_for_the_preprocessed_scans():
+    rng = np.random.default_rng(1)
+    rows = []
+    for method in ("preprocessed", "diffusion"):
+        for site, shift in (("X", 0.0), ("Y", 0.03), ("Z", -0.02)):
+            for s in range(4):
+                gm = 0.45 + 0.01 * s + shift + rng.normal(0, 0.001)
+                rows.append({"method": method, "target": "none" if method == "preprocessed" else "T",
+                             "scan_id": f"s{s}{site}", "subject": f"s{s}", "site": site, "gm_ml": 1.0,
+                             "gm_ratio": gm, "wm_ratio": 0.8 - gm, "csf_ratio": 0.2 + rng.normal(0, 0.01)})
+    df = evaluate.add_combat(pd.DataFrame(rows), "X")
+    combat = df[df.method == "combat"]
+    assert len(combat) == 12 and set(combat.target) == {"X"} and combat.gm_ml.isna().all()
+    spread = combat.groupby("site").gm_ratio.mean()
+    assert spread.max() - spread.min() < 0.005  # the site shifts (0.05 apart) are gone
+    assert evaluate.add_combat(pd.DataFrame(rows), "KPM").query("method == 'combat'").target.iloc[0] == "pooled"

@@ -1,0 +1,63 @@
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+from skimage.metrics import structural_similarity
+
+from harmodiff import metrics
+
+
+def _pair(shape=(24, 28, 20), seed=0):
+    rng = np.random.default_rng(seed)
+    a = ndimage.gaussian_filter(rng.normal(500, 150, shape), 1.5).astype(np.float32)
+    b = (a + rng.normal(0, 30, shape)).astype(np.float32)
+    return a, b
+
+
+def test_ssim_equals_scikit_image_and_psnr_the_formula():
+    a, b = _pair()
+    full = np.ones(a.shape, bool)
+    ssim, psnr = metrics.ssim_psnr(a, b, full, full)
+    assert ssim == pytest.approx(structural_similarity(a.astype(float), b.astype(float), data_range=1000.0), abs=1e-12)
+    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+    assert psnr == pytest.approx(10 * np.log10(1000.0 ** 2 / mse), abs=1e-9)
+
+
+def test_empty_field_of_view_does_not_change_the_score():
+    a, b = _pair()
+    mask = np.ones(a.shape, bool)
+    pad = [(10, 10)] * 3
+    pa, pb, pm = np.pad(a, pad), np.pad(b, pad), np.pad(mask, pad)
+    assert metrics.ssim_psnr(pa, pb, pm, pm) == pytest.approx(metrics.ssim_psnr(a, b, mask, mask))
+    # whereas SSIM over the padded volume is inflated by the matching zeros
+    assert structural_similarity(pa.astype(float), pb.astype(float), data_range=1000.0) > \
+        metrics.ssim_psnr(a, b, mask, mask)[0] + 0.05
+
+
+def test_pairs_cover_every_two_sites_and_summary_is_mean_and_sd():
+    a, b = _pair(seed=1)
+    c = a + 50
+    arrays = {"a": a, "b": b, "c": c, "m": np.ones(a.shape, np.float32)}
+    entries = pd.DataFrame({"method": "x", "target": "T", "subject": "s1", "site": ["S1", "S2", "S3"],
+                            "image": ["a", "b", "c"], "mask": "m"})
+    pairs = metrics.pairwise_similarity(entries, loader=arrays.__getitem__)
+    assert list(zip(pairs.site_a, pairs.site_b)) == [("S1", "S2"), ("S1", "S3"), ("S2", "S3")]
+    full = np.ones(a.shape, bool)
+    assert pairs.ssim.iloc[1] == pytest.approx(metrics.ssim_psnr(a, c, full, full)[0])
+    summary = metrics.summarize(pairs)
+    assert summary.ssim_mean.iloc[0] == pytest.approx(pairs.ssim.mean())
+    assert summary.psnr_sd.iloc[0] == pytest.approx(np.std(pairs.psnr, ddof=1))
+    assert summary.pairs.iloc[0] == 3 and summary.subjects.iloc[0] == 1
+
+
+def test_truth_on_grid_resamples_by_world_coordinates(tmp_path):
+    data = np.zeros((20, 20, 20), np.float32)
+    data[8:12, 8:12, 8:12] = 1.0
+    truth_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(data, truth_affine), str(tmp_path / "t.nii.gz"))
+    like = nib.Nifti1Image(np.zeros((40, 40, 40), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]))
+    out = metrics.truth_on_grid(tmp_path / "t.nii.gz", like)
+    # the 4-voxel cube at 2 mm (world 16..22 mm) covers 1 mm voxels 16..22
+    assert out[19, 19, 19] == pytest.approx(1.0) and out[10, 10, 10] == 0.0
+    assert out.sum() == pytest.approx(data.sum() * 8, rel=0.01)
