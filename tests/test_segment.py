@@ -15,26 +15,33 @@ def _on_grid(path, affine, shape, order=1):
 
 
 def test_atropos_posteriors_on_a_synthetic_brain(tiny_cohort):
-    """Atropos on a noise-free synthetic brain on the working grid: posteriors sum to one in the
-    brain, WM is found where the truth has WM, and the WM ratio is close to the truth's.
-
-    (GM is not compared: the synthetic GM truth is a soft, population-smooth map whose volume a
-    segmentation of the image cannot recover; see the note of issue 8.)"""
+    """Atropos on noise-free synthetic brains on the working grid: posteriors sum to one in the
+    brain, WM is found where the truth has WM, and the tissue volumes follow the true ones across
+    subjects (r >= 0.9; ratios in the same order). Atropos's MNI priors and partial volume pull
+    the GM ratio of an atrophied cortex towards the population mean (measured 0.46-0.49 for true
+    0.36-0.47), so values are not compared one to one."""
     out, _ = tiny_cohort
-    row = pd.read_csv(out / "truth/scans.tsv", sep="\t").iloc[0]
+    scans = pd.read_csv(out / "truth/scans.tsv", sep="\t").drop_duplicates("subject")
+    truth = pd.read_csv(out / "truth/subjects.tsv", sep="\t").set_index("subject")
     shape = (80, 96, 80)
     aff = working_grid(2.0, shape)
-    image = _on_grid(out / f"truth/rendered/{row.scan_id}.nii.gz", aff, shape)
-    mask = _on_grid(out / f"truth/subjects/{row.subject}_mask.nii.gz", aff, shape) > 0.5
-    wm_truth = _on_grid(out / f"truth/subjects/{row.subject}_wm.nii.gz", aff, shape)
-    probs = sg.segment_atropos(image, mask, aff)
-    total = sum(probs[t] for t in sg.TISSUES)
-    np.testing.assert_allclose(total[mask], 1.0, atol=1e-3)
-    assert (total[~mask] == 0).all()
-    core = mask & (wm_truth > 0.9)
-    assert probs["wm"][core].mean() > 0.9
-    truth = pd.read_csv(out / "truth/subjects.tsv", sep="\t").set_index("subject")
-    assert sg.tissue_volumes(probs, 8 / 1000)["wm_ratio"] == pytest.approx(truth.loc[row.subject, "wm_ratio"], abs=0.05)
+    found = {}
+    for row in scans.itertuples():
+        image = _on_grid(out / f"truth/rendered/{row.scan_id}.nii.gz", aff, shape)
+        mask = _on_grid(out / f"truth/subjects/{row.subject}_mask.nii.gz", aff, shape) > 0.5
+        probs = sg.segment_atropos(image, mask, aff)
+        total = sum(probs[t] for t in sg.TISSUES)
+        np.testing.assert_allclose(total[mask], 1.0, atol=1e-3)
+        assert (total[~mask] == 0).all()
+        wm_truth = _on_grid(out / f"truth/subjects/{row.subject}_wm.nii.gz", aff, shape)
+        assert probs["wm"][mask & (wm_truth > 0.9)].mean() > 0.9
+        found[row.subject] = sg.tissue_volumes(probs, 8 / 1000)
+    for tissue in ("gm", "wm"):
+        est = np.array([found[s][f"{tissue}_ml"] for s in found])
+        true = truth.loc[list(found), f"{tissue}_ml"].to_numpy()
+        assert np.corrcoef(est, true)[0, 1] >= 0.9, (tissue, est, true)
+        ratio = np.array([found[s][f"{tissue}_ratio"] for s in found])
+        assert (np.argsort(ratio) == np.argsort(truth.loc[list(found), f"{tissue}_ratio"].to_numpy())).all()
 
 
 def test_tissue_volumes_formula():

@@ -54,14 +54,18 @@ def table1(pairs: pd.DataFrame, sweep_methods: list[str], sweep_subjects: list[s
     return out.reindex(columns=cols)
 
 
+def _mean_sd(mean: float, sd: float, digits: int) -> str:
+    return f"{mean:.{digits}f}" if pd.isna(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"  # one pair: no sd
+
+
 def table1_markdown(t: pd.DataFrame) -> str:
     show = pd.DataFrame({
         "section": t["section"],
         "method": [m if pd.isna(g) else f"{GUIDANCE_LABELS.get(g, g)} = {s:g}"
                    for m, g, s in zip(t["method"], t["guidance"], t["scale"])],
         "target": t["target"],
-        "SSIM": [f"{m:.3f} ± {s:.3f}" for m, s in zip(t["ssim_mean"], t["ssim_sd"])],
-        "PSNR (dB)": [f"{m:.2f} ± {s:.2f}" for m, s in zip(t["psnr_mean"], t["psnr_sd"])],
+        "SSIM": [_mean_sd(m, s, 3) for m, s in zip(t["ssim_mean"], t["ssim_sd"])],
+        "PSNR (dB)": [_mean_sd(m, s, 2) for m, s in zip(t["psnr_mean"], t["psnr_sd"])],
         "pairs": t["pairs"], "subjects": t["subjects"],
     })
     return ("Table 1: SSIM and PSNR between the volumes of the same subject at two sites, mean ± sd over "

@@ -4,10 +4,14 @@
         --subjects ... --sites ... --output similarity_pairs.csv
     python -m harmodiff.metrics truth --images ... --masks ... --methods ... --targets ... \
         --scan-ids ... --truths ... --truth-masks ... --output truth_similarity.csv
+    python -m harmodiff.metrics preprocessing --images ... --masks ... --scan-ids ... \
+        --truths ... --truth-masks ... --output truth_preprocessing.csv
 
 `pairs` compares the volumes of the same subject from every two sites (per method and target),
 as the paper's Table 1 does; `truth` compares each harmonized scan with the same subject
-rendered noise-free at the target site (synthetic cohort only).
+rendered noise-free at the target site; `preprocessing` scores each preprocessed scan against its
+own noise- and bias-free rendering: brain-mask Dice and correlation inside both masks (synthetic
+cohort only).
 
 Conventions (the paper does not state them): each volume is zero outside its own brain mask;
 both are cropped to the bounding box of the union of the two masks, so the empty field of view
@@ -105,6 +109,23 @@ def truth_similarity(images, masks, truths, truth_masks) -> list[tuple[float, fl
     return out
 
 
+def preprocessing_scores(images, masks, truths, truth_masks) -> list[dict]:
+    """Per preprocessed scan: Dice of its brain mask with the true one, and the correlation of the
+    image with the scan's noise- and bias-free rendering inside both masks."""
+    out = []
+    for image, mask, truth, truth_mask in zip(images, masks, truths, truth_masks, strict=True):
+        img = load_image(image)
+        m = load_mask(mask, like=img)
+        tm = truth_on_grid(truth_mask, img) > 0.5
+        t = truth_on_grid(truth, img)
+        both = m & tm
+        data = np.asarray(img.dataobj, np.float32)
+        out.append({"dice": float(2 * both.sum() / (m.sum() + tm.sum())),
+                    "r": float(np.corrcoef(data[both], t[both])[0, 1]),
+                    "median": float(np.median(data[m]))})
+    return out
+
+
 def _load_array(path) -> np.ndarray:
     return np.asarray(load_image(path).dataobj, np.float32)
 
@@ -114,8 +135,10 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     pairs = sub.add_parser("pairs")
     truth = sub.add_parser("truth")
+    pre = sub.add_parser("preprocessing")
     for q, names in ((pairs, ("images", "masks", "methods", "targets", "subjects", "sites")),
-                     (truth, ("images", "masks", "methods", "targets", "scan-ids", "truths", "truth-masks"))):
+                     (truth, ("images", "masks", "methods", "targets", "scan-ids", "truths", "truth-masks")),
+                     (pre, ("images", "masks", "scan-ids", "truths", "truth-masks"))):
         for name in names:
             q.add_argument(f"--{name}", nargs="+", required=True)
         q.add_argument("--output", required=True)
@@ -125,6 +148,9 @@ def main(argv=None) -> int:
             entries = pd.DataFrame({"image": a.images, "mask": a.masks, "method": a.methods, "target": a.targets,
                                     "subject": a.subjects, "site": a.sites})
             df = pairwise_similarity(entries)
+        elif a.cmd == "preprocessing":
+            df = pd.DataFrame(preprocessing_scores(a.images, a.masks, a.truths, a.truth_masks))
+            df.insert(0, "scan_id", a.scan_ids)
         else:
             scores = truth_similarity(a.images, a.masks, a.truths, a.truth_masks)
             df = pd.DataFrame({"method": a.methods, "target": a.targets, "scan_id": a.scan_ids,

@@ -53,8 +53,8 @@ class SynthConfig:
     warp_mm: float = 2.0                 # sd of the subject warp's control-point displacements
     max_rotation_deg: float = 10.0
     max_shift_mm: float = 10.0
-    atrophy_mm: tuple[float, float] = (0.0, 3.0)      # range of the subjects' cortical atrophy
-    wm_shift_mm: tuple[float, float] = (-2.5, 2.5)   # range of the subjects' GM/WM boundary shift
+    atrophy_mm: tuple[float, float] = (0.0, 2.5)      # range of the subjects' cortical atrophy
+    wm_shift_mm: tuple[float, float] = (-1.5, 1.5)   # range of the subjects' GM/WM boundary shift
 
     def __post_init__(self):
         for name in ("train_sites", "train_subjects_per_site", "test_sites", "test_subjects"):

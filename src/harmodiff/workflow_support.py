@@ -39,7 +39,8 @@ def synthetic_config(config: dict) -> dict | None:
     train_sites = list(dict.fromkeys(plan.loc[plan["cohort"] == "train", "site"]))
     subjects = list(dict.fromkeys(test["subject"]))
     truth = [f"truth/at_site/{site}/{subj}.nii.gz" for site in train_sites for subj in subjects]
-    truth += [f"truth/subjects/{subj}_mask.nii.gz" for subj in subjects]
+    truth += [f"truth/subjects/{subj}_mask.nii.gz" for subj in dict.fromkeys(plan["subject"])]
+    truth += [f"truth/rendered/{scan}.nii.gz" for scan in plan["scan_id"]]
     return {"paths": list(plan["path"]), "truth": truth, "args": args}
 
 

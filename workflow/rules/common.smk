@@ -180,5 +180,5 @@ def all_outputs():
         + [f"results/figures/{f}.{ext}" for f in ("figure2", "figure3", "loss_curve") for ext in ("png", "pdf")]
     )
     if config["cohort"]["source"] == "synthetic":
-        outputs += ["results/tables/truth_ratios.csv", "results/tables/truth_similarity.csv"]
+        outputs += [f"results/tables/truth_{t}.csv" for t in ("ratios", "similarity", "preprocessing")]
     return outputs

@@ -183,11 +183,18 @@ rule truth_scores:
         masks=[e[4] for e in truth_entries()],
         truths=[e[5] for e in truth_entries()],
         truth_masks=[e[6] for e in truth_entries()],
+        preprocessed=stage_files("preprocessed", ".nii.gz"),
+        preprocessed_masks=stage_files("preprocessed", "_mask.nii.gz"),
+        rendered=[f"results/synthetic/truth/rendered/{s}.nii.gz" for s in SCANS.index],
+        subject_masks=[f"results/synthetic/truth/subjects/{s}_mask.nii.gz" for s in SCANS["subject"]],
     output:
+        preprocessing=report("results/tables/truth_preprocessing.csv", caption="../report/truth.rst", category="Truth"),
         ratios=report("results/tables/truth_ratios.csv", caption="../report/truth.rst", category="Truth"),
         similarity=report("results/tables/truth_similarity.csv", caption="../report/truth.rst", category="Truth"),
     params:
         **_entry_args(truth_entries(), "methods", "targets", "scans"),
+        scan_ids=" ".join(SCANS.index),
+
     threads: 1
     resources:
         mem_mb=4000,
@@ -202,7 +209,10 @@ rule truth_scores:
         "(python -m harmodiff.evaluate truth --ratios {input.ratios} --truth {input.truth} --output {output.ratios} && "
         "python -m harmodiff.metrics truth --images {input.images} --masks {input.masks} --methods {params.methods} "
         "--targets {params.targets} --scan-ids {params.scans} --truths {input.truths} "
-        "--truth-masks {input.truth_masks} --output {output.similarity}) > {log} 2>&1"
+        "--truth-masks {input.truth_masks} --output {output.similarity} && "
+        "python -m harmodiff.metrics preprocessing --images {input.preprocessed} --masks {input.preprocessed_masks} "
+        "--scan-ids {params.scan_ids} --truths {input.rendered} --truth-masks {input.subject_masks} "
+        "--output {output.preprocessing}) > {log} 2>&1"
 
 
 def figure2_entries():
