@@ -15,24 +15,7 @@ import pytest
 import yaml
 from scipy import ndimage
 
-from conftest import ROOT, dice
-
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-
-
-def _env():
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def snakemake(workdir, *args, check=True, timeout=1500):
-    cmd = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
+from conftest import ROOT, dice, snakemake
 
 def test_lint_is_clean(tmp_path):
     proc = snakemake(tmp_path, "--lint", "--configfile", str(ROOT / "config/test.yaml"))
@@ -64,14 +47,6 @@ def test_bad_scan_sheet_fails_before_any_job(tmp_path):
     out = proc.stdout + proc.stderr
     assert "row 3 (scan_id 'b'): file not found" in out and "missing.nii.gz" in out
     assert not (tmp_path / "results").exists()  # nothing ran
-
-
-@pytest.fixture(scope="module")
-def e2e(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("e2e")
-    snakemake(wd, "--cores", "2", "--configfile", str(ROOT / "config/test.yaml"))
-    snakemake(wd, "--configfile", str(ROOT / "config/test.yaml"), "--report", "results/report.html")
-    return wd
 
 
 def _truth_on_grid(truth_path, like):

@@ -158,6 +158,23 @@ def figure_subject():
     return subject
 
 
+def entry_args(entries, *names):
+    """Parallel CLI lists (one per field) from a list of tuples."""
+    return {name: " ".join(str(e[k]) for e in entries) for k, name in enumerate(names)}
+
+
+def figure2_entries():
+    subject = figure_subject()
+    rows = TEST[TEST["subject"] == subject].sort_values("site")
+    entries = []
+    for method in image_methods():
+        target = method_targets(method)[0]
+        for r in rows.itertuples():
+            label = method if target == "none" else f"{method}->{target}"
+            entries.append((method_image(method, target, r.site, r.Index), label, r.site))
+    return entries
+
+
 def train_settings_json():
     """What harmodiff.train needs from the config, as one JSON argument (no quotes inside)."""
     import json

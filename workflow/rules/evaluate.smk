@@ -122,11 +122,6 @@ rule mixed_models:
         "--markdown {output.markdown} > {log} 2>&1"
 
 
-def _entry_args(entries, *names):
-    """Parallel CLI lists (one per field) from a list of tuples."""
-    return {name: " ".join(str(e[k]) for e in entries) for k, name in enumerate(names)}
-
-
 rule similarity:
     input:
         images=[e[4] for e in similarity_entries()],
@@ -134,7 +129,7 @@ rule similarity:
     output:
         "results/tables/similarity_pairs.csv",
     params:
-        **_entry_args(similarity_entries(), "methods", "targets", "subjects", "sites"),
+        **entry_args(similarity_entries(), "methods", "targets", "subjects", "sites"),
     threads: 1
     resources:
         mem_mb=4000,
@@ -192,7 +187,7 @@ rule truth_scores:
         ratios=report("results/tables/truth_ratios.csv", caption="../report/truth.rst", category="Truth"),
         similarity=report("results/tables/truth_similarity.csv", caption="../report/truth.rst", category="Truth"),
     params:
-        **_entry_args(truth_entries(), "methods", "targets", "scans"),
+        **entry_args(truth_entries(), "methods", "targets", "scans"),
         scan_ids=" ".join(SCANS.index),
 
     threads: 1
@@ -213,18 +208,6 @@ rule truth_scores:
         "python -m harmodiff.metrics preprocessing --images {input.preprocessed} --masks {input.preprocessed_masks} "
         "--scan-ids {params.scan_ids} --truths {input.rendered} --truth-masks {input.subject_masks} "
         "--output {output.preprocessing}) > {log} 2>&1"
-
-
-def figure2_entries():
-    subject = figure_subject()
-    rows = TEST[TEST["subject"] == subject].sort_values("site")
-    entries = []
-    for method in image_methods():
-        target = method_targets(method)[0]
-        for r in rows.itertuples():
-            label = method if target == "none" else f"{method}->{target}"
-            entries.append((method_image(method, target, r.site, r.Index), label, r.site))
-    return entries
 
 
 rule figure2:

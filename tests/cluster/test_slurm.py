@@ -1,0 +1,136 @@
+"""The tiny workflow on a real (one-node, localhost) SLURM through the executor plugin.
+
+`slurm_up.sh` installs Debian's slurm-wlm and munge when missing (root only) and starts the
+daemons; the test then runs the README's cluster command (`snakemake --profile
+workflow/profiles/slurm`, plus `--slurm-status-command squeue` because this cluster has no
+accounting database and `--slurm-init-seconds-before-status-checks 2` because its jobs take
+seconds, not hours) on config/test.yaml and checks that every job was a SLURM job, that the GPU
+rules and only they asked for a GPU in the GPU partition, and that the results equal the local
+run's. The daemons are stopped by pid afterwards.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+GPU_RULES = {"train", "harmonize", "harmonize_sweep"}
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if sys.platform != "linux" or (shutil.which("slurmctld") is None and shutil.which("apt-get") is None):
+        pytest.skip("needs Linux with SLURM installed or apt-get to install it")
+    state = tmp_path_factory.mktemp("slurm")
+    t0 = time.perf_counter()
+    proc = subprocess.run(["bash", str(HERE / "slurm_up.sh"), str(state)], capture_output=True, text=True, timeout=900)
+    if proc.returncode == 3:
+        pytest.skip(proc.stderr.strip())
+    try:
+        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+        (state / "timing.json").write_text(json.dumps({"bring_up_s": time.perf_counter() - t0}))
+        yield state
+    finally:
+        subprocess.run(["bash", str(HERE / "slurm_down.sh"), str(state)], capture_output=True, timeout=120)
+
+
+def _env():
+    import os
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster_run(slurm, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("cluster")
+    # the README's command, with the profile addressed from the repository root
+    cmd = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(wd),
+           "--profile", str(ROOT / "workflow/profiles/slurm"), "--configfile", str(ROOT / "config/test.yaml"),
+           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2", "--verbose"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(["timeout", "-k", "30", "2400", *cmd], capture_output=True, text=True, env=_env())
+    seconds = time.perf_counter() - t0
+    log = proc.stdout + proc.stderr
+    (wd / "snakemake_cluster.log").write_text(log)
+    timing = json.loads((slurm / "timing.json").read_text())
+    timing["cluster_run_s"] = seconds
+    (slurm / "timing.json").write_text(json.dumps(timing))
+    print(f"cluster timing: {timing}")
+    assert proc.returncode == 0, f"rc {proc.returncode}\n{log[-6000:]}\n" + \
+        (slurm / "log/slurmctld.log").read_text()[-3000:]
+    return wd, log, (slurm / "log/slurmctld.log").read_text()
+
+
+def _sbatch_calls(log):
+    """rule -> list of sbatch command lines (from the plugin's debug log)."""
+    calls = {}
+    for line in log.splitlines():
+        if "sbatch call:" in line:
+            rule = re.search(r"--comment '?rule_([A-Za-z0-9_]+?)(?:_wildcards_[^' ]*)?'?(?:\s|$)", line)
+            assert rule, line
+            calls.setdefault(rule.group(1), []).append(line)
+    return calls
+
+
+def test_every_job_ran_as_a_slurm_job(cluster_run):
+    wd, log, ctld = cluster_run
+    submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", log)
+    stats = log.split("Job stats:")[1].split("\n\n")[0]
+    counts = {p[0]: int(p[1]) for p in (line.split() for line in stats.splitlines()[3:]) if len(p) == 2 and p[1].isdigit()}
+    n_jobs = counts["total"] - counts.get("all", 0)  # rule all is local and runs nothing
+    assert len(submitted) == n_jobs > 40
+    for _, slurm_id in submitted:  # slurmctld saw each job finish with exit status 0
+        assert re.search(rf"JobId={slurm_id} WEXITSTATUS 0", ctld), slurm_id
+    assert sum(len(v) for v in _sbatch_calls(log).values()) == n_jobs
+
+
+def test_gpu_rules_and_only_they_request_a_gpu(cluster_run):
+    wd, log, ctld = cluster_run
+    calls = _sbatch_calls(log)
+    assert GPU_RULES <= set(calls) and len(calls) > len(GPU_RULES)
+    for rule, lines in calls.items():
+        for line in lines:
+            wants_gpu = "--gpus=1" in line or "--gres=gpu" in line
+            assert wants_gpu == (rule in GPU_RULES), (rule, line)
+            assert ("-p gpu" in line or "--partition gpu" in line or "--partition=gpu" in line) == (rule in GPU_RULES), line
+    # and SLURM placed them accordingly
+    partitions = dict(re.findall(r"Allocate JobId=(\d+) NodeList=\S+ #CPUs=\d+ Partition=(\w+)", ctld))
+    submitted = dict(re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", log))
+    assert set(partitions.values()) == {"cpu", "gpu"} and len(partitions) == len(submitted)
+
+
+def _images(root):
+    return sorted(p.relative_to(root) for d in ("preprocessed", "anatomy", "harmonized", "sweep")
+                  for p in (root / "results" / d).rglob("*.nii.gz"))
+
+
+def test_cluster_results_equal_the_local_run(cluster_run, e2e):
+    wd, _, _ = cluster_run
+    images = _images(wd)
+    assert images == _images(e2e) and len(images) > 30
+    for rel in images:
+        a = np.asarray(nib.load(wd / rel).dataobj, np.float64)
+        b = np.asarray(nib.load(e2e / rel).dataobj, np.float64)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3, err_msg=str(rel))
+    tables = sorted(p.name for p in (e2e / "results/tables").glob("*.csv"))
+    assert tables == sorted(p.name for p in (wd / "results/tables").glob("*.csv"))
+    for name in tables:
+        pd.testing.assert_frame_equal(pd.read_csv(wd / "results/tables" / name),
+                                      pd.read_csv(e2e / "results/tables" / name), rtol=1e-4, check_exact=False)
+    loss = [pd.read_csv(r / "results/model/diffusion/loss.csv").drop(columns="seconds") for r in (wd, e2e)]
+    pd.testing.assert_frame_equal(*loss)
