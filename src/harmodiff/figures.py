@@ -88,7 +88,9 @@ def _plt():
 
 
 def figure2(images: list[str], methods: list[str], sites: list[str], subject: str, outputs) -> None:
-    """Central axial slice of one subject at two sites, one row per method, plus their difference."""
+    """Central axial slice of one subject at two sites, one row per method, plus their difference.
+
+    `methods` are row labels, `method` or `method:target`."""
     plt = _plt()
     order = list(dict.fromkeys(methods))
     two = sorted(set(sites))[:2]
@@ -102,7 +104,7 @@ def figure2(images: list[str], methods: list[str], sites: list[str], subject: st
         slices = [np.rot90(v[:, :, z]) for v in vols]
         for j, (sl, site) in enumerate(zip(slices, two)):
             axes[i, j].imshow(sl, cmap="gray", vmin=0, vmax=DATA_RANGE)
-            axes[i, j].set_title(f"{method}: {site}", fontsize=9)
+            axes[i, j].set_title(f"{method.replace(':', ' → ')}: {site}", fontsize=9)
         im = axes[i, 2].imshow(slices[1] - slices[0], cmap="RdBu_r", vmin=-DATA_RANGE / 4, vmax=DATA_RANGE / 4)
         axes[i, 2].set_title(f"{two[1]} - {two[0]}", fontsize=9)
         fig.colorbar(im, ax=axes[i, 2], fraction=0.046)

@@ -108,10 +108,13 @@ def test_gpu_rules_and_only_they_request_a_gpu(cluster_run):
             wants_gpu = "--gpus=1" in line or "--gres=gpu" in line
             assert wants_gpu == (rule in GPU_RULES), (rule, line)
             assert ("-p gpu" in line or "--partition gpu" in line or "--partition=gpu" in line) == (rule in GPU_RULES), line
-    # and SLURM placed them accordingly
-    partitions = dict(re.findall(r"Allocate JobId=(\d+) NodeList=\S+ #CPUs=\d+ Partition=(\w+)", ctld))
-    submitted = dict(re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", log))
-    assert set(partitions.values()) == {"cpu", "gpu"} and len(partitions) == len(submitted)
+    # and SLURM ran them there: the partition each job started in, from slurmctld's log
+    started = dict(re.findall(r"Allocate JobId=(\d+) NodeList=\S+ #CPUs=\d+ Partition=(\w+)", ctld))
+    started.update(re.findall(r"Started JobId=(\d+) in (\w+) on", ctld))  # the backfill scheduler's wording
+    jobs = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: \S*/rule_([A-Za-z0-9_]+)/", log)
+    assert jobs and {rule for _, rule in jobs} == set(calls)
+    for slurm_id, rule in jobs:
+        assert started[slurm_id] == ("gpu" if rule in GPU_RULES else "cpu"), (rule, slurm_id)
 
 
 def _images(root):

@@ -170,7 +170,7 @@ def figure2_entries():
     for method in image_methods():
         target = method_targets(method)[0]
         for r in rows.itertuples():
-            label = method if target == "none" else f"{method}->{target}"
+            label = method if target == "none" else f"{method}:{target}"  # shell-safe; drawn as an arrow
             entries.append((method_image(method, target, r.site, r.Index), label, r.site))
     return entries
 
