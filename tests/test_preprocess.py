@@ -119,3 +119,23 @@ def test_hdbet_without_weights_says_where_to_put_them(tmp_path):
         pp.skullstrip_hdbet(tmp_path / "scan.nii.gz", tmp_path / "hd-bet")
     msg = str(exc.value)
     assert str(tmp_path / "hd-bet") in msg and "checkpoint_final.pth" in msg and "--skullstrip ants" in msg
+
+
+def test_single_threaded_preprocessing_is_byte_identical(tiny_cohort, tmp_path):
+    """Same scan, same seed, one ITK thread: the same transform and image, byte for byte.
+    (ANTs reads --random-seed 0 as 'use the clock', and multi-threaded Mattes MI varies run to
+    run; the CLI runs in fresh processes because ITK reads its thread count once.)"""
+    import subprocess
+    import sys
+
+    out, _ = tiny_cohort
+    raw = sorted((out / "raw" / "test").rglob("*.nii.gz"))[0]
+    digests = []
+    for k in range(2):
+        d = tmp_path / str(k)
+        subprocess.run([sys.executable, "-m", "harmodiff.preprocess", "--input", str(raw), "--output", str(d / "p.nii.gz"),
+                        "--mask-output", str(d / "m.nii.gz"), "--transform-output", str(d / "t.mat"),
+                        "--spacing", "4", "--shape", "40", "48", "40", "--threads", "1", "--seed", "0"],
+                       check=True, capture_output=True, timeout=300)
+        digests.append([(d / f).read_bytes() for f in ("t.mat", "p.nii.gz", "m.nii.gz")])
+    assert digests[0] == digests[1]

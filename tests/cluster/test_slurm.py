@@ -126,26 +126,24 @@ def _load(path):
 
 
 def test_cluster_results_equal_the_local_run(cluster_run, e2e):
-    """Same files; the synthetic cohort byte-equal; everything downstream of ANTs registration
-    within the run-to-run variation of ANTs itself, which is not reproducible even single-threaded
-    with --random-seed (antspyx 0.6.3, measured: two identical affine calls in one process differ
-    by up to 0.7 in the transform parameters), so two local runs differ as much."""
+    """Same files. Images byte-equal up to the model (preprocessing is single-threaded and
+    seeded, so ANTs is reproducible; anatomy maps are plain numpy); training loss and
+    harmonized images equal within float tolerance; tissue ratios (multi-threaded Atropos)
+    within 0.005."""
     wd, _, _ = cluster_run
     for stage in ("synthetic", "preprocessed", "anatomy", "harmonized", "sweep", "segmentation"):
         assert _images(wd, stage) == _images(e2e, stage), stage
-    for rel in _images(wd, "synthetic"):
-        np.testing.assert_array_equal(_load(wd / rel), _load(e2e / rel), err_msg=str(rel))
-    for rel in _images(wd, "preprocessed"):
-        a, b = _load(wd / rel), _load(e2e / rel)
-        if rel.name.endswith("_mask.nii.gz"):
-            assert 2 * (a * b).sum() / (a.sum() + b.sum()) > 0.98, rel
-        else:
-            assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99, rel
+    for stage in ("synthetic", "preprocessed", "anatomy"):
+        for rel in _images(wd, stage):
+            np.testing.assert_array_equal(_load(wd / rel), _load(e2e / rel), err_msg=str(rel))
+    loss = [pd.read_csv(r / "results/model/diffusion/loss.csv").drop(columns="seconds") for r in (wd, e2e)]
+    pd.testing.assert_frame_equal(*loss, rtol=1e-5)
+    for stage in ("harmonized", "sweep"):
+        for rel in _images(wd, stage):
+            np.testing.assert_allclose(_load(wd / rel), _load(e2e / rel), rtol=1e-4, atol=0.05, err_msg=str(rel))
     tables = sorted(p.name for p in (e2e / "results/tables").glob("*.csv"))
     assert tables == sorted(p.name for p in (wd / "results/tables").glob("*.csv"))
     ratios = [pd.read_csv(r / "results/tables/tissue_ratios.csv") for r in (wd, e2e)]
     assert (ratios[0][["method", "scan_id"]] == ratios[1][["method", "scan_id"]]).all().all()
-    for tissue in ("gm_ratio", "wm_ratio"):
-        np.testing.assert_allclose(ratios[0][tissue], ratios[1][tissue], atol=0.02)
-    loss = [pd.read_csv(r / "results/model/diffusion/loss.csv") for r in (wd, e2e)]
-    assert list(loss[0].step) == list(loss[1].step)
+    for tissue in ("gm_ratio", "wm_ratio", "csf_ratio"):
+        np.testing.assert_allclose(ratios[0][tissue], ratios[1][tissue], atol=0.005)
