@@ -7,8 +7,8 @@
 # Everything lives under STATE_DIR (keys, sockets, spool, logs, pids) except slurm.conf, which
 # must be at /etc/slurm/slurm.conf: the executor plugin's job step clears SLURM_* variables, so
 # SLURM_CONF would not reach srun inside a job. An existing slurm.conf is kept aside and put
-# back by slurm_down.sh. Loopback only; no accounting database (the profile's status command
-# is squeue, and MinJobAge keeps finished jobs visible to it).
+# back by slurm_down.sh. Loopback only; no accounting database (the test asks the plugin for the
+# squeue status command, and MinJobAge keeps finished jobs visible to it). Exit 3: cannot install.
 set -euo pipefail
 state=$(realpath -m "${1:?usage: slurm_up.sh STATE_DIR}")
 mkdir -p "$state"/{run,log,spool,ctld,munge}
@@ -21,8 +21,13 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   fi
   export DEBIAN_FRONTEND=noninteractive
   pkgs="slurmctld slurmd slurm-client munge"
-  apt-get install -y --no-install-recommends $pkgs >"$state/log/apt.log" 2>&1 \
-    || { apt-get update >>"$state/log/apt.log" 2>&1 && apt-get install -y --no-install-recommends $pkgs >>"$state/log/apt.log" 2>&1; }
+  if ! apt-get install -y --no-install-recommends $pkgs >"$state/log/apt.log" 2>&1; then
+    if ! { apt-get update >>"$state/log/apt.log" 2>&1 \
+           && apt-get install -y --no-install-recommends $pkgs >>"$state/log/apt.log" 2>&1; }; then
+      echo "slurm_up.sh: could not install $pkgs (see $state/log/apt.log)" >&2
+      exit 3
+    fi
+  fi
 fi
 
 host=$(hostname -s)
