@@ -22,18 +22,10 @@ import pandas as pd
 from harmodiff.evaluate import markdown_table
 from harmodiff.io import InputError, atomic_path, load_image, write_text
 from harmodiff.metrics import DATA_RANGE, summarize
+from harmodiff.plotting import plot_loss
+from harmodiff.workflow_support import parse_sweep_method, sweep_method  # noqa: F401 (re-exported)
 
 GUIDANCE_LABELS = {"none": "no guidance", "cfg": "CFG w", "cfgpp": "CFG++ lambda"}
-
-
-def sweep_method(guidance: str, scale: float) -> str:
-    """Name of one guidance setting of the Table 1 sweep, e.g. cfgpp_0.6."""
-    return f"{guidance}_{scale:g}"
-
-
-def parse_sweep_method(name: str) -> tuple[str, float]:
-    guidance, _, scale = name.rpartition("_")
-    return guidance, float(scale)
 
 
 def table1(pairs: pd.DataFrame, sweep_methods: list[str], sweep_subjects: list[str]) -> pd.DataFrame:
@@ -185,8 +177,6 @@ def main(argv=None) -> int:
         elif a.cmd == "figure3":
             figure3(pd.read_csv(a.ratios), pd.read_csv(a.ttests), a.reference, a.output)
         else:
-            from harmodiff.plotting import plot_loss
-
             rows = pd.read_csv(a.loss).to_dict("records")
             for out in a.output:
                 plot_loss(rows, Path(out))

@@ -6,7 +6,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
-from harmodiff.workflow_support import scan_table, synthetic_config  # noqa: E402
+from harmodiff.workflow_support import scan_table, sweep_method, synthetic_config  # noqa: E402
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -77,15 +77,11 @@ def test_mask(site, scan):
 
 def sweep_settings():
     """(guidance, scale, method name) of the Table 1 guidance sweep."""
-    from harmodiff.figures import sweep_method
-
     return [(g, float(s), sweep_method(g, float(s))) for g in ("cfg", "cfgpp") for s in SWEEP.get(g, [])]
 
 
 def sweep_image(guidance, scale, target, site, scan):
     """The main harmonization's file when the setting is the main one (nothing is run twice)."""
-    from harmodiff.figures import sweep_method
-
     if (guidance, float(scale)) == MAIN_SETTING:
         return method_image("diffusion", target, site, scan)
     return f"results/sweep/{sweep_method(guidance, scale)}/{target}/{site}/{scan}.nii.gz"

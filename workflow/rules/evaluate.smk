@@ -1,3 +1,10 @@
+# the per-scan lists several rules read, built once at parse time
+EVALUATION_ENTRIES = evaluation_entries()
+SIMILARITY_ENTRIES = similarity_entries()
+TRUTH_ENTRIES = truth_entries()
+FIGURE2_ENTRIES = figure2_entries()
+
+
 rule leakage:
     input:
         images=stage_files("preprocessed", ".nii.gz"),
@@ -53,16 +60,16 @@ rule segment:
 
 rule tissue_ratios:
     input:
-        volumes=[e["volumes"] for e in evaluation_entries()],
+        volumes=[e["volumes"] for e in EVALUATION_ENTRIES],
     output:
         report("results/tables/tissue_ratios.csv", caption="../report/tissue_ratios.rst", category="Tables"),
     params:
         combat=f"--combat-reference {EVALUATION['reference_site']}" if "combat" in METHODS else "",
-        methods=" ".join(e["method"] for e in evaluation_entries()),
-        targets=" ".join(e["target"] for e in evaluation_entries()),
-        scans=" ".join(e["scan"] for e in evaluation_entries()),
-        subjects=" ".join(e["subject"] for e in evaluation_entries()),
-        sites=" ".join(e["site"] for e in evaluation_entries()),
+        methods=" ".join(e["method"] for e in EVALUATION_ENTRIES),
+        targets=" ".join(e["target"] for e in EVALUATION_ENTRIES),
+        scans=" ".join(e["scan"] for e in EVALUATION_ENTRIES),
+        subjects=" ".join(e["subject"] for e in EVALUATION_ENTRIES),
+        sites=" ".join(e["site"] for e in EVALUATION_ENTRIES),
     threads: 1
     resources:
         mem_mb=1000,
@@ -124,12 +131,12 @@ rule mixed_models:
 
 rule similarity:
     input:
-        images=[e[4] for e in similarity_entries()],
-        masks=[e[5] for e in similarity_entries()],
+        images=[e[4] for e in SIMILARITY_ENTRIES],
+        masks=[e[5] for e in SIMILARITY_ENTRIES],
     output:
         "results/tables/similarity_pairs.csv",
     params:
-        **entry_args(similarity_entries(), "methods", "targets", "subjects", "sites"),
+        **entry_args(SIMILARITY_ENTRIES, "methods", "targets", "subjects", "sites"),
     threads: 1
     resources:
         mem_mb=4000,
@@ -174,10 +181,10 @@ rule truth_scores:
     input:
         ratios="results/tables/tissue_ratios.csv",
         truth="results/synthetic/truth/subjects.tsv",
-        images=[e[3] for e in truth_entries()],
-        masks=[e[4] for e in truth_entries()],
-        truths=[e[5] for e in truth_entries()],
-        truth_masks=[e[6] for e in truth_entries()],
+        images=[e[3] for e in TRUTH_ENTRIES],
+        masks=[e[4] for e in TRUTH_ENTRIES],
+        truths=[e[5] for e in TRUTH_ENTRIES],
+        truth_masks=[e[6] for e in TRUTH_ENTRIES],
         preprocessed=stage_files("preprocessed", ".nii.gz"),
         preprocessed_masks=stage_files("preprocessed", "_mask.nii.gz"),
         rendered=[f"results/synthetic/truth/rendered/{s}.nii.gz" for s in SCANS.index],
@@ -187,7 +194,7 @@ rule truth_scores:
         ratios=report("results/tables/truth_ratios.csv", caption="../report/truth.rst", category="Truth"),
         similarity=report("results/tables/truth_similarity.csv", caption="../report/truth.rst", category="Truth"),
     params:
-        **entry_args(truth_entries(), "methods", "targets", "scans"),
+        **entry_args(TRUTH_ENTRIES, "methods", "targets", "scans"),
         scan_ids=" ".join(SCANS.index),
 
     threads: 1
@@ -212,13 +219,13 @@ rule truth_scores:
 
 rule figure2:
     input:
-        [e[0] for e in figure2_entries()],
+        [e[0] for e in FIGURE2_ENTRIES],
     output:
         png=report("results/figures/figure2.png", caption="../report/figure2.rst", category="Figures"),
         pdf="results/figures/figure2.pdf",
     params:
-        methods=" ".join(e[1] for e in figure2_entries()),
-        sites=" ".join(e[2] for e in figure2_entries()),
+        methods=" ".join(e[1] for e in FIGURE2_ENTRIES),
+        sites=" ".join(e[2] for e in FIGURE2_ENTRIES),
         subject=figure_subject(),
     threads: 1
     resources:
