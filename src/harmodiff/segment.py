@@ -7,7 +7,16 @@ Backends:
 * `spm`: SPM25 unified segmentation through spm-python, for users with the MATLAB Runtime
   (`spm_batch` builds the batch; `run_spm` runs it and reads c1/c2/c3).
 
-Tissue ratio = tissue volume / (GM + WM + CSF), volumes from the summed probabilities.
+Tissue volumes are summed per-voxel tissue fractions. By default (`fractions="unmix"`) the
+fractions come from partial-volume unmixing: each voxel's intensity is placed on the line between
+the local mean intensities of the two classes it falls between (means estimated from confidently
+classified voxels within ~`sigma_mm`, so a residual bias field does not shift them). On a 2 mm grid
+most cortical voxels are mixtures, and summing classification posteriors instead counts each as
+mostly one tissue, which hides cortical atrophy (measured on the demo cohort: r with the true GM
+ratio 0.70 from posteriors, 0.97 unmixed; see docs/decisions.md). `fractions="posterior"` sums the
+posteriors (what SPM's c1/c2/c3 sums, as in the paper, amount to).
+
+Tissue ratio = tissue volume / (GM + WM + CSF).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from harmodiff.templates import mni_images
 
 TISSUES = ("gm", "wm", "csf")
 BACKENDS = ("atropos", "spm")
+FRACTIONS = ("unmix", "posterior")
 
 
 def priors_on_grid(affine: np.ndarray, shape) -> dict[str, np.ndarray]:
@@ -54,6 +64,63 @@ def segment_atropos(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, *, 
     res = ants.atropos(a=a, x=x, i=prior_imgs, m="[0.1,1x1x1]", c=f"[{iterations},0]", priorweight=prior_weight)
     probs = {t: np.where(mask, res["probabilityimages"][k].numpy(), 0).astype(np.float32) for k, t in enumerate(order)}
     return probs
+
+
+def local_class_means(image: np.ndarray, mask: np.ndarray, probs: dict[str, np.ndarray], spacing_mm,
+                      *, sigma_mm: float = 10.0, confident: float = 0.9) -> dict[str, np.ndarray]:
+    """Mean intensity of each class around every voxel, from the voxels classified with posterior
+    > `confident` (Gaussian-weighted, normalized convolution). Where a class has too few confident
+    voxels nearby (weight < 5 % of a full neighbourhood), its global mean is used."""
+    sigma_vox = [sigma_mm / float(s) for s in spacing_mm]
+    means = {}
+    for tissue, p in probs.items():
+        sure = mask & (p > confident)
+        if sure.sum() < 10:  # a class that is nowhere certain: its posterior-weighted mean
+            w = np.where(mask, p, 0)
+            if w.sum() <= 0:
+                raise InputError(f"tissue class {tissue!r} is empty inside the brain mask")
+            means[tissue] = np.full(image.shape, float((w * image).sum() / w.sum()), np.float32)
+            continue
+        global_mean = float(np.median(image[sure]))
+        # zero padding: outside the volume is no evidence (reflection would invent some)
+        weight = ndimage.gaussian_filter(sure.astype(np.float32), sigma_vox, mode="constant")
+        total = ndimage.gaussian_filter(np.where(sure, image, 0).astype(np.float32), sigma_vox, mode="constant")
+        means[tissue] = np.where(weight > 0.05, total / np.maximum(weight, 1e-6), global_mean).astype(np.float32)
+    return means
+
+
+def partial_volume_fractions(image: np.ndarray, mask: np.ndarray, means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-voxel tissue fractions by linear unmixing between the two classes whose (local) mean
+    intensities bracket the voxel's intensity; classes ordered by their median mean intensity.
+    Below the darkest mean a voxel is all darkest class, above the brightest all brightest.
+    Fractions sum to one in the mask and are zero outside."""
+    order = sorted(means, key=lambda t: float(np.median(means[t][mask])))
+    mu = np.stack([means[t] for t in order])
+    # where noise in the local estimates breaks the order, fall back to the global order
+    for k in range(1, len(order)):
+        broken = mu[k] <= mu[k - 1]
+        if broken.any():
+            mu[k][broken] = mu[k - 1][broken] + 1e-3 * np.abs(mu[k - 1][broken]) + 1e-6
+    fractions = np.zeros_like(mu)
+    fractions[0] = image <= mu[0]
+    fractions[-1] = image > mu[-1]
+    for k in range(len(order) - 1):
+        inside = (image > mu[k]) & (image <= mu[k + 1])
+        upper = np.clip((image - mu[k]) / (mu[k + 1] - mu[k]), 0, 1)
+        fractions[k + 1] += np.where(inside, upper, 0)
+        fractions[k] += np.where(inside, 1 - upper, 0)
+    return {t: np.where(mask, fractions[k], 0).astype(np.float32) for k, t in enumerate(order)}
+
+
+def tissue_fractions(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, probs: dict[str, np.ndarray],
+                     method: str = "unmix") -> dict[str, np.ndarray]:
+    """The per-voxel fractions that tissue volumes are summed from (see the module docstring)."""
+    if method == "posterior":
+        return probs
+    if method != "unmix":
+        raise InputError(f"unknown tissue fraction method {method!r}; use one of {', '.join(FRACTIONS)}")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    return partial_volume_fractions(image, mask, local_class_means(image, mask, probs, spacing))
 
 
 def tissue_volumes(probs: dict[str, np.ndarray], voxel_ml: float) -> dict[str, float]:
@@ -92,11 +159,13 @@ def run_spm(image_path: Path, mask: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harmodiff.segment", description="GM/WM/CSF maps and tissue ratios.")
+    p = argparse.ArgumentParser(prog="python -m harmodiff.segment", description="GM/WM/CSF fraction maps and tissue ratios.")
     p.add_argument("--input", required=True)
     p.add_argument("--mask", required=True)
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_{gm,wm,csf}.nii.gz and PREFIX_volumes.json")
     p.add_argument("--backend", choices=BACKENDS, default="atropos")
+    p.add_argument("--fractions", choices=FRACTIONS, default="unmix",
+                   help="unmix: partial-volume fractions from local class means; posterior: summed posteriors")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     from harmodiff.preprocess import set_threads
@@ -112,6 +181,7 @@ def main(argv=None) -> int:
             probs = segment_atropos(data, mask, img.affine)
         else:
             probs = run_spm(Path(a.input), mask)
+        probs = tissue_fractions(data, mask, img.affine, probs, a.fractions)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ rule segment:
     params:
         prefix=lambda wildcards, output: output.volumes.removesuffix("_volumes.json"),
         backend=config["evaluation"]["segmentation"],
+        fractions=config["evaluation"].get("tissue_fractions", "unmix"),
     threads: 2
     resources:
         mem_mb=4000,
@@ -55,7 +56,8 @@ rule segment:
         "../../envs/preprocess.yaml"
     shell:
         "python -m harmodiff.segment --input {input.image} --mask {input.mask} "
-        "--output-prefix {params.prefix} --backend {params.backend} --threads {threads} > {log} 2>&1"
+        "--output-prefix {params.prefix} --backend {params.backend} --fractions {params.fractions} "
+        "--threads {threads} > {log} 2>&1"
 
 
 rule tissue_ratios:
