@@ -129,3 +129,22 @@ def test_native_output_follows_the_inverse_of_the_saved_transform(tmp_path):
     com_vox = np.array(ndimage.center_of_mass(out.get_fdata()))
     com_world = out.affine[:3, :3] @ com_vox + out.affine[:3, 3]
     np.testing.assert_allclose(com_world, p + d_ras, atol=0.5)
+
+
+def test_bf16_and_channels_last_match_fp32(scan):
+    """bfloat16 autocast keeps ~3 significant digits per U-Net pass: the harmonized image stays
+    within 0.3 % (mean) of the fp32 one, > 50x closer than a model with other weights gets
+    (measured: 0.67 vs 186 in brain-median-500 units). Channels-last changes only the memory
+    layout: equal to fp32 up to summation order."""
+    image, mask = scan
+    labels = SiteLabels(["A", "B"], [0.0])
+    kw = dict(steps=5, batch_size=36, seed=1, guidance="cfgpp", scale=0.6, start_from="source", strength=0.4)
+    ref, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", **kw)
+    bf16, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", bf16=True, **kw)
+    layout, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", channels_last=True, **kw)
+    other, _ = hz.harmonize_array(_model(seed=1), labels, CONFIG, image, mask, "B", **kw)
+    diff_bf16 = np.abs(bf16 - ref)[mask]
+    assert diff_bf16.mean() < 0.003 * ref[mask].mean() and diff_bf16.max() < 0.03 * ref[mask].mean()
+    assert diff_bf16.mean() > 0  # autocast really ran in bf16
+    assert np.abs(other - ref)[mask].mean() > 50 * diff_bf16.mean()
+    np.testing.assert_allclose(layout, ref, atol=0.05)

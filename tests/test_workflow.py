@@ -170,7 +170,7 @@ def test_srpbs_config_builds_the_full_dag(tmp_path):
     cfg["cohort"]["srpbs"] = {"root": str(root), "training_sheet": str(tmp_path / "train.tsv")}
     cfg["target_sites"] = ["TRAIN0"]
     (tmp_path / "srpbs.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "srpbs.yaml"))
+    proc = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "srpbs.yaml"))
     counts = {}
     for line in proc.stdout.split("Job stats:")[1].splitlines()[3:]:
         parts = line.split()
@@ -182,6 +182,9 @@ def test_srpbs_config_builds_the_full_dag(tmp_path):
     assert counts["histmatch"] == 97
     assert counts["segment"] == 97 * 3       # preprocessed, diffusion, histmatch
     assert counts["train"] == 1
+    # harmonize.bf16 reaches every harmonization command, and nothing else
+    assert proc.stdout.count(" --bf16") == 97 * 10
+    assert proc.stdout.count("python -m harmodiff.harmonize ") == 97 * 10
 
 
 @pytest.mark.e2e

@@ -1,10 +1,14 @@
 HARMONIZE = config["harmonize"]
+# GPU speed options (config harmonize.bf16 / channels_last / compile): same images within rounding
+HARMONIZE_SPEED = "".join(
+    f" --{key.replace('_', '-')}" for key in ("bf16", "channels_last", "compile") if config["harmonize"].get(key)
+)
 HARMONIZE_SHELL = (
     "python -m harmodiff.harmonize --checkpoint {input.checkpoint} --input {input.image} "
     "--mask {input.mask} --target-site {wildcards.target} --output {output} "
     "--guidance {params.guidance} --scale {params.scale} --steps {params.steps} "
     "--start-from {params.start} --strength {params.strength} --batch-size {params.batch} "
-    "--seed {params.seed} --threads {threads} > {log} 2>&1"
+    "--seed {params.seed} --threads {threads}" + HARMONIZE_SPEED + " > {log} 2>&1"
 )
 
 
