@@ -1,3 +1,4 @@
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy import stats
@@ -39,6 +40,36 @@ def test_empty_inputs_are_clear_errors():
 
 
 def test_cli_reports_unpaired_references(tmp_path, capsys):
-    rc = histmatch.main(["--input", "a.nii.gz", "--mask", "m.nii.gz", "--reference-images", "r1.nii.gz",
-                         "r2.nii.gz", "--reference-masks", "m1.nii.gz", "--output", str(tmp_path / "o.nii.gz")])
+    rc = histmatch.main(["reference", "--images", "r1.nii.gz", "r2.nii.gz", "--masks", "m1.nii.gz",
+                         "--output", str(tmp_path / "ref.npy")])
     assert rc == 2 and "must pair up" in capsys.readouterr().err
+    assert not (tmp_path / "ref.npy").exists()
+
+
+def test_cli_reference_then_match_equals_the_function(tmp_path, capsys):
+    """The two-step CLI (pool once, match each scan) gives what the functions give in one go."""
+    rng = np.random.default_rng(3)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    paths = {}
+    for name, scale in (("r1", 1.0), ("r2", 1.5), ("scan", 3.0)):
+        data = rng.gamma(2.0, 100.0 * scale, (12, 12, 12)).astype(np.float32)
+        mask = np.zeros(data.shape, bool)
+        mask[2:10, 2:10, 2:10] = True
+        nib.save(nib.Nifti1Image(data, aff), str(tmp_path / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), aff), str(tmp_path / f"{name}_mask.nii.gz"))
+        paths[name] = (data, mask)
+    ref = str(tmp_path / "ref.npy")
+    assert histmatch.main(["reference", "--images", *(str(tmp_path / f"{n}.nii.gz") for n in ("r1", "r2")),
+                           "--masks", *(str(tmp_path / f"{n}_mask.nii.gz") for n in ("r1", "r2")),
+                           "--output", ref]) == 0
+    out = str(tmp_path / "out.nii.gz")
+    assert histmatch.main(["match", "--input", str(tmp_path / "scan.nii.gz"), "--mask",
+                           str(tmp_path / "scan_mask.nii.gz"), "--reference", ref, "--output", out]) == 0
+    expected = histmatch.histogram_match(*paths["scan"], histmatch.reference_distribution(
+        [paths["r1"][0], paths["r2"][0]], [paths["r1"][1], paths["r2"][1]]))
+    np.testing.assert_allclose(nib.load(out).get_fdata(), expected, rtol=1e-6)
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    assert histmatch.main(["match", "--input", str(tmp_path / "scan.nii.gz"), "--mask",
+                           str(tmp_path / "scan_mask.nii.gz"), "--reference", str(tmp_path / "bad.npy"),
+                           "--output", out]) == 2
+    assert "bad.npy: not a reference distribution" in capsys.readouterr().err

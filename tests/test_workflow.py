@@ -180,6 +180,7 @@ def test_srpbs_config_builds_the_full_dag(tmp_path):
     assert counts["harmonize"] == 97          # the main setting (CFG++ 0.6), one per test scan
     assert counts["harmonize_sweep"] == 97 * 9  # Table 1: 5 CFG + 5 CFG++ settings, the main one reused
     assert counts["histmatch"] == 97
+    assert counts["histmatch_reference"] == 1  # the target's pool is built once, not per scan
     assert counts["segment"] == 97 * 3       # preprocessed, diffusion, histmatch
     assert counts["train"] == 1
     # harmonize.bf16 reaches every harmonization command, and nothing else

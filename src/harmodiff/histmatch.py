@@ -1,12 +1,15 @@
 """Histogram matching to a target site: the classical image-level baseline.
 
-    python -m harmodiff.histmatch --input PRE.nii.gz --mask MASK.nii.gz \
-        --reference-images TRA1.nii.gz ... --reference-masks TRA1_mask.nii.gz ... --output OUT.nii.gz
+    python -m harmodiff.histmatch reference --images TRA1.nii.gz ... --masks TRA1_mask.nii.gz ... \
+        --output TRA_reference.npy
+    python -m harmodiff.histmatch match --input PRE.nii.gz --mask MASK.nii.gz --reference TRA_reference.npy \
+        --output OUT.nii.gz
 
 The target site's intensity distribution is the pool of its preprocessed training brains, each
 contributing the same number of quantiles (so one large scan cannot dominate and memory stays
 bounded at 1 mm). scikit-image's `match_histograms` then maps the input brain's intensities
-monotonically onto that pool; the background stays 0.
+monotonically onto that pool; the background stays 0. The pool is built once per target site
+(`reference`) and read by every scan's `match`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 import numpy as np
 from skimage.exposure import match_histograms
 
-from harmodiff.io import InputError, load_image, load_mask, save_image
+from harmodiff.io import InputError, atomic_path, load_image, load_mask, save_image
 
 QUANTILES_PER_SCAN = 4096
 
@@ -40,26 +43,45 @@ def histogram_match(image: np.ndarray, mask: np.ndarray, reference: np.ndarray) 
     return out
 
 
+def load_reference(path) -> np.ndarray:
+    try:
+        reference = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a reference distribution written by `histmatch reference` ({exc})") from None
+    if reference.ndim != 1 or reference.size == 0 or not np.isfinite(reference).all():
+        raise InputError(f"{path}: a reference distribution must be a non-empty 1-D array of finite values")
+    return reference
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.histmatch", description=__doc__.split("\n")[0])
-    p.add_argument("--input", required=True)
-    p.add_argument("--mask", required=True)
-    p.add_argument("--reference-images", nargs="+", required=True, help="the target site's preprocessed training scans")
-    p.add_argument("--reference-masks", nargs="+", required=True)
-    p.add_argument("--output", required=True)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reference", help="pool the target site's training brains into one distribution (.npy)")
+    r.add_argument("--images", nargs="+", required=True, help="the target site's preprocessed training scans")
+    r.add_argument("--masks", nargs="+", required=True)
+    r.add_argument("--output", required=True)
+    m = sub.add_parser("match", help="match one brain's histogram to a reference distribution")
+    m.add_argument("--input", required=True)
+    m.add_argument("--mask", required=True)
+    m.add_argument("--reference", required=True, help="written by `histmatch reference`")
+    m.add_argument("--output", required=True)
     a = p.parse_args(argv)
     try:
-        if len(a.reference_images) != len(a.reference_masks):
-            raise InputError(f"--reference-images ({len(a.reference_images)}) and --reference-masks "
-                             f"({len(a.reference_masks)}) must pair up")
+        if a.command == "reference":
+            if len(a.images) != len(a.masks):
+                raise InputError(f"--images ({len(a.images)}) and --masks ({len(a.masks)}) must pair up")
+            refs, ref_masks = [], []
+            for ri, rm in zip(a.images, a.masks):
+                img = load_image(ri)
+                refs.append(np.asarray(img.dataobj, np.float32))
+                ref_masks.append(load_mask(rm, like=img))
+            reference = reference_distribution(refs, ref_masks)
+            with atomic_path(a.output) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, reference)
+            return 0
         img = load_image(a.input)
         mask = load_mask(a.mask, like=img)
-        refs, ref_masks = [], []
-        for ri, rm in zip(a.reference_images, a.reference_masks):
-            r = load_image(ri)
-            refs.append(np.asarray(r.dataobj, np.float32))
-            ref_masks.append(load_mask(rm, like=r))
-        out = histogram_match(np.asarray(img.dataobj, np.float32), mask, reference_distribution(refs, ref_masks))
+        out = histogram_match(np.asarray(img.dataobj, np.float32), mask, load_reference(a.reference))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

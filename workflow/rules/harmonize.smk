@@ -1,14 +1,14 @@
 HARMONIZE = config["harmonize"]
 # GPU speed options (config harmonize.bf16 / channels_last / compile): same images within rounding
-HARMONIZE_SPEED = "".join(
-    f" --{key.replace('_', '-')}" for key in ("bf16", "channels_last", "compile") if config["harmonize"].get(key)
+HARMONIZE_SPEED = " ".join(
+    f"--{key.replace('_', '-')}" for key in ("bf16", "channels_last", "compile") if HARMONIZE.get(key)
 )
 HARMONIZE_SHELL = (
     "python -m harmodiff.harmonize --checkpoint {input.checkpoint} --input {input.image} "
     "--mask {input.mask} --target-site {wildcards.target} --output {output} "
     "--guidance {params.guidance} --scale {params.scale} --steps {params.steps} "
     "--start-from {params.start} --strength {params.strength} --batch-size {params.batch} "
-    "--seed {params.seed} --threads {threads}" + HARMONIZE_SPEED + " > {log} 2>&1"
+    "--seed {params.seed} --threads {threads} {params.speed} > {log} 2>&1"
 )
 
 
@@ -27,6 +27,7 @@ rule harmonize:
         strength=HARMONIZE["strength"],
         batch=HARMONIZE["batch_size"],
         seed=HARMONIZE["seed"],
+        speed=HARMONIZE_SPEED,
     threads: HARMONIZE["threads"]
     resources:
         mem_mb=8000,
@@ -61,6 +62,7 @@ rule harmonize_sweep:
         strength=HARMONIZE["strength"],
         batch=HARMONIZE["batch_size"],
         seed=HARMONIZE["seed"],
+        speed=HARMONIZE_SPEED,
     threads: HARMONIZE["threads"]
     resources:
         mem_mb=8000,
@@ -76,12 +78,33 @@ rule harmonize_sweep:
         HARMONIZE_SHELL
 
 
+# the target site's pooled training intensities, built once and read by every histmatch job
+rule histmatch_reference:
+    input:
+        images=lambda wildcards: target_training_scans(wildcards, ".nii.gz"),
+        masks=lambda wildcards: target_training_scans(wildcards, "_mask.nii.gz"),
+    output:
+        "results/harmonized/histmatch/{target}/reference.npy",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    log:
+        "results/logs/harmonize/histmatch/{target}/reference.log",
+    benchmark:
+        "results/benchmarks/harmonize/histmatch/{target}/reference.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "python -m harmodiff.histmatch reference --images {input.images} --masks {input.masks} "
+        "--output {output} > {log} 2>&1"
+
+
 rule histmatch:
     input:
         image="results/preprocessed/test/{site}/{scan}.nii.gz",
         mask="results/preprocessed/test/{site}/{scan}_mask.nii.gz",
-        references=lambda wildcards: target_training_scans(wildcards, ".nii.gz"),
-        reference_masks=lambda wildcards: target_training_scans(wildcards, "_mask.nii.gz"),
+        reference=rules.histmatch_reference.output[0],
     output:
         "results/harmonized/histmatch/{target}/{site}/{scan}.nii.gz",
     threads: 1
@@ -95,9 +118,8 @@ rule histmatch:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m harmodiff.histmatch --input {input.image} --mask {input.mask} "
-        "--reference-images {input.references} --reference-masks {input.reference_masks} "
-        "--output {output} > {log} 2>&1"
+        "python -m harmodiff.histmatch match --input {input.image} --mask {input.mask} "
+        "--reference {input.reference} --output {output} > {log} 2>&1"
 
 
 rule import_external:
