@@ -54,6 +54,26 @@ def test_truth_errors_against_hand_computation():
     assert out.loc["WM", "r"] == pytest.approx(np.corrcoef([0.35, 0.33, 0.30], [0.34, 0.34, 0.31])[0, 1])
 
 
+def test_truth_errors_score_each_fractions_method_and_combat_under_its_label():
+    from harmodiff import segment
+
+    assert evaluate.FRACTIONS == segment.FRACTIONS
+    base = {"method": "preprocessed", "target": "none", "scan_id": ["a", "b", "c"], "subject": ["s1", "s1", "s2"],
+            "site": ["X", "Y", "X"], "fractions": "unmix", "gm_ratio": [0.40, 0.44, 0.50], "wm_ratio": [0.3] * 3,
+            "unmix_gm_ratio": [0.40, 0.44, 0.50], "unmix_wm_ratio": [0.3] * 3,
+            "posterior_gm_ratio": [0.45, 0.46, 0.47], "posterior_wm_ratio": [0.3] * 3}
+    pre = pd.DataFrame(base)
+    combat = pre.assign(method="combat", target="X", gm_ratio=[0.41, 0.43, 0.49],
+                        unmix_gm_ratio=np.nan, posterior_gm_ratio=np.nan)
+    truth = pd.DataFrame({"subject": ["s1", "s2"], "gm_ratio": [0.42, 0.47], "wm_ratio": [0.3, 0.3], "csf_ratio": [0.28, 0.23]})
+    out = evaluate.truth_errors(pd.concat([pre, combat]), truth)
+    gm = out[out.tissue == "GM"].set_index(["method", "fractions"])
+    assert sorted(gm.index) == [("combat", "unmix"), ("preprocessed", "posterior"), ("preprocessed", "unmix")]
+    assert gm.loc[("preprocessed", "posterior"), "bias"] == pytest.approx((0.03 + 0.04 + 0.0) / 3)
+    assert gm.loc[("preprocessed", "unmix"), "mae"] == pytest.approx((0.02 + 0.02 + 0.03) / 3)
+    assert gm.loc[("combat", "unmix"), "mae"] == pytest.approx((0.01 + 0.01 + 0.02) / 3)
+
+
 def test_combat_rows_are_added_for_the_preprocessed_scans():
     rng = np.random.default_rng(1)
     rows = []

@@ -25,6 +25,7 @@ from harmodiff.combat import combat_ratios
 from harmodiff.io import write_text
 
 TISSUES = ("gm", "wm")
+FRACTIONS = ("unmix", "posterior")  # = segment.FRACTIONS (not imported: the stats env has no ANTs stack)
 
 
 def collect_ratios(volumes, methods, targets, scan_ids, subjects, sites) -> pd.DataFrame:
@@ -42,20 +43,30 @@ def add_combat(ratios: pd.DataFrame, reference_site: str | None) -> pd.DataFrame
     pre = ratios[ratios["method"] == "preprocessed"]
     ref = reference_site if reference_site in set(pre["site"]) else None
     adjusted = combat_ratios(pre, ref).assign(method="combat", target=ref or "pooled")
-    adjusted[[c for c in adjusted.columns if c.endswith("_ml")]] = float("nan")  # ComBat adjusts ratios only
+    # ComBat adjusts the evaluation's ratios only: volumes and the alternative fractions' ratios are not its
+    unadjusted = [c for c in adjusted.columns if c.endswith("_ml") or c.startswith(tuple(f"{f}_" for f in FRACTIONS))]
+    adjusted[unadjusted] = float("nan")
     return pd.concat([ratios, adjusted], ignore_index=True)
 
 
 def truth_errors(ratios: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
-    """Per method, target and tissue: mean absolute error, mean error and correlation vs the true ratios."""
+    """Per method, target, tissue fractions (`FRACTIONS`) and tissue: mean absolute
+    error, mean error and correlation vs the true ratios. Where the segmentation wrote every
+    fractions method's ratios (`unmix_gm_ratio`, ...), each is scored; otherwise (ComBat) the
+    evaluation's ratios, under their `fractions` label."""
     m = ratios.merge(truth[["subject"] + [f"{t}_ratio" for t in TISSUES]], on="subject", suffixes=("", "_true"))
     rows = []
     for (method, target), group in m.groupby(["method", "target"], sort=True):
-        for tissue in TISSUES:
-            est, true = group[f"{tissue}_ratio"], group[f"{tissue}_ratio_true"]
-            rows.append({"method": method, "target": target, "tissue": tissue.upper(),
-                         "mae": float((est - true).abs().mean()), "bias": float((est - true).mean()),
-                         "r": float(est.corr(true)), "n_scans": len(group)})
+        variants = [(f, f"{f}_") for f in FRACTIONS if f"{f}_gm_ratio" in group and group[f"{f}_gm_ratio"].notna().all()]
+        if not variants:
+            label = group["fractions"].iloc[0] if "fractions" in group and group["fractions"].notna().all() else ""
+            variants = [(label, "")]
+        for fractions, prefix in variants:
+            for tissue in TISSUES:
+                est, true = group[f"{prefix}{tissue}_ratio"], group[f"{tissue}_ratio_true"]
+                rows.append({"method": method, "target": target, "fractions": fractions, "tissue": tissue.upper(),
+                             "mae": float((est - true).abs().mean()), "bias": float((est - true).mean()),
+                             "r": float(est.corr(true)), "n_scans": len(group)})
     return pd.DataFrame(rows)
 
 

@@ -70,15 +70,17 @@ def local_class_means(image: np.ndarray, mask: np.ndarray, probs: dict[str, np.n
                       *, sigma_mm: float = 10.0, confident: float = 0.9) -> dict[str, np.ndarray]:
     """Mean intensity of each class around every voxel, from the voxels classified with posterior
     > `confident` (Gaussian-weighted, normalized convolution). Where a class has too few confident
-    voxels nearby (weight < 5 % of a full neighbourhood), its global mean is used."""
+    voxels nearby (weight < 5 % of a full neighbourhood), its global mean is used. A class with
+    fewer confident voxels than 5 % of its posterior volume (a noisy image: nothing is certain)
+    gets its posterior-weighted global mean everywhere."""
     sigma_vox = [sigma_mm / float(s) for s in spacing_mm]
     means = {}
     for tissue, p in probs.items():
         sure = mask & (p > confident)
-        if sure.sum() < 10:  # a class that is nowhere certain: its posterior-weighted mean
-            w = np.where(mask, p, 0)
-            if w.sum() <= 0:
-                raise InputError(f"tissue class {tissue!r} is empty inside the brain mask")
+        w = np.where(mask, p, 0)
+        if w.sum() <= 0:
+            raise InputError(f"tissue class {tissue!r} is empty inside the brain mask")
+        if sure.sum() < max(10, 0.05 * w.sum()):
             means[tissue] = np.full(image.shape, float((w * image).sum() / w.sum()), np.float32)
             continue
         global_mean = float(np.median(image[sure]))
@@ -181,14 +183,18 @@ def main(argv=None) -> int:
             probs = segment_atropos(data, mask, img.affine)
         else:
             probs = run_spm(Path(a.input), mask)
-        probs = tissue_fractions(data, mask, img.affine, probs, a.fractions)
+        fractions = {method: tissue_fractions(data, mask, img.affine, probs, method) for method in FRACTIONS}
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for t in TISSUES:
-        save_image(probs[t], img.affine, f"{a.output_prefix}_{t}.nii.gz")
+        save_image(fractions[a.fractions][t], img.affine, f"{a.output_prefix}_{t}.nii.gz")
     voxel_ml = float(abs(np.linalg.det(img.affine[:3, :3]))) / 1000.0
-    write_json(tissue_volumes(probs, voxel_ml), f"{a.output_prefix}_volumes.json")
+    # the chosen fractions' volumes, plus every method's ratios (the truth scores compare them)
+    volumes = {**tissue_volumes(fractions[a.fractions], voxel_ml), "fractions": a.fractions}
+    for method, maps in fractions.items():
+        volumes.update({f"{method}_{k}": v for k, v in tissue_volumes(maps, voxel_ml).items() if k.endswith("_ratio")})
+    write_json(volumes, f"{a.output_prefix}_volumes.json")
     return 0
 
 
