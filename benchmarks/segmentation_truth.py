@@ -45,7 +45,8 @@ def _ratios(image, mask, affine):
 
 def main(subjects: int = 8, workdir: str | None = None) -> None:
     work = Path(workdir or tempfile.mkdtemp(prefix="harmodiff-segtruth-"))
-    cfg = SynthConfig(train_sites=1, train_subjects_per_site=1, test_sites=3, test_subjects=subjects,
+    # three training sites as in the demo, so the test sites get the demo's site parameters
+    cfg = SynthConfig(train_sites=3, train_subjects_per_site=1, test_sites=3, test_subjects=subjects,
                       seed=0, render_spacing=1.5)
     sheet = generate(work / "synthetic", cfg, progress=False)
     test = sheet[sheet.cohort == "test"]
