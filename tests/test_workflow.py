@@ -222,10 +222,11 @@ def test_e2e_evaluation_tables(e2e):
     assert set(truth.method) == {"preprocessed", "diffusion", "histmatch"} and len(truth) == 3 * n_test
     errors = pd.read_csv(e2e / "results/tables/truth_ratios.csv")
     assert set(errors.method) == set(methods) and (errors.mae < 0.25).all()
-    # one segmentation, both volume estimates scored; ComBat under the evaluation's (config: unmix)
+    # one segmentation, both volume estimates scored; ComBat under the evaluation's (config: posterior)
     assert set(errors[errors.method == "preprocessed"].fractions) == {"unmix", "posterior"}
-    assert set(errors[errors.method == "combat"].fractions) == {"unmix"}
-    np.testing.assert_allclose(ratios.gm_ratio[ratios.method != "combat"], ratios.unmix_gm_ratio[ratios.method != "combat"])
+    assert set(errors[errors.method == "combat"].fractions) == {"posterior"}
+    images = ratios[ratios.method != "combat"]
+    np.testing.assert_allclose(images.gm_ratio, images.posterior_gm_ratio)
 
 
 @pytest.mark.e2e

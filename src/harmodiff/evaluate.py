@@ -25,7 +25,7 @@ from harmodiff.combat import combat_ratios
 from harmodiff.io import write_text
 
 TISSUES = ("gm", "wm")
-FRACTIONS = ("unmix", "posterior")  # = segment.FRACTIONS (not imported: the stats env has no ANTs stack)
+FRACTIONS = ("posterior", "unmix")  # = segment.FRACTIONS (not imported: the stats env has no ANTs stack)
 
 
 def collect_ratios(volumes, methods, targets, scan_ids, subjects, sites) -> pd.DataFrame:

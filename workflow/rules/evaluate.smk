@@ -43,7 +43,7 @@ rule segment:
     params:
         prefix=lambda wildcards, output: output.volumes.removesuffix("_volumes.json"),
         backend=config["evaluation"]["segmentation"],
-        fractions=config["evaluation"].get("tissue_fractions", "unmix"),
+        fractions=config["evaluation"].get("tissue_fractions", "posterior"),
     threads: 2
     resources:
         mem_mb=4000,
