@@ -1,3 +1,5 @@
+import shutil
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -148,3 +150,15 @@ def test_bf16_and_channels_last_match_fp32(scan):
     assert diff_bf16.mean() > 0  # autocast really ran in bf16
     assert np.abs(other - ref)[mask].mean() > 50 * diff_bf16.mean()
     np.testing.assert_allclose(layout, ref, atol=0.05)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on CPU needs a C compiler")
+def test_compiled_model_matches_eager(scan):
+    """torch.compile (inductor; ~1 min to compile the tiny U-Net on 2 cores) fuses kernels but
+    computes the same thing: equal to eager up to float summation order (measured max 5e-4)."""
+    image, mask = scan
+    labels = SiteLabels(["A", "B"], [0.0])
+    kw = dict(steps=5, batch_size=36, seed=1, guidance="cfgpp", scale=0.6, start_from="source", strength=0.4)
+    ref, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", **kw)
+    compiled, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", compile=True, **kw)
+    np.testing.assert_allclose(compiled, ref, atol=0.05)
