@@ -8,7 +8,7 @@ the same site effects as `make demo`), preprocesses every scan as the workflow d
 strip, N4, affine to MNI, 2 mm working grid; two scans in parallel, single-threaded each), runs
 Atropos with the MNI priors, and compares GM/WM/CSF ratios from summed posteriors and from
 partial-volume unmixing (`evaluation.tissue_fractions`) with the true ratios. Also scores the
-noise- and bias-free renderings on the same grid, which isolates the site effects. ~25 min on
+noise- and bias-free renderings on the same grid, which isolates the site effects. ~17 min on
 2 cores.
 """
 
