@@ -100,7 +100,7 @@ def partial_volume_fractions(image: np.ndarray, mask: np.ndarray, means: dict[st
     Fractions sum to one in the mask and are zero outside."""
     order = sorted(means, key=lambda t: float(np.median(means[t][mask])))
     mu = np.stack([means[t] for t in order])
-    # where noise in the local estimates breaks the order, fall back to the global order
+    # where noise in the local estimates breaks the order, nudge the brighter mean just above the darker
     for k in range(1, len(order)):
         broken = mu[k] <= mu[k - 1]
         if broken.any():
