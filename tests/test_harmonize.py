@@ -162,3 +162,22 @@ def test_compiled_model_matches_eager(scan):
     ref, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", **kw)
     compiled, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", compile=True, **kw)
     np.testing.assert_allclose(compiled, ref, atol=0.05)
+
+
+def test_scan_seeds_are_stable_and_differ_between_scans():
+    assert hz.scan_seed(0, "sub-01_ses-A") == hz.scan_seed(0, "sub-01_ses-A")
+    seeds = {hz.scan_seed(s, f"sub-{i:02d}") for s in (0, 1) for i in range(50)}
+    assert len(seeds) == 100
+
+
+def test_match_source_stats_gives_the_source_brain_mean_sd_and_range():
+    rng = np.random.default_rng(0)
+    source, patch = rng.normal(0.2, 0.3, (8, 8, 8)), rng.normal(-0.5, 0.05, (8, 8, 8))
+    mask = np.zeros((8, 8, 8), bool)
+    mask[2:6] = True
+    out = hz.match_source_stats(patch, source, mask)
+    s = source[mask]
+    assert out[mask].min() >= s.min() and out[mask].max() <= s.max()
+    assert out[mask].mean() == pytest.approx(s.mean(), abs=0.01) and out[mask].std() == pytest.approx(s.std(), rel=0.03)
+    np.testing.assert_array_equal(out[~mask], patch[~mask])
+    np.testing.assert_array_equal(hz.match_source_stats(patch, source, np.zeros_like(mask)), patch)

@@ -219,7 +219,10 @@ def test_e2e_evaluation_tables(e2e):
 
     # truth scores: every image method against the subject rendered at the target site
     truth = pd.read_csv(e2e / "results/tables/truth_similarity.csv")
-    assert set(truth.method) == {"preprocessed", "diffusion", "histmatch"} and len(truth) == 3 * n_test
+    main_rows = truth[truth.method.isin(["preprocessed", "diffusion", "histmatch"])]
+    assert set(main_rows.method) == {"preprocessed", "diffusion", "histmatch"} and len(main_rows) == 3 * n_test
+    assert set(truth.method) - set(main_rows.method) == {"cfg_1", "cfgpp_0.6"}  # the sweep, scored too
+    assert (truth.mae > 0).all() and truth.ssim.between(-1, 1).all()
     errors = pd.read_csv(e2e / "results/tables/truth_ratios.csv")
     used = errors[errors.fractions == "posterior"]  # the evaluation's estimate (config); unmix fails on the
     assert set(used.method) == set(methods) and (used.mae < 0.2).all()  # tiny model's noise-like images

@@ -30,16 +30,30 @@ from harmodiff.patches import extract, fuse, grid_positions, hann_window
 from harmodiff.intensity import from_model_units, to_model_units
 
 
+def match_source_stats(patch: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The authors' released post-processing: give a sampled patch the brain mean and standard
+    deviation of the source patch, then clamp it to the source's brain range. Voxels outside
+    `mask` are left as they are; a patch with no brain voxel is returned unchanged."""
+    if not mask.any():
+        return patch
+    p, s = patch[mask].astype(np.float64), source[mask].astype(np.float64)
+    scaled = (patch - p.mean()) / max(p.std(), 1e-8) * s.std() + s.mean()
+    out = np.where(mask, np.clip(scaled, s.min(), s.max()), patch)
+    return out.astype(patch.dtype)
+
+
 def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.ndarray, target_site: str, *,
                     guidance: str = "cfgpp", scale: float = 0.6, steps: int = 50, batch_size: int = 4,
                     seed: int = 0, device: str = "cpu", start_from: str = "noise", strength: float = 0.5,
                     bf16: bool = False, channels_last: bool = False, compile: bool = False,
-                    min_overlap: float = 0.5, progress: bool = False) -> tuple[np.ndarray, dict]:
+                    min_overlap: float = 0.5, match_stats: bool = False,
+                    progress: bool = False) -> tuple[np.ndarray, dict]:
     """Harmonized image (brain-median-500 units, background 0) and timing statistics.
 
     `bf16` runs the U-Net under bfloat16 autocast; `channels_last` stores 5-D tensors
     channels-last (what cuDNN's fastest 3-D convolutions want); `compile` wraps the model in
-    torch.compile. All three change only speed and rounding (tests: within tolerance of fp32)."""
+    torch.compile. All three change only speed and rounding (tests: within tolerance of fp32).
+    `match_stats` applies `match_source_stats` to each sampled patch before fusion."""
     from tqdm import tqdm
 
     try:
@@ -55,6 +69,7 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
     positions = grid_positions(image.shape, patch_shape, min_overlap)
     T = int(config["train"]["num_train_timesteps"])
     alphas = smp.linear_alphas_cumprod(T)
+    prediction = config["train"].get("prediction", "eps")
     timesteps = smp.ddim_timesteps(T, steps)
     if start_from == "source":
         timesteps = smp.start_timesteps(timesteps, strength)
@@ -93,7 +108,9 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             stats["unet_seconds"] += time.perf_counter() - t0
-            return eps_u, eps_c
+            a_t = float(alphas[t])
+            return (None if eps_u is None else smp.eps_from_prediction(eps_u, x, a_t, prediction),
+                    smp.eps_from_prediction(eps_c, x, a_t, prediction))
         return eps_fn
 
     outputs = []
@@ -110,11 +127,25 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
             x = smp.noised_start(stack(source).to(dev), x, alphas, timesteps[0])
         x0 = smp.sample_ddim(eps_fn_for(A_b, C_b, n), x, alphas, timesteps, guidance=guidance, scale=scale,
                              progress=lambda k: bar.update(k * n))
-        outputs.extend(x0[:, 0].float().cpu().numpy())
+        sampled = x0[:, 0].float().cpu().numpy()
+        if match_stats:
+            sampled = [match_source_stats(x, extract(source.numpy(), c, patch_shape), extract(mask, c, patch_shape))
+                       for x, c in zip(sampled, batch)]
+        outputs.extend(sampled)
     bar.close()
     fused = fuse(outputs, positions, image.shape, hann_window(patch_shape))
     stats["total_seconds"] = time.perf_counter() - t_all
     return from_model_units(fused, mask), stats
+
+
+def scan_seed(seed: int, key: str) -> int:
+    """The noise seed of one scan: a hash of the run seed and the scan's id, so every scan draws
+    its own noise field (with one shared seed, two noisy outputs share one noise pattern and
+    look alike across sites) and the same scan always draws the same one."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{int(seed)}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def to_native(harmonized_path, native_reference, transform, output) -> None:
@@ -142,12 +173,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=4, help="patches per forward pass (doubled for guidance)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed-key", help="a scan id: the noise seed becomes scan_seed(seed, key), one per scan")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--start-from", choices=["noise", "source"], default="noise")
     p.add_argument("--strength", type=float, default=0.5, help="with --start-from source: fraction of the schedule")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU speed; same result within rounding)")
     p.add_argument("--channels-last", action="store_true", help="channels-last 3-D memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (pays off on long GPU runs)")
+    p.add_argument("--match-source-stats", action="store_true",
+                   help="give each sampled patch the source patch's brain mean/sd and range (the authors' code)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA copy")
     p.add_argument("--native", action="store_true", help="also write the result in the scan's native space")
     p.add_argument("--native-reference", help="the raw scan (native grid), with --native")
@@ -167,9 +201,10 @@ def main(argv=None) -> int:
         model, labels, config = load_model_for_inference(a.checkpoint, a.device, use_ema=not a.no_ema)
         out, stats = harmonize_array(
             model, labels, config, np.asarray(img.dataobj, np.float32), mask, a.target_site,
-            guidance=a.guidance, scale=a.scale, steps=a.steps, batch_size=a.batch_size, seed=a.seed,
+            guidance=a.guidance, scale=a.scale, steps=a.steps, batch_size=a.batch_size,
+            seed=a.seed if a.seed_key is None else scan_seed(a.seed, a.seed_key),
             device=a.device, start_from=a.start_from, strength=a.strength, bf16=a.bf16,
-            channels_last=a.channels_last, compile=a.compile, progress=True)
+            channels_last=a.channels_last, compile=a.compile, match_stats=a.match_source_stats, progress=True)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -94,8 +94,16 @@ def truth_on_grid(truth_path, like: nib.Nifti1Image, mask: np.ndarray | None = N
     return median_normalize(data, mask) if mask is not None else data
 
 
-def truth_similarity(images, masks, truths, truth_masks) -> list[tuple[float, float]]:
-    """SSIM/PSNR of each image against its truth rendering, both inside the truth brain mask.
+def truth_scores(image: np.ndarray, mask: np.ndarray, truth: np.ndarray, truth_mask: np.ndarray) -> dict:
+    """SSIM, PSNR and the mean absolute error inside the true brain (brain-median-500 units) of
+    an image against its truth on the same grid."""
+    ssim, psnr = ssim_psnr(image, truth, mask, truth_mask)
+    mae = float(np.abs(np.where(mask, image, 0.0) - truth)[truth_mask].mean())
+    return {"ssim": ssim, "psnr": psnr, "mae": mae}
+
+
+def truth_similarity(images, masks, truths, truth_masks) -> list[dict]:
+    """`truth_scores` of each image against its truth rendering.
 
     The truth is median-normalized inside the truth mask (as preprocessing normalizes a scan).
     """
@@ -105,7 +113,7 @@ def truth_similarity(images, masks, truths, truth_masks) -> list[tuple[float, fl
         m = load_mask(mask, like=img)
         tm = truth_on_grid(truth_mask, img) > 0.5
         t = truth_on_grid(truth, img, tm)
-        out.append(ssim_psnr(np.asarray(img.dataobj, np.float32), t, m, tm))
+        out.append(truth_scores(np.asarray(img.dataobj, np.float32), m, t, tm))
     return out
 
 
@@ -153,8 +161,8 @@ def main(argv=None) -> int:
             df.insert(0, "scan_id", a.scan_ids)
         else:
             scores = truth_similarity(a.images, a.masks, a.truths, a.truth_masks)
-            df = pd.DataFrame({"method": a.methods, "target": a.targets, "scan_id": a.scan_ids,
-                               "ssim": [s for s, _ in scores], "psnr": [q for _, q in scores]})
+            df = pd.DataFrame({"method": a.methods, "target": a.targets, "scan_id": a.scan_ids})
+            df = pd.concat([df, pd.DataFrame(scores)], axis=1)
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -42,6 +42,23 @@ def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     return [int(t) for t in torch.linspace(num_train_timesteps - 1, 0, steps).round().long()]
 
 
+def eps_from_prediction(output, x_t, a_t, prediction: str = "eps"):
+    """The noise implied by a network output, for each training target (a_t = alpha-bar_t):
+
+        eps: output;  x0: (x_t - sqrt(a_t) x0) / sqrt(1 - a_t);  v: sqrt(a_t) v + sqrt(1 - a_t) x_t
+
+    All three are linear in the output, so guiding the eps of the branches is the same as
+    guiding their x0 or v."""
+    if prediction == "eps":
+        return output
+    a_t = torch.as_tensor(a_t, dtype=x_t.dtype, device=x_t.device)
+    if prediction == "x0":
+        return (x_t - torch.sqrt(a_t) * output) / torch.sqrt(1 - a_t)
+    if prediction == "v":
+        return torch.sqrt(a_t) * output + torch.sqrt(1 - a_t) * x_t
+    raise ValueError(f"prediction must be eps, v or x0, got {prediction!r}")
+
+
 def guided_noise(eps_u, eps_c, guidance: str, scale: float):
     """(eps used for the clean estimate, eps used to re-noise) for a guidance mode."""
     if guidance == "none":

@@ -11,8 +11,15 @@ Each training sample is drawn as the paper describes:
 5. a patch corner is drawn (`patches.random_patch`, overlapping the brain bounding box), and
    x0, A, A_coarse are cut there; with probability `null_prob` the label is the null label.
 
-Loss: DDPM noise-prediction MSE with MONAI's linear-beta scheduler. Optimizer: Adam. An EMA
-copy of the weights is kept for sampling.
+Loss: MSE against the prediction target (`prediction`: eps as in the paper, v =
+sqrt(a) eps - sqrt(1 - a) x0, or x0 itself) with MONAI's linear-beta scheduler, optionally
+weighted per sample by min-SNR-gamma (Hang et al. 2023). Optimizer: AdamW with a linear warm-up
+and an optional linear decay (the learning rate is a pure function of the step, so a resumed run
+follows the same schedule), optional gradient-norm clipping. An EMA copy of the weights is kept
+for sampling.
+
+Samples are built by a `torch.utils.data` pipeline (`TrainingSamples`, `workers` processes):
+sample building (full-volume deformation, anatomy map) runs beside the U-Net.
 
 Determinism: every random draw of sample i at step s comes from generators seeded by
 (seed, s, i), so a resumed run draws exactly what an uninterrupted run would, and a
@@ -44,6 +51,7 @@ from harmodiff.patches import brain_bbox, extract, random_patch
 from harmodiff.intensity import median_normalize, to_model_units
 
 CHECKPOINT = "checkpoint.pt"
+PREDICTIONS = ("eps", "v", "x0")
 
 
 @dataclass
@@ -61,6 +69,22 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = False
     compile: bool = False
+    prediction: str = "eps"                   # eps (the paper) | v | x0: what the network outputs
+    loss_weighting: str = "none"              # none | min_snr (weights min(SNR, gamma) / SNR-ish)
+    min_snr_gamma: float = 5.0
+    weight_decay: float = 0.0                 # AdamW
+    warmup_steps: int = 0                     # linear warm-up from 0 to lr
+    lr_decay: str = "none"                    # none | linear (to 0 at `steps`)
+    grad_clip: float = 0.0                    # max gradient norm; 0 = off
+    workers: int = 0                          # DataLoader processes building samples (0 = in the loop)
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"train config: prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.loss_weighting not in ("none", "min_snr"):
+            raise ValueError(f"train config: loss_weighting must be 'none' or 'min_snr', got {self.loss_weighting!r}")
+        if self.lr_decay not in ("none", "linear"):
+            raise ValueError(f"train config: lr_decay must be 'none' or 'linear', got {self.lr_decay!r}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TrainConfig":
@@ -69,6 +93,40 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"train config: unknown key(s) {sorted(unknown)}")
         return cls(**d)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Learning rate at (0-based) `step`: linear warm-up over `warmup_steps`, then constant or a
+    linear decay that reaches 0 at `steps`."""
+    lr = cfg.lr
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "linear":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        return lr * max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
+    return lr
+
+
+def prediction_target(prediction: str, x0, noise, alphas_cumprod_t):
+    """What the network is trained to output, given x0, the noise and alpha-bar_t (broadcastable)."""
+    a = alphas_cumprod_t
+    if prediction == "eps":
+        return noise
+    if prediction == "v":
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    if prediction == "x0":
+        return x0
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def loss_weights(prediction: str, weighting: str, alphas_cumprod_t, gamma: float = 5.0):
+    """Per-sample loss weights. min_snr: min(SNR, gamma) expressed for the target (Hang et al. 2023):
+    eps -> min(SNR, g) / SNR, v -> min(SNR, g) / (SNR + 1), x0 -> min(SNR, g); SNR = a / (1 - a)."""
+    if weighting == "none":
+        return torch.ones_like(alphas_cumprod_t)
+    snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+    clipped = torch.clamp(snr, max=gamma)
+    return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[prediction]
 
 
 @dataclass
@@ -148,8 +206,37 @@ def make_sample(volumes, labels: SiteLabels, cfg: TrainConfig, patch_shape, anat
             anat.coarse_patch(coarse, corner, patch_shape, mode)[None], label, t, noise)
 
 
-def make_batch(volumes, labels, cfg, patch_shape, anatomy_cfg, step, indices):
-    samples = [make_sample(volumes, labels, cfg, patch_shape, anatomy_cfg, step, i) for i in indices]
+class TrainingSamples(torch.utils.data.Dataset):
+    """Sample (step, index) of the training stream as a Dataset item, so a DataLoader's workers
+    can build them. Item k of step s is `make_sample(..., s, k)`: the draws depend only on
+    (seed, step, index), whichever process builds them."""
+
+    def __init__(self, volumes, labels, cfg, patch_shape, anatomy_cfg):
+        self.args = (volumes, labels, cfg, tuple(patch_shape), dict(anatomy_cfg or {}))
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, key):
+        step, index = key
+        return make_sample(*self.args, step, index)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batches of (step, index) keys for steps start..end-1 (indices of this rank)."""
+
+    def __init__(self, start: int, end: int, indices):
+        self.start, self.end, self.indices = start, end, list(indices)
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            yield [(step, i) for i in self.indices]
+
+
+def collate(samples):
     x0 = torch.from_numpy(np.stack([s[0] for s in samples]))
     A = torch.from_numpy(np.stack([s[1] for s in samples]))
     coarse = torch.from_numpy(np.stack([s[2] for s in samples]))
@@ -157,6 +244,19 @@ def make_batch(volumes, labels, cfg, patch_shape, anatomy_cfg, step, indices):
     t = torch.tensor([s[4] for s in samples], dtype=torch.long)
     noise = torch.stack([s[5] for s in samples])
     return x0, A, coarse, label, t, noise
+
+
+def make_batch(volumes, labels, cfg, patch_shape, anatomy_cfg, step, indices):
+    return collate([make_sample(volumes, labels, cfg, patch_shape, anatomy_cfg, step, i) for i in indices])
+
+
+def batches(volumes, labels, cfg: TrainConfig, patch_shape, anatomy_cfg, start, end, indices):
+    """The training batches of steps start..end-1, built by `cfg.workers` DataLoader processes."""
+    loader = torch.utils.data.DataLoader(
+        TrainingSamples(volumes, labels, cfg, patch_shape, anatomy_cfg),
+        batch_sampler=StepBatches(start, end, indices), collate_fn=collate, num_workers=cfg.workers,
+        persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+    return iter(loader)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +333,7 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
     if any(p % model.downsampling for p in patch_shape):
         raise InputError(f"patch shape {patch_shape}: every side must be divisible by {model.downsampling} "
                          f"(2^(levels-1) for {len(model_cfg.channels)} levels)")
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = _ema(model, cfg.ema_decay)
     start = 0
     ckpt_path = out / CHECKPOINT
@@ -277,23 +377,32 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
         write_text(json.dumps(labels.to_dict(), indent=1) + "\n", out / "site_labels.json")
 
     model.train()
+    alphas = scheduler.alphas_cumprod.to(device)
+    stream = batches(volumes, labels, cfg, patch_shape, anatomy_cfg, start, end,
+                     range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size))
     for step in bar:
-        indices = range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-        x0, A, coarse, label, t, noise = (v.to(device) for v in make_batch(
-            volumes, labels, cfg, patch_shape, anatomy_cfg, step, indices))
+        x0, A, coarse, label, t, noise = (v.to(device) for v in next(stream))
         x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
+        a_t = alphas[t].view(-1, 1, 1, 1, 1)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
             pred = net(x_t, t, A, coarse, label)
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        target = prediction_target(cfg.prediction, x0, noise, a_t)
+        per_sample = ((pred.float() - target) ** 2).flatten(1).mean(1)
+        loss = (loss_weights(cfg.prediction, cfg.loss_weighting, a_t.flatten(), cfg.min_snr_gamma) * per_sample).mean()
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         ema.update_parameters(model)
         value = loss.detach()
         if world > 1:
             torch.distributed.all_reduce(value)
             value /= world
-        rows.append({"step": step + 1, "loss": f"{float(value):.6g}", "lr": cfg.lr,
+        rows.append({"step": step + 1, "loss": f"{float(value):.6g}", "lr": f"{lr:.6g}",
                      "seconds": f"{time.perf_counter() - t_start:.3f}"})
         bar.set_postfix(loss=f"{float(value):.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < end:

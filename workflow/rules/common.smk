@@ -122,9 +122,16 @@ def similarity_entries():
 
 def truth_entries():
     """Synthetic cohort: every image at a target site vs the subject rendered at that site;
-    the unharmonized scans are scored against every target."""
+    the unharmonized scans are scored against every target, and every guidance-sweep setting
+    on the sweep subjects."""
     if config["cohort"]["source"] != "synthetic":
         return []
+
+    def entry(method, target, r, image):
+        return (method, target, r.Index, image, test_mask(r.site, r.Index),
+                f"results/synthetic/truth/at_site/{target}/{r.subject}.nii.gz",
+                f"results/synthetic/truth/subjects/{r.subject}_mask.nii.gz")
+
     entries = []
     for target in config["target_sites"]:
         for method in image_methods():
@@ -132,9 +139,10 @@ def truth_entries():
                 continue
             for r in TEST.itertuples():
                 image_target = "none" if method == "preprocessed" else target
-                entries.append((method, target, r.Index, method_image(method, image_target, r.site, r.Index),
-                                test_mask(r.site, r.Index), f"results/synthetic/truth/at_site/{target}/{r.subject}.nii.gz",
-                                f"results/synthetic/truth/subjects/{r.subject}_mask.nii.gz"))
+                entries.append(entry(method, target, r, method_image(method, image_target, r.site, r.Index)))
+        for guidance, scale, name in sweep_settings():
+            for r in TEST[TEST["subject"].isin(SWEEP_SUBJECTS)].itertuples():
+                entries.append(entry(name, target, r, sweep_image(guidance, scale, target, r.site, r.Index)))
     return entries
 
 

@@ -1,14 +1,17 @@
 HARMONIZE = config["harmonize"]
-# GPU speed options (config harmonize.bf16 / channels_last / compile): same images within rounding
+# GPU speed options (config harmonize.bf16 / channels_last / compile): same images within rounding;
+# match_source_stats: the authors' per-patch post-processing
 HARMONIZE_SPEED = " ".join(
-    f"--{key.replace('_', '-')}" for key in ("bf16", "channels_last", "compile") if HARMONIZE.get(key)
+    f"--{key.replace('_', '-')}"
+    for key in ("bf16", "channels_last", "compile", "match_source_stats")
+    if HARMONIZE.get(key)
 )
 HARMONIZE_SHELL = (
     "python -m harmodiff.harmonize --checkpoint {input.checkpoint} --input {input.image} "
     "--mask {input.mask} --target-site {wildcards.target} --output {output} "
     "--guidance {params.guidance} --scale {params.scale} --steps {params.steps} "
     "--start-from {params.start} --strength {params.strength} --batch-size {params.batch} "
-    "--seed {params.seed} --threads {threads} {params.speed} > {log} 2>&1"
+    "--seed {params.seed} --seed-key {wildcards.scan} --threads {threads} {params.speed} > {log} 2>&1"
 )
 
 
