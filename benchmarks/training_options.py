@@ -34,6 +34,7 @@ from harmodiff import sample as smp  # noqa: E402
 from harmodiff import train as tr  # noqa: E402
 from harmodiff.evaluate import markdown_table  # noqa: E402
 from harmodiff.metrics import ssim_psnr  # noqa: E402
+from harmodiff.model import ModelConfig  # noqa: E402
 from test_learnability import HELD_OUT, MODEL, TRAIN  # noqa: E402
 
 BASE = {"prediction": "eps", "lr": 1e-4, "warmup_steps": 0, "lr_decay": "none", "grad_clip": 0.0}
@@ -46,6 +47,7 @@ OPTIONS = {  # overrides of the learnability test's TrainConfig
     "x0, lr 2e-3 constant, no clip": {"lr_decay": "none", "warmup_steps": 0, "grad_clip": 0.0},
     "x0, lr 2e-3 warm-up + decay + clip (the test's)": {},
     "x0 + min-SNR-5, lr 2e-3 warm-up + decay + clip": {"loss_weighting": "min_snr"},
+    "x0 as tested, no self-attention (site token only)": {"model": {"self_attention": False}},
 }
 
 
@@ -120,10 +122,12 @@ def main(argv=None) -> None:
              **scores(source, truth, brain, wm)}]
     default_ckpt = None
     for name in a.options:
-        cfg = tr.TrainConfig(**{**TRAIN.__dict__, **OPTIONS[name], "steps": a.steps, "checkpoint_every": a.steps})
+        overrides = dict(OPTIONS[name])
+        model_cfg = ModelConfig.from_dict({**MODEL.to_dict(), **overrides.pop("model", {})})
+        cfg = tr.TrainConfig(**{**TRAIN.__dict__, **overrides, "steps": a.steps, "checkpoint_every": a.steps})
         out = Path(a.workdir) / f"option{list(OPTIONS).index(name)}"
         t0 = time.perf_counter()
-        tr.train(volumes, out, model_cfg=MODEL, cfg=cfg, patch_shape=(16, 16, 16), progress=False)
+        tr.train(volumes, out, model_cfg=model_cfg, cfg=cfg, patch_shape=(16, 16, 16), progress=False)
         minutes = (time.perf_counter() - t0) / 60
         losses = pd.read_csv(out / "loss.csv")["loss"].to_numpy()
         rows.append({"option": name, "minutes": minutes, "final loss": float(losses[-max(1, len(losses) // 10):].mean()),

@@ -90,3 +90,13 @@ def test_combat_rows_are_added_for_the_preprocessed_scans():
     spread = combat.groupby("site").gm_ratio.mean()
     assert spread.max() - spread.min() < 0.005  # the site shifts (0.05 apart) are gone
     assert evaluate.add_combat(pd.DataFrame(rows), "KPM").query("method == 'combat'").target.iloc[0] == "pooled"
+
+
+def test_table1_puts_seed_replicates_in_the_sweep_section():
+    rows = [{"method": m, "target": "T", "subject": subj, "site_a": "A", "site_b": "B", "ssim": v, "psnr": 20.0}
+            for m, subj, v in [("preprocessed", "s1", 0.5), ("diffusion", "s1", 0.8), ("diffusion", "s2", 0.6),
+                               ("diffusion_seed1", "s1", 0.7), ("cfg_2", "s1", 0.9)]]
+    t = figures.table1(pd.DataFrame(rows), ["cfg_2"], ["s1"])
+    assert list(t[t.section == "guidance sweep"].method) == ["preprocessed", "cfg_2", "diffusion_seed1"]
+    methods = t[t.section == "methods"].set_index("method")
+    assert list(methods.index) == ["preprocessed", "diffusion"] and methods.loc["diffusion", "ssim_mean"] == 0.7

@@ -103,6 +103,21 @@ def test_cli_writes_input_header_and_start_from_source_uses_fewer_passes(tmp_pat
     assert "'unet_passes': 288" in printed[0] and "'unet_passes': 144" in printed[1]  # 36 patches x 4 (2) steps x 2
     assert hz.main([*args, "--output", str(tmp_path / "x.nii.gz"), "--target-site", "Q"]) == 2
     assert "known sites: A, B" in capsys.readouterr().err
+    # the anatomy stage's files (its CLI, default settings = the checkpoint's) give the same image
+    from harmodiff import anatomy
+
+    assert anatomy.main(["--input", str(tmp_path / "in.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz"),
+                         "--output", str(tmp_path / "A.nii.gz"), "--coarse-output", str(tmp_path / "Ac.nii.gz")]) == 0
+    maps = ["--anatomy", str(tmp_path / "A.nii.gz"), "--coarse", str(tmp_path / "Ac.nii.gz")]
+    assert hz.main([*args, *maps, "--output", str(tmp_path / "files.nii.gz")]) == 0
+    np.testing.assert_allclose(nib.load(str(tmp_path / "files.nii.gz")).get_fdata(), out.get_fdata(), atol=1e-3)
+    # ... and A from another scan changes it (the files are really read)
+    nib.save(nib.Nifti1Image(np.flip(nib.load(str(tmp_path / "A.nii.gz")).get_fdata(), 0).astype(np.float32), aff),
+             str(tmp_path / "A_flip.nii.gz"))
+    assert hz.main([*args, "--anatomy", str(tmp_path / "A_flip.nii.gz"), "--coarse", str(tmp_path / "Ac.nii.gz"),
+                    "--output", str(tmp_path / "flip.nii.gz")]) == 0
+    assert np.abs(nib.load(str(tmp_path / "flip.nii.gz")).get_fdata() - out.get_fdata()).max() > 1
+    assert hz.main([*args, "--anatomy", str(tmp_path / "A.nii.gz"), "--output", str(tmp_path / "y.nii.gz")]) == 2
 
 
 def test_native_output_follows_the_inverse_of_the_saved_transform(tmp_path):

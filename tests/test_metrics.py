@@ -61,3 +61,34 @@ def test_truth_on_grid_resamples_by_world_coordinates(tmp_path):
     # the 4-voxel cube at 2 mm (world 16..22 mm) covers 1 mm voxels 16..22
     assert out[19, 19, 19] == pytest.approx(1.0) and out[10, 10, 10] == 0.0
     assert out.sum() == pytest.approx(data.sum() * 8, rel=0.01)
+
+
+def test_truth_summary_means_and_the_spread_over_seeds():
+    rows = []
+    for i, (s, m) in enumerate([(0.9, 10.0), (0.8, 20.0), (0.7, 30.0)]):
+        rows.append({"method": "diffusion", "target": "T", "scan_id": f"s{i}", "ssim": s, "psnr": 20 + i, "mae": m})
+    # scan s0 harmonized again under two other seeds: ssim 0.9, 0.8, 1.0 -> sd 0.1; mae 10, 14, 18 -> sd 4
+    rows += [{"method": "diffusion_seed1", "target": "T", "scan_id": "s0", "ssim": 0.8, "psnr": 0, "mae": 14.0},
+             {"method": "diffusion_seed2", "target": "T", "scan_id": "s0", "ssim": 1.0, "psnr": 0, "mae": 18.0},
+             {"method": "preprocessed", "target": "T", "scan_id": "s0", "ssim": 0.5, "psnr": 15, "mae": 50.0}]
+    out = metrics.truth_summary(pd.DataFrame(rows)).set_index("method")
+    assert list(out.index) == ["diffusion", "preprocessed"]  # replicates fold into their method's row
+    d = out.loc["diffusion"]
+    assert d.scans == 3 and d.ssim_mean == pytest.approx(0.8) and d.mae_mean == pytest.approx(20.0)
+    assert d.ssim_sd == pytest.approx(0.1) and d.psnr_mean == pytest.approx(21.0)
+    assert d.seeds == 3 and d.seed_scans == 1
+    assert d.ssim_seed_sd == pytest.approx(0.1) and d.mae_seed_sd == pytest.approx(4.0)
+    assert np.isnan(out.loc["preprocessed", "ssim_seed_sd"])
+
+
+def test_truth_scores_mae_inside_the_true_brain():
+    truth = np.zeros((12, 12, 12), np.float32)
+    truth[2:10, 2:10, 2:10] = 500
+    tm = truth > 0
+    image = truth + 10 * tm
+    image[2, 2, 2] = 0  # one brain voxel missed by the image's own mask
+    mask = tm.copy()
+    mask[2, 2, 2] = False
+    scores = metrics.truth_scores(image, mask, truth, tm)
+    assert scores["mae"] == pytest.approx((10 * (tm.sum() - 1) + 500) / tm.sum())
+    assert metrics.truth_scores(truth, tm, truth, tm) == {"ssim": pytest.approx(1.0), "psnr": np.inf, "mae": 0.0}

@@ -201,3 +201,39 @@ def test_dataloader_workers_build_the_same_batches_as_the_loop():
         expected = tr.make_batch(vols, labels, cfg, (8, 8, 8), {}, step, [2, 3])
         for got, want in zip(next(stream), expected):
             torch.testing.assert_close(got, want)
+
+
+def test_without_self_attention_blocks_keep_only_the_site_cross_attention():
+    """self_attention=False: the transformer blocks' self-attention adds nothing (the same model
+    with its self-attention output zeroed gives the same result), it costs fewer FLOPs, and the
+    site label still changes the output."""
+    from monai.networks.nets.diffusion_model_unet import DiffusionUNetTransformerBlock
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(**{**TINY.__dict__, "self_attention": False})
+    torch.manual_seed(0)
+    lean = build_model(cfg, 4)
+    torch.manual_seed(0)
+    full = build_model(TINY, 4)
+    missing, unexpected = full.load_state_dict(lean.state_dict(), strict=False)
+    assert missing and all(".attn1." in k for k in missing) and not unexpected
+    for block in full.unet.modules():
+        if isinstance(block, DiffusionUNetTransformerBlock):
+            block.attn1.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    with torch.no_grad():  # MONAI zero-inits the output conv and the transformers' projections
+        for p in lean.parameters():
+            if not p.any():
+                p.normal_(std=0.05)
+    full.load_state_dict(lean.state_dict(), strict=False)
+    x = torch.randn(2, 1, 16, 16, 16)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        a = lean(x, t, x, x, torch.tensor([1, 2]))
+        torch.testing.assert_close(a, full(x, t, x, x, torch.tensor([1, 2])))
+        assert (a - lean(x, t, x, x, torch.tensor([3, 3]))).abs().max() > 1e-4
+    costs = []
+    for model in (lean, build_model(TINY, 4)):
+        with FlopCounterMode(display=False) as counter:
+            model(x, t, x, x, torch.tensor([1, 2]))
+        costs.append(counter.get_total_flops())
+    assert costs[0] < costs[1]

@@ -179,13 +179,17 @@ def test_srpbs_config_builds_the_full_dag(tmp_path):
     assert counts["preprocess"] == 97 + 20
     assert counts["harmonize"] == 97          # the main setting (CFG++ 0.6), one per test scan
     assert counts["harmonize_sweep"] == 97 * 9  # Table 1: 5 CFG + 5 CFG++ settings, the main one reused
+    assert counts["harmonize_seed"] == 97 * 2   # the main setting under run seeds 1 and 2
     assert counts["histmatch"] == 97
     assert counts["histmatch_reference"] == 1  # the target's pool is built once, not per scan
     assert counts["segment"] == 97 * 3       # preprocessed, diffusion, histmatch
     assert counts["train"] == 1
     # harmonize.bf16 reaches every harmonization command, and nothing else
-    assert proc.stdout.count(" --bf16") == 97 * 10
-    assert proc.stdout.count("python -m harmodiff.harmonize ") == 97 * 10
+    assert proc.stdout.count(" --bf16") == 97 * 12
+    assert proc.stdout.count("python -m harmodiff.harmonize ") == 97 * 12
+    # every harmonization draws its scan's own noise field and reads the anatomy stage's maps
+    assert proc.stdout.count(" --seed-key sub-") == 97 * 12
+    assert proc.stdout.count(" --anatomy results/anatomy/test/") == 97 * 12
 
 
 @pytest.mark.e2e
@@ -213,7 +217,8 @@ def test_e2e_evaluation_tables(e2e):
     np.testing.assert_allclose(swept.ssim.to_numpy(), main.ssim.to_numpy())
     assert set(pairs[pairs.method == "cfg_1"].subject) == {first}
     table1 = pd.read_csv(e2e / "results/tables/table1.csv")
-    assert list(table1[table1.section == "guidance sweep"].method) == ["preprocessed", "cfg_1", "cfgpp_0.6"]
+    assert list(table1[table1.section == "guidance sweep"].method) == ["preprocessed", "cfg_1", "cfgpp_0.6",
+                                                                     "diffusion_seed1"]
     assert table1.ssim_mean.between(0, 1).all()
     assert "CFG w = 1" in (e2e / "results/tables/table1.md").read_text()
 
@@ -221,7 +226,7 @@ def test_e2e_evaluation_tables(e2e):
     truth = pd.read_csv(e2e / "results/tables/truth_similarity.csv")
     main_rows = truth[truth.method.isin(["preprocessed", "diffusion", "histmatch"])]
     assert set(main_rows.method) == {"preprocessed", "diffusion", "histmatch"} and len(main_rows) == 3 * n_test
-    assert set(truth.method) - set(main_rows.method) == {"cfg_1", "cfgpp_0.6"}  # the sweep, scored too
+    assert set(truth.method) - set(main_rows.method) == {"cfg_1", "cfgpp_0.6", "diffusion_seed1"}  # sweep, seeds
     assert (truth.mae > 0).all() and truth.ssim.between(-1, 1).all()
     errors = pd.read_csv(e2e / "results/tables/truth_ratios.csv")
     used = errors[errors.fractions == "posterior"]  # the evaluation's estimate (config); unmix fails on the

@@ -28,9 +28,13 @@ from harmodiff.workflow_support import parse_sweep_method, sweep_method  # noqa:
 GUIDANCE_LABELS = {"none": "no guidance", "cfg": "CFG w", "cfgpp": "CFG++ lambda"}
 
 
+SEED_SUFFIX = r"_seed\d+$"  # the main harmonization under another run seed (evaluation.guidance_sweep.seeds)
+
+
 def table1(pairs: pd.DataFrame, sweep_methods: list[str], sweep_subjects: list[str]) -> pd.DataFrame:
-    """Guidance sweep (on the sweep subjects, with the preprocessed baseline on the same subjects)
-    followed by every image method on all subjects; mean and sd over subject-site pairs."""
+    """Guidance sweep (on the sweep subjects, with the preprocessed baseline on the same subjects,
+    and the main setting's seed replicates `<method>_seed<N>`) followed by every image method on all
+    subjects; mean and sd over subject-site pairs."""
     sweep_rows = pairs[pairs["subject"].isin(sweep_subjects)]
     base = summarize(sweep_rows[sweep_rows["method"] == "preprocessed"]).assign(section="guidance sweep")
     sweep = summarize(sweep_rows[sweep_rows["method"].isin(sweep_methods)]).assign(section="guidance sweep")
@@ -39,8 +43,10 @@ def table1(pairs: pd.DataFrame, sweep_methods: list[str], sweep_subjects: list[s
         sweep["guidance"] = [g for g, _ in parsed]
         sweep["scale"] = [s for _, s in parsed]
         sweep = sweep.sort_values(["guidance", "scale"])
-    methods = summarize(pairs[~pairs["method"].isin(sweep_methods)]).assign(section="methods")
-    out = pd.concat([base, sweep, methods], ignore_index=True)
+    seeded = pairs["method"].str.contains(SEED_SUFFIX, regex=True)
+    seeds = summarize(sweep_rows[seeded.loc[sweep_rows.index]]).assign(section="guidance sweep")
+    methods = summarize(pairs[~pairs["method"].isin(sweep_methods) & ~seeded]).assign(section="methods")
+    out = pd.concat([base, sweep, seeds, methods], ignore_index=True)
     cols = ["section", "method", "target", "guidance", "scale", "ssim_mean", "ssim_sd", "psnr_mean", "psnr_sd",
             "pairs", "subjects"]
     return out.reindex(columns=cols)

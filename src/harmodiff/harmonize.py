@@ -46,14 +46,15 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
                     guidance: str = "cfgpp", scale: float = 0.6, steps: int = 50, batch_size: int = 4,
                     seed: int = 0, device: str = "cpu", start_from: str = "noise", strength: float = 0.5,
                     bf16: bool = False, channels_last: bool = False, compile: bool = False,
-                    min_overlap: float = 0.5, match_stats: bool = False,
-                    progress: bool = False) -> tuple[np.ndarray, dict]:
+                    min_overlap: float = 0.5, match_stats: bool = False, anatomy: np.ndarray | None = None,
+                    coarse: np.ndarray | None = None, progress: bool = False) -> tuple[np.ndarray, dict]:
     """Harmonized image (brain-median-500 units, background 0) and timing statistics.
 
     `bf16` runs the U-Net under bfloat16 autocast; `channels_last` stores 5-D tensors
     channels-last (what cuDNN's fastest 3-D convolutions want); `compile` wraps the model in
     torch.compile. All three change only speed and rounding (tests: within tolerance of fp32).
-    `match_stats` applies `match_source_stats` to each sampled patch before fusion."""
+    `match_stats` applies `match_source_stats` to each sampled patch before fusion. `anatomy` and
+    `coarse` are A and A_coarse as the anatomy stage wrote them (computed here when not given)."""
     from tqdm import tqdm
 
     try:
@@ -64,8 +65,17 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
     patch_shape = tuple(int(p) for p in config["patch_shape"])
     anatomy_cfg = config.get("anatomy") or {}
     mode = anatomy_cfg.get("coarse_mode", "local")
-    A = anat.anatomy_map(image, mask, alpha=anatomy_cfg.get("alpha", 0.5), sigma=anatomy_cfg.get("sigma", 1.0))
-    coarse = anat.coarse_map(A, anatomy_cfg.get("coarse_factor", 2), mode, patch_shape)
+    if anatomy is None:
+        A = anat.anatomy_map(image, mask, alpha=anatomy_cfg.get("alpha", 0.5), sigma=anatomy_cfg.get("sigma", 1.0))
+    else:
+        A = np.asarray(anatomy, np.float32)
+    if coarse is None:
+        coarse = anat.coarse_map(A, anatomy_cfg.get("coarse_factor", 2), mode, patch_shape)
+    expected = {"A": (A.shape, image.shape),
+                "A_coarse": (coarse.shape, tuple(patch_shape) if mode == "global" else image.shape)}
+    for name, (got, want) in expected.items():
+        if tuple(got) != tuple(want):
+            raise InputError(f"{name} has shape {tuple(got)}, expected {tuple(want)} (coarse mode {mode!r})")
     positions = grid_positions(image.shape, patch_shape, min_overlap)
     T = int(config["train"]["num_train_timesteps"])
     alphas = smp.linear_alphas_cumprod(T)
@@ -180,6 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU speed; same result within rounding)")
     p.add_argument("--channels-last", action="store_true", help="channels-last 3-D memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (pays off on long GPU runs)")
+    p.add_argument("--anatomy", help="A of the input as the anatomy stage wrote it (else computed here)")
+    p.add_argument("--coarse", help="A_coarse of the input as the anatomy stage wrote it (with --anatomy)")
     p.add_argument("--match-source-stats", action="store_true",
                    help="give each sampled patch the source patch's brain mean/sd and range (the authors' code)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA copy")
@@ -198,13 +210,20 @@ def main(argv=None) -> int:
             raise InputError("--native needs --native-reference, --transform and --native-output")
         img = load_image(a.input)
         mask = load_mask(a.mask, like=img)
+        if bool(a.anatomy) != bool(a.coarse):
+            raise InputError("--anatomy and --coarse go together")
+        maps = {}
+        if a.anatomy:
+            maps = {"anatomy": np.asarray(load_image(a.anatomy).dataobj, np.float32),
+                    "coarse": np.asarray(load_image(a.coarse).dataobj, np.float32)}
         model, labels, config = load_model_for_inference(a.checkpoint, a.device, use_ema=not a.no_ema)
         out, stats = harmonize_array(
             model, labels, config, np.asarray(img.dataobj, np.float32), mask, a.target_site,
             guidance=a.guidance, scale=a.scale, steps=a.steps, batch_size=a.batch_size,
             seed=a.seed if a.seed_key is None else scan_seed(a.seed, a.seed_key),
             device=a.device, start_from=a.start_from, strength=a.strength, bf16=a.bf16,
-            channels_last=a.channels_last, compile=a.compile, match_stats=a.match_source_stats, progress=True)
+            channels_last=a.channels_last, compile=a.compile, match_stats=a.match_source_stats, progress=True,
+            **maps)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

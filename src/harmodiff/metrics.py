@@ -117,6 +117,30 @@ def truth_similarity(images, masks, truths, truth_masks) -> list[dict]:
     return out
 
 
+def truth_summary(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per method and target: mean (and sd over scans) of SSIM, PSNR and MAE against the truth.
+
+    Methods named `<method>_seed<N>` are the same harmonization under other run seeds: their
+    scans' spread over seeds (mean over scans of the per-scan sd across `<method>` and its seed
+    replicates) is reported on `<method>`'s row as `ssim_seed_sd` / `mae_seed_sd`, with the number
+    of seeds; the replicates get no row of their own."""
+    base = scores["method"].str.replace(r"_seed\d+$", "", regex=True)
+    replicated = scores.assign(base=base)
+    rows = []
+    for (method, target), group in scores[base == scores["method"]].groupby(["method", "target"], sort=False):
+        row = {"method": method, "target": target, "scans": len(group),
+               "ssim_mean": group["ssim"].mean(), "ssim_sd": group["ssim"].std(),
+               "psnr_mean": group["psnr"].mean(), "mae_mean": group["mae"].mean(), "mae_sd": group["mae"].std()}
+        runs = replicated[(replicated["base"] == method) & (replicated["target"] == target)]
+        runs = runs[runs["scan_id"].isin(runs.loc[runs["method"] != method, "scan_id"])]
+        if len(runs):
+            spread = runs.groupby("scan_id")[["ssim", "mae"]].std()
+            row.update(seeds=int(runs.groupby("scan_id").size().max()), seed_scans=len(spread),
+                       ssim_seed_sd=spread["ssim"].mean(), mae_seed_sd=spread["mae"].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def preprocessing_scores(images, masks, truths, truth_masks) -> list[dict]:
     """Per preprocessed scan: Dice of its brain mask with the true one, and the correlation of the
     image with the scan's noise- and bias-free rendering inside both masks."""
@@ -144,6 +168,10 @@ def main(argv=None) -> int:
     pairs = sub.add_parser("pairs")
     truth = sub.add_parser("truth")
     pre = sub.add_parser("preprocessing")
+    summary = sub.add_parser("summary", help="truth_similarity.csv -> mean scores per method (CSV + markdown)")
+    summary.add_argument("--scores", required=True)
+    summary.add_argument("--output", required=True)
+    summary.add_argument("--output-md", required=True)
     for q, names in ((pairs, ("images", "masks", "methods", "targets", "subjects", "sites")),
                      (truth, ("images", "masks", "methods", "targets", "scan-ids", "truths", "truth-masks")),
                      (pre, ("images", "masks", "scan-ids", "truths", "truth-masks"))):
@@ -152,7 +180,12 @@ def main(argv=None) -> int:
         q.add_argument("--output", required=True)
     a = p.parse_args(argv)
     try:
-        if a.cmd == "pairs":
+        if a.cmd == "summary":
+            from harmodiff.evaluate import markdown_table
+
+            df = truth_summary(pd.read_csv(a.scores))
+            write_text(markdown_table(df) + "\n", a.output_md)
+        elif a.cmd == "pairs":
             entries = pd.DataFrame({"image": a.images, "mask": a.masks, "method": a.methods, "target": a.targets,
                                     "subject": a.subjects, "site": a.sites})
             df = pairwise_similarity(entries)

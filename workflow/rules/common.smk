@@ -80,6 +80,15 @@ def sweep_settings():
     return [(g, float(s), sweep_method(g, float(s))) for g in ("cfg", "cfgpp") for s in SWEEP.get(g, [])]
 
 
+def seed_replicates():
+    """(run seed, method name) of the main setting's extra seeds on the sweep subjects."""
+    return [(int(seed), f"diffusion_seed{int(seed)}") for seed in SWEEP.get("seeds") or []]
+
+
+def seed_image(seed, target, site, scan):
+    return f"results/seeds/{seed}/{target}/{site}/{scan}.nii.gz"
+
+
 def sweep_image(guidance, scale, target, site, scan):
     """The main harmonization's file when the setting is the main one (nothing is run twice)."""
     if (guidance, float(scale)) == MAIN_SETTING:
@@ -112,10 +121,13 @@ def similarity_entries():
             for r in TEST.itertuples():
                 entries.append((method, target, r.subject, r.site, method_image(method, target, r.site, r.Index),
                                 test_mask(r.site, r.Index)))
-    for guidance, scale, name in sweep_settings():
-        for target in config["target_sites"]:
-            for r in TEST[TEST["subject"].isin(SWEEP_SUBJECTS)].itertuples():
+    for target in config["target_sites"]:
+        for r in TEST[TEST["subject"].isin(SWEEP_SUBJECTS)].itertuples():
+            for guidance, scale, name in sweep_settings():
                 entries.append((name, target, r.subject, r.site, sweep_image(guidance, scale, target, r.site, r.Index),
+                                test_mask(r.site, r.Index)))
+            for seed, name in seed_replicates():  # cross-site similarity under other seeds
+                entries.append((name, target, r.subject, r.site, seed_image(seed, target, r.site, r.Index),
                                 test_mask(r.site, r.Index)))
     return entries
 
@@ -140,9 +152,11 @@ def truth_entries():
             for r in TEST.itertuples():
                 image_target = "none" if method == "preprocessed" else target
                 entries.append(entry(method, target, r, method_image(method, image_target, r.site, r.Index)))
-        for guidance, scale, name in sweep_settings():
-            for r in TEST[TEST["subject"].isin(SWEEP_SUBJECTS)].itertuples():
+        for r in TEST[TEST["subject"].isin(SWEEP_SUBJECTS)].itertuples():
+            for guidance, scale, name in sweep_settings():
                 entries.append(entry(name, target, r, sweep_image(guidance, scale, target, r.site, r.Index)))
+            for seed, name in seed_replicates():
+                entries.append(entry(name, target, r, seed_image(seed, target, r.site, r.Index)))
     return entries
 
 

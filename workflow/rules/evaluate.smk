@@ -195,6 +195,8 @@ rule truth_scores:
         preprocessing=report("results/tables/truth_preprocessing.csv", caption="../report/truth.rst", category="Truth"),
         ratios=report("results/tables/truth_ratios.csv", caption="../report/truth.rst", category="Truth"),
         similarity=report("results/tables/truth_similarity.csv", caption="../report/truth.rst", category="Truth"),
+        summary=report("results/tables/truth_summary.csv", caption="../report/truth.rst", category="Truth"),
+        summary_md="results/tables/truth_summary.md",
     params:
         **entry_args(TRUTH_ENTRIES, "methods", "targets", "scans"),
         scan_ids=" ".join(SCANS.index),
@@ -214,6 +216,8 @@ rule truth_scores:
         "python -m harmodiff.metrics truth --images {input.images} --masks {input.masks} --methods {params.methods} "
         "--targets {params.targets} --scan-ids {params.scans} --truths {input.truths} "
         "--truth-masks {input.truth_masks} --output {output.similarity} && "
+        "python -m harmodiff.metrics summary --scores {output.similarity} --output {output.summary} "
+        "--output-md {output.summary_md} && "
         "python -m harmodiff.metrics preprocessing --images {input.preprocessed} --masks {input.preprocessed_masks} "
         "--scan-ids {params.scan_ids} --truths {input.rendered} --truth-masks {input.subject_masks} "
         "--output {output.preprocessing}) > {log} 2>&1"

@@ -8,7 +8,7 @@ HARMONIZE_SPEED = " ".join(
 )
 HARMONIZE_SHELL = (
     "python -m harmodiff.harmonize --checkpoint {input.checkpoint} --input {input.image} "
-    "--mask {input.mask} --target-site {wildcards.target} --output {output} "
+    "--mask {input.mask} --anatomy {input.anatomy} --coarse {input.coarse} --target-site {wildcards.target} --output {output} "
     "--guidance {params.guidance} --scale {params.scale} --steps {params.steps} "
     "--start-from {params.start} --strength {params.strength} --batch-size {params.batch} "
     "--seed {params.seed} --seed-key {wildcards.scan} --threads {threads} {params.speed} > {log} 2>&1"
@@ -20,6 +20,8 @@ rule harmonize:
         checkpoint=rules.train.output.checkpoint,
         image="results/preprocessed/test/{site}/{scan}.nii.gz",
         mask="results/preprocessed/test/{site}/{scan}_mask.nii.gz",
+        anatomy="results/anatomy/test/{site}/{scan}_A.nii.gz",
+        coarse="results/anatomy/test/{site}/{scan}_Acoarse.nii.gz",
     output:
         "results/harmonized/diffusion/{target}/{site}/{scan}.nii.gz",
     params:
@@ -52,6 +54,8 @@ rule harmonize_sweep:
         checkpoint=rules.train.output.checkpoint,
         image="results/preprocessed/test/{site}/{scan}.nii.gz",
         mask="results/preprocessed/test/{site}/{scan}_mask.nii.gz",
+        anatomy="results/anatomy/test/{site}/{scan}_A.nii.gz",
+        coarse="results/anatomy/test/{site}/{scan}_Acoarse.nii.gz",
     output:
         "results/sweep/{guidance}_{scale}/{target}/{site}/{scan}.nii.gz",
     wildcard_constraints:
@@ -75,6 +79,43 @@ rule harmonize_sweep:
         "results/logs/harmonize/sweep/{guidance}_{scale}/{target}/{site}/{scan}.log",
     benchmark:
         "results/benchmarks/harmonize/sweep/{guidance}_{scale}/{target}/{site}/{scan}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        HARMONIZE_SHELL
+
+
+# the main harmonization again under other run seeds (config evaluation.guidance_sweep.seeds):
+# the spread of the truth scores over seeds, on the sweep subjects
+rule harmonize_seed:
+    input:
+        checkpoint=rules.train.output.checkpoint,
+        image="results/preprocessed/test/{site}/{scan}.nii.gz",
+        mask="results/preprocessed/test/{site}/{scan}_mask.nii.gz",
+        anatomy="results/anatomy/test/{site}/{scan}_A.nii.gz",
+        coarse="results/anatomy/test/{site}/{scan}_Acoarse.nii.gz",
+    output:
+        "results/seeds/{seed}/{target}/{site}/{scan}.nii.gz",
+    wildcard_constraints:
+        seed="[0-9]+",
+    params:
+        guidance=HARMONIZE["guidance"],
+        scale=HARMONIZE["scale"],
+        steps=HARMONIZE["steps"],
+        start=HARMONIZE["start_from"],
+        strength=HARMONIZE["strength"],
+        batch=HARMONIZE["batch_size"],
+        seed=lambda wildcards: wildcards.seed,
+        speed=HARMONIZE_SPEED,
+    threads: HARMONIZE["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    log:
+        "results/logs/harmonize/seeds/{seed}/{target}/{site}/{scan}.log",
+    benchmark:
+        "results/benchmarks/harmonize/seeds/{seed}/{target}/{site}/{scan}.tsv"
     conda:
         "../../envs/torch.yaml"
     shell:
