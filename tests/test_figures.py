@@ -100,3 +100,20 @@ def test_table1_puts_seed_replicates_in_the_sweep_section():
     assert list(t[t.section == "guidance sweep"].method) == ["preprocessed", "cfg_2", "diffusion_seed1"]
     methods = t[t.section == "methods"].set_index("method")
     assert list(methods.index) == ["preprocessed", "diffusion"] and methods.loc["diffusion", "ssim_mean"] == 0.7
+
+
+def test_truth_errors_against_the_segmented_truth_at_the_target():
+    """Each scan's ratio vs its subject's truth-at-target ratio (same segmentation); scans of a
+    target that was not rendered (the unharmonized 'none') use the first rendered target."""
+    ratios = pd.DataFrame({"method": ["diffusion", "diffusion", "preprocessed"], "target": ["T", "T", "none"],
+                           "scan_id": ["a", "b", "c"], "subject": ["s1", "s2", "s1"], "site": ["X", "X", "Y"],
+                           "gm_ratio": [0.40, 0.50, 0.45], "wm_ratio": [0.35, 0.30, 0.33],
+                           "posterior_gm_ratio": [0.40, 0.50, 0.45], "posterior_wm_ratio": [0.35, 0.30, 0.33]})
+    truth = pd.DataFrame({"subject": ["s1", "s2"], "gm_ratio": [0.42, 0.47], "wm_ratio": [0.34, 0.31]})
+    at_target = pd.DataFrame({"subject": ["s1", "s2"], "target": ["T", "T"], "posterior_gm_ratio": [0.41, 0.46],
+                              "posterior_wm_ratio": [0.36, 0.32]})
+    out = evaluate.truth_errors(ratios, truth, at_target).set_index(["method", "tissue"])
+    assert out.loc[("diffusion", "GM"), "mae_vs_target"] == pytest.approx((0.01 + 0.04) / 2)
+    assert out.loc[("diffusion", "WM"), "bias_vs_target"] == pytest.approx((-0.01 - 0.02) / 2)
+    assert out.loc[("preprocessed", "GM"), "bias_vs_target"] == pytest.approx(0.04)
+    assert out.loc[("diffusion", "GM"), "mae"] == pytest.approx((0.02 + 0.03) / 2)  # the old columns stay

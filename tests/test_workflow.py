@@ -231,6 +231,7 @@ def test_e2e_evaluation_tables(e2e):
     errors = pd.read_csv(e2e / "results/tables/truth_ratios.csv")
     used = errors[errors.fractions == "posterior"]  # the evaluation's estimate (config); unmix fails on the
     assert set(used.method) == set(methods) and (used.mae < 0.2).all()  # tiny model's noise-like images
+    assert used.mae_vs_target.notna().all() and (used.mae_vs_target < 0.3).all()  # vs the segmented truth at TRA
     # one segmentation, both volume estimates scored; ComBat under the evaluation's (config: posterior)
     assert set(errors[errors.method == "preprocessed"].fractions) == {"unmix", "posterior"}
     assert set(errors[errors.method == "combat"].fractions) == {"posterior"}

@@ -49,12 +49,22 @@ def add_combat(ratios: pd.DataFrame, reference_site: str | None) -> pd.DataFrame
     return pd.concat([ratios, adjusted], ignore_index=True)
 
 
-def truth_errors(ratios: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+def truth_errors(ratios: pd.DataFrame, truth: pd.DataFrame, target_truth: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per method, target, tissue fractions (`FRACTIONS`) and tissue: mean absolute
     error, mean error and correlation vs the true ratios. Where the segmentation wrote every
     fractions method's ratios (`unmix_gm_ratio`, ...), each is scored; otherwise (ComBat) the
-    evaluation's ratios, under their `fractions` label."""
+    evaluation's ratios, under their `fractions` label.
+
+    `target_truth` (columns subject, target and the segmentation's ratios) holds the ratios the
+    same segmentation finds on each subject rendered noise-free at each target site: what a
+    perfect harmonization would give. Against it: `mae_vs_target` and `bias_vs_target` (rows whose
+    target is not a rendered one, the unharmonized scans and ComBat, use the first target)."""
     m = ratios.merge(truth[["subject"] + [f"{t}_ratio" for t in TISSUES]], on="subject", suffixes=("", "_true"))
+    if target_truth is not None and len(target_truth):
+        rendered = list(dict.fromkeys(target_truth["target"]))
+        m["_truth_target"] = [t if t in rendered else rendered[0] for t in m["target"]]
+        m = m.merge(target_truth.rename(columns={"target": "_truth_target"}), on=["subject", "_truth_target"],
+                    how="left", suffixes=("", "_at_target"))
     rows = []
     for (method, target), group in m.groupby(["method", "target"], sort=True):
         variants = [(f, f"{f}_") for f in FRACTIONS if f"{f}_gm_ratio" in group and group[f"{f}_gm_ratio"].notna().all()]
@@ -64,9 +74,14 @@ def truth_errors(ratios: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
         for fractions, prefix in variants:
             for tissue in TISSUES:
                 est, true = group[f"{prefix}{tissue}_ratio"], group[f"{tissue}_ratio_true"]
-                rows.append({"method": method, "target": target, "fractions": fractions, "tissue": tissue.upper(),
-                             "mae": float((est - true).abs().mean()), "bias": float((est - true).mean()),
-                             "r": float(est.corr(true)), "n_scans": len(group)})
+                row = {"method": method, "target": target, "fractions": fractions, "tissue": tissue.upper(),
+                       "mae": float((est - true).abs().mean()), "bias": float((est - true).mean()),
+                       "r": float(est.corr(true)), "n_scans": len(group)}
+                at_target = f"{fractions}_{tissue}_ratio_at_target"
+                if at_target in group:
+                    row.update(mae_vs_target=float((est - group[at_target]).abs().mean()),
+                               bias_vs_target=float((est - group[at_target]).mean()))
+                rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -115,6 +130,10 @@ def main(argv=None) -> int:
     m.add_argument("--markdown", help="also write Table 2 as Markdown")
     u = sub.add_parser("truth")
     u.add_argument("--truth", required=True, help="the synthetic cohort's truth/subjects.tsv")
+    u.add_argument("--target-volumes", nargs="*", default=[],
+                   help="segmentation volumes JSON of each subject rendered noise-free at a target site")
+    u.add_argument("--target-subjects", nargs="*", default=[])
+    u.add_argument("--target-sites", nargs="*", default=[])
     for q in (t, m, u):
         q.add_argument("--ratios", required=True)
     for q in (r, t, m, u):
@@ -127,7 +146,13 @@ def main(argv=None) -> int:
     elif a.cmd == "ttests":
         df = ttests(pd.read_csv(a.ratios), a.reference)
     elif a.cmd == "truth":
-        df = truth_errors(pd.read_csv(a.ratios), pd.read_csv(a.truth, sep="\t"))
+        target_truth = None
+        if a.target_volumes:
+            target_truth = collect_ratios(a.target_volumes, ["truth"] * len(a.target_volumes), a.target_sites,
+                                          a.target_subjects, a.target_subjects, a.target_sites)
+            keep = ["subject", "target"] + [f"{f}_{t}_ratio" for f in FRACTIONS for t in TISSUES]
+            target_truth = target_truth[[c for c in keep if c in target_truth]]
+        df = truth_errors(pd.read_csv(a.ratios), pd.read_csv(a.truth, sep="\t"), target_truth)
     else:
         df = mixed_models(pd.read_csv(a.ratios))
         if a.markdown:

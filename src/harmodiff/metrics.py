@@ -168,6 +168,9 @@ def main(argv=None) -> int:
     pairs = sub.add_parser("pairs")
     truth = sub.add_parser("truth")
     pre = sub.add_parser("preprocessing")
+    image = sub.add_parser("truth-image", help="a truth rendering on a scan's working grid (median 500) + its mask")
+    for name in ("truth", "truth-mask", "like", "output", "mask-output"):
+        image.add_argument(f"--{name}", required=True)
     summary = sub.add_parser("summary", help="truth_similarity.csv -> mean scores per method (CSV + markdown)")
     summary.add_argument("--scores", required=True)
     summary.add_argument("--output", required=True)
@@ -180,6 +183,14 @@ def main(argv=None) -> int:
         q.add_argument("--output", required=True)
     a = p.parse_args(argv)
     try:
+        if a.cmd == "truth-image":
+            from harmodiff.io import save_image
+
+            like = load_image(a.like)
+            mask = truth_on_grid(a.truth_mask, like) > 0.5
+            save_image(truth_on_grid(a.truth, like, mask), like.affine, a.output)
+            save_image(mask, like.affine, a.mask_output, dtype=np.uint8)
+            return 0
         if a.cmd == "summary":
             from harmodiff.evaluate import markdown_table
 

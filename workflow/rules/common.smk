@@ -160,6 +160,24 @@ def truth_entries():
     return entries
 
 
+def target_truth_entries():
+    """Synthetic cohort: (target, subject) of every traveling subject rendered noise-free at every
+    target site, segmented like the harmonized scans (what a perfect harmonization would give)."""
+    if config["cohort"]["source"] != "synthetic":
+        return []
+    return [(target, subject) for target in config["target_sites"] for subject in TEST_SUBJECTS]
+
+
+def target_truth_volumes(target, subject):
+    return f"results/segmentation/truth/{target}/{subject}_volumes.json"
+
+
+def subject_grid_reference(wildcards):
+    """A preprocessed scan of the subject: the working grid the truth is resampled onto."""
+    r = next(TEST[TEST["subject"] == wildcards.subject].itertuples())
+    return f"results/preprocessed/test/{r.site}/{r.Index}.nii.gz"
+
+
 def segment_input_image(wildcards):
     return method_image(wildcards.method, wildcards.target, wildcards.site, wildcards.scan)
 

@@ -2,6 +2,7 @@
 EVALUATION_ENTRIES = evaluation_entries()
 SIMILARITY_ENTRIES = similarity_entries()
 TRUTH_ENTRIES = truth_entries()
+TARGET_TRUTH_ENTRIES = target_truth_entries()
 FIGURE2_ENTRIES = figure2_entries()
 
 
@@ -179,6 +180,57 @@ rule table1:
         "--sweep-subjects {params.subjects} --output-csv {output.csv} --output-md {output.markdown} > {log} 2>&1"
 
 
+# each traveling subject rendered noise-free at a target site, on the working grid, segmented like
+# the harmonized scans: the tissue ratios a perfect harmonization would give
+rule truth_target_image:
+    input:
+        truth="results/synthetic/truth/at_site/{target}/{subject}.nii.gz",
+        truth_mask="results/synthetic/truth/subjects/{subject}_mask.nii.gz",
+        like=subject_grid_reference,
+    output:
+        image="results/truth/{target}/{subject}.nii.gz",
+        mask="results/truth/{target}/{subject}_mask.nii.gz",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    log:
+        "results/logs/truth_target_image/{target}/{subject}.log",
+    benchmark:
+        "results/benchmarks/truth_target_image/{target}/{subject}.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "python -m harmodiff.metrics truth-image --truth {input.truth} --truth-mask {input.truth_mask} "
+        "--like {input.like} --output {output.image} --mask-output {output.mask} > {log} 2>&1"
+
+
+rule segment_truth:
+    input:
+        image=rules.truth_target_image.output.image,
+        mask=rules.truth_target_image.output.mask,
+    output:
+        volumes="results/segmentation/truth/{target}/{subject}_volumes.json",
+    params:
+        prefix=lambda wildcards, output: output.volumes.removesuffix("_volumes.json"),
+        backend=config["evaluation"]["segmentation"],
+        fractions=config["evaluation"].get("tissue_fractions", "posterior"),
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    log:
+        "results/logs/segment/truth/{target}/{subject}.log",
+    benchmark:
+        "results/benchmarks/segment/truth/{target}/{subject}.tsv"
+    conda:
+        "../../envs/preprocess.yaml"
+    shell:
+        "python -m harmodiff.segment --input {input.image} --mask {input.mask} "
+        "--output-prefix {params.prefix} --backend {params.backend} --fractions {params.fractions} "
+        "--threads {threads} > {log} 2>&1"
+
+
 rule truth_scores:
     input:
         ratios="results/tables/tissue_ratios.csv",
@@ -191,6 +243,7 @@ rule truth_scores:
         preprocessed_masks=stage_files("preprocessed", "_mask.nii.gz"),
         rendered=[f"results/synthetic/truth/rendered/{s}.nii.gz" for s in SCANS.index],
         subject_masks=[f"results/synthetic/truth/subjects/{s}_mask.nii.gz" for s in SCANS["subject"]],
+        target_volumes=[target_truth_volumes(t, s) for t, s in TARGET_TRUTH_ENTRIES],
     output:
         preprocessing=report("results/tables/truth_preprocessing.csv", caption="../report/truth.rst", category="Truth"),
         ratios=report("results/tables/truth_ratios.csv", caption="../report/truth.rst", category="Truth"),
@@ -200,6 +253,8 @@ rule truth_scores:
     params:
         **entry_args(TRUTH_ENTRIES, "methods", "targets", "scans"),
         scan_ids=" ".join(SCANS.index),
+        target_sites=" ".join(t for t, _ in TARGET_TRUTH_ENTRIES),
+        target_subjects=" ".join(s for _, s in TARGET_TRUTH_ENTRIES),
 
     threads: 1
     resources:
@@ -212,7 +267,9 @@ rule truth_scores:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "(python -m harmodiff.evaluate truth --ratios {input.ratios} --truth {input.truth} --output {output.ratios} && "
+        "(python -m harmodiff.evaluate truth --ratios {input.ratios} --truth {input.truth} "
+        "--target-volumes {input.target_volumes} --target-sites {params.target_sites} "
+        "--target-subjects {params.target_subjects} --output {output.ratios} && "
         "python -m harmodiff.metrics truth --images {input.images} --masks {input.masks} --methods {params.methods} "
         "--targets {params.targets} --scan-ids {params.scans} --truths {input.truths} "
         "--truth-masks {input.truth_masks} --output {output.similarity} && "

@@ -1,0 +1,117 @@
+"""GPU timings of the paper-size network: one training step (batch 5) and one harmonization of a
+1 mm volume (27 patches, 50 DDIM steps, CFG++), under each speed option.
+
+    python benchmarks/gpu_timing.py > benchmarks/gpu_timing.md            # on a GPU machine
+    python benchmarks/gpu_timing.py --tiny                                # CPU smoke run (tiny sizes)
+
+The paper's network is config/srpbs.yaml's `model` (with and without spatial self-attention);
+random weights (timing does not depend on them), random volumes on the paper's grid. Each row is
+timed after one warm-up call; harmonization rows run the real `harmonize_array`. `--tiny` swaps
+in a tiny network, a 32x40x32 grid, 2 DDIM steps and fp32 (with and without channels-last) so the
+script itself is tested on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from harmodiff.evaluate import markdown_table
+from harmodiff.harmonize import harmonize_array
+from harmodiff.model import ModelConfig, SiteLabels, build_model
+
+TINY = {"channels": [8, 16, 16, 16], "attention_levels": [False, False, True, False], "num_res_blocks": 1,
+        "num_head_channels": 8, "context_dim": 16, "norm_num_groups": 8}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step_seconds(model, patch, batch, device, bf16, channels_last, repeats):
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=fmt).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 1, *patch, device=device).contiguous(memory_format=fmt)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    labels = torch.ones(batch, dtype=torch.long, device=device)
+
+    def step():
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, t, x, x, labels)
+        loss = (out.float() - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / repeats
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    base = TINY if a.tiny else yaml.safe_load(open("config/srpbs.yaml"))["model"]
+    grid, patch = ((32, 40, 32), (16, 24, 16)) if a.tiny else ((160, 192, 160), (80, 96, 80))
+    steps = 2 if a.tiny else 50
+    labels = SiteLabels(["A", "B"], [0.0])
+    config = {"patch_shape": list(patch), "train": {"num_train_timesteps": 1000}, "anatomy": {}}
+    rng = np.random.default_rng(0)
+    image = np.zeros(grid, np.float32)
+    mask = np.zeros(grid, bool)
+    sl = tuple(slice(n // 8, n - n // 8) for n in grid)
+    mask[sl] = True
+    image[sl] = rng.uniform(200, 800, mask[sl].shape)
+    rows = []
+    for self_attention in (True, False):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.from_dict({**base, "self_attention": self_attention}), labels.num_embeddings)
+        for bf16, channels_last, compile_ in ((False, False, False), (True, False, False), (True, True, False),
+                                              (True, True, True)):
+            if a.tiny and (compile_ or bf16 != channels_last):
+                # CPU smoke run: bf16 3-D convolutions and inductor take minutes on 2 cores (both paths are
+                # tested in test_harmonize); the tiny run keeps fp32 and channels-last, bf16 off
+                continue
+            bf16 = bf16 and not a.tiny
+            name = {"self-attention": self_attention, "bf16": bf16, "channels_last": channels_last, "compile": compile_}
+            try:
+                net = torch.compile(model) if compile_ else model
+                train_s = train_step_seconds(net, patch, 5, device, bf16, channels_last, repeats=1 if a.tiny else 5)
+                model.eval()
+                kwargs = dict(guidance="cfgpp", scale=0.6, steps=steps, batch_size=4, device=a.device, bf16=bf16,
+                              channels_last=channels_last, compile=compile_)
+                harmonize_array(model, labels, config, image, mask, "A", **{**kwargs, "steps": 1})  # warm-up
+                sync(device)
+                t0 = time.perf_counter()
+                _, stats = harmonize_array(model, labels, config, image, mask, "A", **kwargs)
+                sync(device)
+                rows.append({**name, "train step s (batch 5)": train_s, "harmonize s / volume": time.perf_counter() - t0,
+                             "U-Net passes": stats["unet_passes"]})
+            except Exception as exc:  # an OOM or a compile failure is a result, not a crash
+                rows.append({**name, "train step s (batch 5)": f"failed: {type(exc).__name__}",
+                             "harmonize s / volume": "", "U-Net passes": ""})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"# GPU timings: {where}\n")
+    print(f"Command: `python benchmarks/gpu_timing.py{' --tiny' if a.tiny else ''}`; grid {'x'.join(map(str, grid))}, "
+          f"patches {'x'.join(map(str, patch))}, {steps} DDIM steps, CFG++ (2 branches), random weights.\n")
+    print(markdown_table(pd.DataFrame(rows)))
+
+
+if __name__ == "__main__":
+    main()
