@@ -237,3 +237,33 @@ def test_without_self_attention_blocks_keep_only_the_site_cross_attention():
             model(x, t, x, x, torch.tensor([1, 2]))
         costs.append(counter.get_total_flops())
     assert costs[0] < costs[1]
+
+
+def test_crop_shape_cuts_training_samples_from_the_same_draws(tmp_path):
+    """train.crop_shape: samples have the crop's shape and are cut from the augmented volume
+    exactly where the patch-shaped sample's draws say (same corner rule, same A), so a crop is the
+    patch-shaped sample's content at its own corner; a net with self-attention is refused."""
+    from harmodiff import anatomy as anat
+    from harmodiff.patches import brain_bbox, extract, random_patch
+
+    vols = [phantom("A", 0)]
+    labels = SiteLabels(["A"], [0.0])
+    an = {"alpha": 0.5, "sigma": 1.0, "coarse_factor": 2, "coarse_mode": "local"}
+    cfg = tr.TrainConfig(spatial_augmentation=False, contrast_levels=[0.0], anatomy_log_gamma=0.0,
+                         crop_shape=[8, 8, 16])
+    x0, A, coarse, label, t, noise = tr.make_sample(vols, labels, cfg, (16, 16, 16), an, 4, 1)
+    assert x0.shape == A.shape == coarse.shape == (1, 8, 8, 16) and noise.shape == (1, 8, 8, 16)
+    rng = np.random.default_rng([cfg.seed, 4, 1])
+    rng.integers(1)  # the volume draw
+    rng.choice(cfg.contrast_levels)
+    rng.uniform(0, 0)
+    corner = random_patch(vols[0].image.shape, (8, 8, 16), brain_bbox(vols[0].mask), rng)
+    full_A = anat.anatomy_map(vols[0].image, vols[0].mask)
+    np.testing.assert_allclose(A[0], extract(full_A, corner, (8, 8, 16)), atol=1e-6)
+    np.testing.assert_allclose(coarse[0], extract(anat.coarse_map(full_A, 2), corner, (8, 8, 16)), atol=1e-6)
+    with pytest.raises(tr.InputError, match="crop_shape needs a convolutional net"):
+        tr.train(vols, tmp_path / "run", model_cfg=TINY, cfg=cfg, patch_shape=(16, 16, 16),
+                 anatomy_cfg=an, progress=False)
+    with pytest.raises(ValueError, match="crop_shape must be three positive sides"):
+        tr.training_shape(tr.TrainConfig(crop_shape=[8, 8]), (16, 16, 16))
+    assert not (tmp_path / "run").exists()

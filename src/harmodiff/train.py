@@ -77,6 +77,9 @@ class TrainConfig:
     lr_decay: str = "none"                    # none | linear (to 0 at `steps`)
     grad_clip: float = 0.0                    # max gradient norm; 0 = off
     workers: int = 0                          # DataLoader processes building samples (0 = in the loop)
+    crop_shape: list | None = None            # train on crops of this shape instead of the inference
+                                              # patch (a net without self-attention is convolutional, so
+                                              # smaller crops give more samples per second); None = patch
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -182,9 +185,21 @@ def contrast_augment(image: np.ndarray, mask: np.ndarray, log_gamma: float) -> n
     return median_normalize(out, mask)
 
 
+def training_shape(cfg: TrainConfig, patch_shape) -> tuple[int, ...]:
+    """The shape of the training samples: `crop_shape` when set, else the inference patch."""
+    shape = tuple(int(p) for p in (cfg.crop_shape or patch_shape))
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"train config: crop_shape must be three positive sides, got {cfg.crop_shape!r}")
+    return shape
+
+
 def make_sample(volumes, labels: SiteLabels, cfg: TrainConfig, patch_shape, anatomy_cfg: dict,
                 step: int, index: int):
-    """Sample `index` of training step `step`: (x0, A, A_coarse, label, t, noise) as arrays."""
+    """Sample `index` of training step `step`: (x0, A, A_coarse, label, t, noise) as arrays.
+
+    `patch_shape` is the inference patch (A_coarse `global` is resampled to it); the sample itself
+    has `training_shape(cfg, patch_shape)`."""
+    crop = training_shape(cfg, patch_shape)
     rng = np.random.default_rng([cfg.seed, step, index])
     vol = volumes[int(rng.integers(len(volumes)))]
     if cfg.spatial_augmentation:
@@ -196,14 +211,14 @@ def make_sample(volumes, labels: SiteLabels, cfg: TrainConfig, patch_shape, anat
                          sigma=anatomy_cfg.get("sigma", 1.0), log_gamma=u)
     mode = anatomy_cfg.get("coarse_mode", "local")
     coarse = anat.coarse_map(A, anatomy_cfg.get("coarse_factor", 2), mode, patch_shape)
-    corner = random_patch(image.shape, patch_shape, brain_bbox(vol.mask), rng)
-    x0 = to_model_units(extract(image, corner, patch_shape), extract(vol.mask, corner, patch_shape))
+    corner = random_patch(image.shape, crop, brain_bbox(vol.mask), rng)
+    x0 = to_model_units(extract(image, corner, crop), extract(vol.mask, corner, crop))
     label = NULL_LABEL if rng.random() < cfg.null_prob else labels.index(vol.site, level)
     gen = torch.Generator().manual_seed(_torch_seed(rng))
     t = int(torch.randint(0, cfg.num_train_timesteps, (1,), generator=gen))
-    noise = torch.randn((1, *patch_shape), generator=gen)
-    return (x0[None], extract(A, corner, patch_shape)[None],
-            anat.coarse_patch(coarse, corner, patch_shape, mode)[None], label, t, noise)
+    noise = torch.randn((1, *crop), generator=gen)
+    return (x0[None], extract(A, corner, crop)[None],
+            anat.coarse_patch(coarse, corner, crop, mode)[None], label, t, noise)
 
 
 class TrainingSamples(torch.utils.data.Dataset):
@@ -324,15 +339,19 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
 
     anatomy_cfg = dict(anatomy_cfg or {})
     patch_shape = tuple(int(p) for p in patch_shape)
+    if cfg.crop_shape and (anatomy_cfg.get("coarse_mode", "local") == "global" or model_cfg.self_attention):
+        raise InputError("train.crop_shape needs a convolutional net: model.self_attention false and "
+                         "anatomy.coarse_mode local (self-attention and a global A_coarse see the whole patch)")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = _dist()
     torch.manual_seed(cfg.seed)
     labels = SiteLabels(sorted({v.site for v in volumes}), cfg.contrast_levels)
     model = build_model(model_cfg, labels.num_embeddings).to(device)
-    if any(p % model.downsampling for p in patch_shape):
-        raise InputError(f"patch shape {patch_shape}: every side must be divisible by {model.downsampling} "
-                         f"(2^(levels-1) for {len(model_cfg.channels)} levels)")
+    for name, shape in (("patch shape", patch_shape), ("train.crop_shape", training_shape(cfg, patch_shape))):
+        if any(p % model.downsampling for p in shape):
+            raise InputError(f"{name} {shape}: every side must be divisible by {model.downsampling} "
+                             f"(2^(levels-1) for {len(model_cfg.channels)} levels)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = _ema(model, cfg.ema_decay)
     start = 0
