@@ -267,3 +267,72 @@ def test_crop_shape_cuts_training_samples_from_the_same_draws(tmp_path):
     with pytest.raises(ValueError, match="crop_shape must be three positive sides"):
         tr.training_shape(tr.TrainConfig(crop_shape=[8, 8]), (16, 16, 16))
     assert not (tmp_path / "run").exists()
+
+
+def test_exported_model_is_checked_against_the_config_before_it_stands_in_for_training(tmp_path):
+    """`export` keeps the EMA weights, config and labels (no optimizer) and records its sha256;
+    `--pretrained` exports it as the run's model only when its sha256, training sites and every
+    setting it was trained with match the config, naming what differs otherwise."""
+    import json
+
+    import nibabel as nib
+    import yaml
+
+    vols = [phantom("A", 0), phantom("B", 1)]
+    settings = dict(steps=2, batch_size=1, checkpoint_every=100, contrast_levels=[0.0], spatial_augmentation=False)
+    tr.train(vols, tmp_path / "run", model_cfg=TINY, cfg=tr.TrainConfig(**settings), patch_shape=(16, 16, 16),
+             progress=False)
+    info = tr.export_model(tmp_path / "run/checkpoint.pt", tmp_path / "shipped")
+    shipped = tmp_path / "shipped/checkpoint.pt"
+    lean = torch.load(shipped, weights_only=True)
+    full = _state(tmp_path / "run")
+    assert set(lean) == {"model", "config", "site_labels", "step"} and lean["step"] == 2
+    for k, v in full["ema"].items():
+        assert torch.equal(lean["model"][k], v), k
+    assert (tmp_path / "shipped/checkpoint.pt.sha256").read_text().split()[0] == info["sha256"] == tr.file_sha256(shipped)
+    assert (tmp_path / "shipped/loss.csv").read_text() == (tmp_path / "run/loss.csv").read_text()
+
+    paths = []
+    for v in vols:
+        p = tmp_path / f"{v.site}.nii.gz"
+        nib.save(nib.Nifti1Image(v.image, np.eye(4)), p)
+        nib.save(nib.Nifti1Image(v.mask.astype(np.uint8), np.eye(4)), tmp_path / f"{v.site}_mask.nii.gz")
+        paths.append(p)
+
+    def run(train_settings, sha=info["sha256"], sites=("A", "B")):
+        cfg = {"model": TINY.to_dict(), "train": train_settings, "grid": {"patch_shape": [16, 16, 16]}, "anatomy": {}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        args = ["--config", str(tmp_path / "c.yaml"), "--images", *map(str, paths),
+                "--masks", *[str(p).replace(".nii", "_mask.nii") for p in paths], "--sites", *sites,
+                "--output-dir", str(tmp_path / "state"), "--export-dir", str(tmp_path / "out"),
+                "--pretrained", str(shipped), "--pretrained-sha256", sha]
+        return tr.main(args)
+
+    assert run({**settings, "workers": 3}) == 0  # speed-only settings may differ
+    assert (tmp_path / "out/checkpoint.pt").read_bytes() == shipped.read_bytes()
+    assert not (tmp_path / "state").exists()  # nothing was trained
+    model, labels, _ = tr.load_model_for_inference(tmp_path / "out/checkpoint.pt")
+    assert labels.sites == ["A", "B"]
+    for k, v in full["ema"].items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert run({**settings, "lr": 2e-4}) == 2
+    assert run(settings, sha="0" * 64) == 2
+    assert run(settings, sites=("A", "C")) == 2
+
+
+def test_pretrained_mismatch_messages_name_the_key_and_the_file(tmp_path, capsys):
+    vols = [phantom("A", 0)]
+    settings = dict(steps=1, batch_size=1, checkpoint_every=100, contrast_levels=[0.0], spatial_augmentation=False)
+    tr.train(vols, tmp_path / "run", model_cfg=TINY, cfg=tr.TrainConfig(**settings), patch_shape=(16, 16, 16),
+             progress=False)
+    path = tmp_path / "run/checkpoint.pt"
+    record = tr.config_record(TINY, tr.TrainConfig(**{**settings, "lr": 2e-4}), (16, 16, 16), {})
+    with pytest.raises(tr.InputError, match=r"checkpoint.pt: trained with other settings .*train\.lr: 0\.0001 -> 0\.0002"):
+        tr.check_pretrained(path, None, record, ["A"])
+    with pytest.raises(tr.InputError, match=r"sha256 [0-9a-f]{64} is not the configured abc"):
+        tr.check_pretrained(path, "abc", record, ["A"])
+    with pytest.raises(tr.InputError, match=r"trained on sites \['A'\], the training scans are at \['B'\]"):
+        tr.check_pretrained(path, None, tr.config_record(TINY, tr.TrainConfig(**settings), (16, 16, 16), {}), ["B"])
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "bare.pt")
+    with pytest.raises(tr.InputError, match="bare.pt: not a harmodiff model"):
+        tr.check_pretrained(tmp_path / "bare.pt", None, record, ["A"])

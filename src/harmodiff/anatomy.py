@@ -28,6 +28,7 @@ from scipy import ndimage
 from harmodiff.io import InputError, load_image, load_mask, save_image
 
 QUANTILES = (0.5, 99.5)
+NORMALIZE_EROSION = 2  # voxels of the brain rim left out of the normalizing percentiles
 
 
 def kernel_radius(sigma: float) -> int:
@@ -79,19 +80,31 @@ def raw_anatomy(perturbed: np.ndarray, *, alpha: float = 0.5, sigma: float = 1.0
     return out
 
 
-def quantile_normalize(values: np.ndarray, mask: np.ndarray, quantiles=QUANTILES) -> np.ndarray:
-    """Map the brain's lower/upper quantiles to -1/1, clip to [-1, 1]; background -1."""
-    lo, hi = np.percentile(values[mask], quantiles)
+def quantile_normalize(values: np.ndarray, mask: np.ndarray, quantiles=QUANTILES, erosion: int = 0) -> np.ndarray:
+    """Map the lower/upper quantiles of the brain eroded by `erosion` voxels (the whole brain when
+    the erosion would leave nothing) to -1/1, clip to [-1, 1]; background -1."""
+    inner = ndimage.binary_erosion(mask, iterations=int(erosion)) if erosion > 0 else mask
+    if not inner.any():
+        inner = mask
+    lo, hi = np.percentile(values[inner], quantiles)
     scaled = 2.0 * (values - lo) / max(float(hi - lo), 1e-12) - 1.0
     return np.where(mask, np.clip(scaled, -1.0, 1.0), -1.0).astype(np.float32)
 
 
 def anatomy_map(image: np.ndarray, mask: np.ndarray, *, alpha: float = 0.5, sigma: float = 1.0,
-                log_gamma: float = 0.0, terms=None) -> np.ndarray:
+                log_gamma: float = 0.0, terms=None, erosion: int = NORMALIZE_EROSION) -> np.ndarray:
     """The anatomical map A in [-1, 1] (see the module docstring)."""
     mask = np.asarray(mask, bool)
     perturbed = gamma_perturb(image, mask, log_gamma)
-    return quantile_normalize(raw_anatomy(perturbed, alpha=alpha, sigma=sigma, terms=terms), mask)
+    return quantile_normalize(raw_anatomy(perturbed, alpha=alpha, sigma=sigma, terms=terms), mask, erosion=erosion)
+
+
+def anatomy_map_from_config(image: np.ndarray, mask: np.ndarray, anatomy_cfg: dict | None,
+                            log_gamma: float = 0.0) -> np.ndarray:
+    """`anatomy_map` with the settings of a config's `anatomy` section (training and inference)."""
+    cfg = anatomy_cfg or {}
+    return anatomy_map(image, mask, alpha=cfg.get("alpha", 0.5), sigma=cfg.get("sigma", 1.0), log_gamma=log_gamma,
+                       erosion=cfg.get("normalize_erosion", NORMALIZE_EROSION))
 
 
 def _trilinear(volume: np.ndarray, size) -> np.ndarray:
@@ -131,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--sigma", type=float, default=1.0, help="voxels")
     p.add_argument("--log-gamma", type=float, default=0.0)
+    p.add_argument("--normalize-erosion", type=int, default=NORMALIZE_EROSION,
+                   help="voxels of the brain rim left out of the normalizing percentiles")
     p.add_argument("--coarse-factor", type=int, default=2)
     p.add_argument("--coarse-mode", choices=["local", "global"], default="local")
     p.add_argument("--patch-shape", type=int, nargs=3, default=None)
@@ -140,7 +155,8 @@ def main(argv=None) -> int:
         mask = load_mask(a.mask, like=img)
         if not mask.any():
             raise InputError(f"{a.mask}: brain mask is empty")
-        A = anatomy_map(np.asarray(img.dataobj, np.float32), mask, alpha=a.alpha, sigma=a.sigma, log_gamma=a.log_gamma)
+        A = anatomy_map(np.asarray(img.dataobj, np.float32), mask, alpha=a.alpha, sigma=a.sigma, log_gamma=a.log_gamma,
+                        erosion=a.normalize_erosion)
         coarse = coarse_map(A, a.coarse_factor, a.coarse_mode, a.patch_shape)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -66,7 +66,7 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
     anatomy_cfg = config.get("anatomy") or {}
     mode = anatomy_cfg.get("coarse_mode", "local")
     if anatomy is None:
-        A = anat.anatomy_map(image, mask, alpha=anatomy_cfg.get("alpha", 0.5), sigma=anatomy_cfg.get("sigma", 1.0))
+        A = anat.anatomy_map_from_config(image, mask, anatomy_cfg)
     else:
         A = np.asarray(anatomy, np.float32)
     if coarse is None:

@@ -207,8 +207,7 @@ def make_sample(volumes, labels: SiteLabels, cfg: TrainConfig, patch_shape, anat
     level = float(rng.choice(cfg.contrast_levels))
     image = contrast_augment(vol.image, vol.mask, level)
     u = float(rng.uniform(-cfg.anatomy_log_gamma, cfg.anatomy_log_gamma))
-    A = anat.anatomy_map(image, vol.mask, alpha=anatomy_cfg.get("alpha", 0.5),
-                         sigma=anatomy_cfg.get("sigma", 1.0), log_gamma=u)
+    A = anat.anatomy_map_from_config(image, vol.mask, anatomy_cfg, log_gamma=u)
     mode = anatomy_cfg.get("coarse_mode", "local")
     coarse = anat.coarse_map(A, anatomy_cfg.get("coarse_factor", 2), mode, patch_shape)
     corner = random_patch(image.shape, crop, brain_bbox(vol.mask), rng)
@@ -356,8 +355,7 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
     ema = _ema(model, cfg.ema_decay)
     start = 0
     ckpt_path = out / CHECKPOINT
-    config_record = {"model": model_cfg.to_dict(), "train": asdict(cfg), "patch_shape": list(patch_shape),
-                     "anatomy": anatomy_cfg}
+    record = config_record(model_cfg, cfg, patch_shape, anatomy_cfg)
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, map_location=device)
         if SiteLabels.from_dict(state["site_labels"]).to_dict() != labels.to_dict():
@@ -386,7 +384,7 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
             return
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "ema": _ema_weights(ema), "ema_state": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "step": step, "config": config_record,
+            "optimizer": optimizer.state_dict(), "step": step, "config": record,
             "site_labels": labels.to_dict(), "torch_rng": torch.get_rng_state(),
         })
         with atomic_path(loss_csv) as tmp, open(tmp, "w", newline="") as f:
@@ -435,6 +433,89 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
 
 
 # --------------------------------------------------------------------------------------------
+# a model trained elsewhere (the demo's shipped model)
+
+# settings that change how fast a run goes, not what it learns (tested: workers give the same
+# batches), so a shipped model still counts as "trained with this config" when they differ
+SPEED_ONLY = ("workers", "checkpoint_every", "compile")
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_record(model_cfg: ModelConfig, cfg: TrainConfig, patch_shape, anatomy_cfg) -> dict:
+    """What a checkpoint records of the settings it was trained with."""
+    return {"model": model_cfg.to_dict(), "train": asdict(cfg), "patch_shape": [int(p) for p in patch_shape],
+            "anatomy": dict(anatomy_cfg or {})}
+
+
+def record_differences(saved: dict, wanted: dict) -> list[str]:
+    """'section.key: saved -> wanted' for every setting that differs (speed-only keys ignored)."""
+    out = []
+    for section in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(section), wanted.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if section == "train" and key in SPEED_ONLY:
+                    continue
+                if a.get(key) != b.get(key):
+                    out.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+        elif a != b:
+            out.append(f"{section}: {a!r} -> {b!r}")
+    return out
+
+
+def check_pretrained(path, sha256: str | None, record: dict, sites) -> dict:
+    """Load a model trained elsewhere and prove it is the one the config describes: its sha256
+    (when given), its training sites and every setting it was trained with. Returns the checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: pretrained model not found")
+    if sha256 and file_sha256(path) != sha256.lower():
+        raise InputError(f"{path}: sha256 {file_sha256(path)} is not the configured {sha256}")
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or not {"model", "config", "site_labels"} <= set(ckpt):
+        raise InputError(f"{path}: not a harmodiff model (needs model, config and site_labels)")
+    have = SiteLabels.from_dict(ckpt["site_labels"]).sites
+    if have != sorted(set(map(str, sites))):
+        raise InputError(f"{path}: trained on sites {have}, the training scans are at {sorted(set(sites))}")
+    diff = record_differences(ckpt["config"], record)
+    if diff:
+        raise InputError(f"{path}: trained with other settings than the config ({'; '.join(diff)}); "
+                         "set train.pretrained: null to train with these")
+    return ckpt
+
+
+def export_model(checkpoint, output_dir) -> dict:
+    """The inference part of a training checkpoint (EMA weights as `model`, config, site labels,
+    step) written to output_dir/checkpoint.pt with its loss.csv / loss.png beside it, and the
+    checkpoint's sha256 in checkpoint.pt.sha256. Returns {'sha256', 'bytes'}."""
+    import shutil
+
+    ckpt = load_checkpoint(checkpoint)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lean = {"model": ckpt.get("ema") or ckpt["model"], "config": ckpt["config"],
+            "site_labels": ckpt["site_labels"], "step": ckpt["step"]}
+    save_checkpoint(out / CHECKPOINT, lean)
+    for name in ("loss.csv", "loss.png"):
+        src = Path(checkpoint).parent / name
+        if src.is_file():
+            with atomic_path(out / name) as tmp:
+                shutil.copyfile(src, tmp)
+    digest = file_sha256(out / CHECKPOINT)
+    write_text(f"{digest}  {CHECKPOINT}\n", out / f"{CHECKPOINT}.sha256")
+    return {"sha256": digest, "bytes": (out / CHECKPOINT).stat().st_size}
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -460,7 +541,33 @@ def _read_config(text: str | None) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
+def export_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m harmodiff.train export",
+                                description="Write the inference part of a training checkpoint (e.g. the demo model).")
+    p.add_argument("checkpoint")
+    p.add_argument("output_dir")
+    a = p.parse_args(argv)
+    try:
+        print(json.dumps(export_model(a.checkpoint, a.output_dir)))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _copy_outputs(src_dir: Path, dst_dir: Path, checkpoint: Path | None = None) -> None:
+    import shutil
+
+    for name in (CHECKPOINT, "loss.csv", "loss.png"):
+        src = checkpoint if (name == CHECKPOINT and checkpoint) else src_dir / name
+        with atomic_path(dst_dir / name) as tmp:
+            shutil.copyfile(src, tmp)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m harmodiff.train", description="Train the conditional denoiser.")
     p.add_argument("--config", help="workflow config YAML (keys model, train, grid.patch_shape, anatomy) or inline JSON")
     p.add_argument("--scans", help="scan sheet; its train rows are used, images found under --preprocessed-dir")
@@ -472,6 +579,9 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoint.pt if it exists")
     p.add_argument("--export-dir", help="when training ends, copy checkpoint.pt, loss.csv and loss.png here "
                    "(the Snakemake rule's outputs, kept apart so a rerun can resume from output-dir)")
+    p.add_argument("--pretrained", help="a model trained elsewhere with exactly these settings (e.g. the demo's "
+                   "shipped one): checked against the config and the training sites, then exported instead of training")
+    p.add_argument("--pretrained-sha256", help="the sha256 --pretrained must have")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int)
@@ -495,21 +605,24 @@ def main(argv=None) -> int:
                 raise InputError("--images, --masks and --sites need the same number of entries")
         else:
             raise InputError("give --scans SHEET or --images/--masks/--sites")
+        model_cfg = ModelConfig.from_dict(config.get("model"))
+        cfg = TrainConfig.from_dict(config.get("train"))
+        patch_shape = (config.get("grid") or {}).get("patch_shape", (40, 48, 40))
+        if a.pretrained:
+            ckpt = check_pretrained(a.pretrained, a.pretrained_sha256,
+                                    config_record(model_cfg, cfg, patch_shape, config.get("anatomy")), sites)
+            _copy_outputs(Path(a.pretrained).parent, Path(a.export_dir or a.output_dir), Path(a.pretrained))
+            print(json.dumps({"pretrained": str(a.pretrained), "step": int(ckpt.get("step", 0))}))
+            return 0
         volumes = load_volumes(images, masks, sites)
-        result = train(volumes, a.output_dir, model_cfg=ModelConfig.from_dict(config.get("model")),
-                       cfg=TrainConfig.from_dict(config.get("train")),
-                       patch_shape=(config.get("grid") or {}).get("patch_shape", (40, 48, 40)),
+        result = train(volumes, a.output_dir, model_cfg=model_cfg, cfg=cfg, patch_shape=patch_shape,
                        anatomy_cfg=config.get("anatomy"), resume=a.resume, max_steps=a.max_steps,
                        device=a.device)
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if a.export_dir and int(os.environ.get("RANK", "0")) == 0:
-        import shutil
-
-        for name in (CHECKPOINT, "loss.csv", "loss.png"):
-            with atomic_path(Path(a.export_dir) / name) as tmp:
-                shutil.copyfile(Path(a.output_dir) / name, tmp)
+        _copy_outputs(Path(a.output_dir), Path(a.export_dir))
     print(json.dumps(result))
     return 0
 

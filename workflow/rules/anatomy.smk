@@ -8,6 +8,7 @@ rule anatomy:
     params:
         alpha=config["anatomy"]["alpha"],
         sigma=config["anatomy"]["sigma"],
+        erosion=config["anatomy"]["normalize_erosion"],
         factor=config["anatomy"]["coarse_factor"],
         mode=config["anatomy"]["coarse_mode"],
         patch=" ".join(str(s) for s in config["grid"]["patch_shape"]),
@@ -24,5 +25,5 @@ rule anatomy:
     shell:
         "python -m harmodiff.anatomy --input {input.image} --mask {input.mask} "
         "--output {output.anatomy} --coarse-output {output.coarse} --alpha {params.alpha} "
-        "--sigma {params.sigma} --coarse-factor {params.factor} --coarse-mode {params.mode} "
+        "--sigma {params.sigma} --normalize-erosion {params.erosion} --coarse-factor {params.factor} --coarse-mode {params.mode} "
         "--patch-shape {params.patch} > {log} 2>&1"

@@ -215,10 +215,24 @@ def train_settings_json():
     """What harmodiff.train needs from the config, as one JSON argument (no quotes inside)."""
     import json
 
-    train = {k: v for k, v in config["train"].items() if k not in ("run", "threads")}
+    train = {k: v for k, v in config["train"].items() if k not in ("run", "threads", "pretrained", "pretrained_sha256")}
     settings = {"model": config["model"], "train": train, "anatomy": config["anatomy"],
                 "grid": {"patch_shape": config["grid"]["patch_shape"]}}
     return json.dumps(settings, separators=(",", ":"))
+
+
+def pretrained_model():
+    """The shipped model standing in for training (train.pretrained), as an input; else none."""
+    path = config["train"].get("pretrained")
+    return [path] if path else []
+
+
+def pretrained_args():
+    path = config["train"].get("pretrained")
+    if not path:
+        return ""
+    sha = config["train"].get("pretrained_sha256")
+    return f"--pretrained {path}" + (f" --pretrained-sha256 {sha}" if sha else "")
 
 
 def all_outputs():

@@ -6,6 +6,7 @@ rule train:
     input:
         images=stage_files("preprocessed", ".nii.gz", TRAIN_SCANS),
         masks=stage_files("preprocessed", "_mask.nii.gz", TRAIN_SCANS),
+        pretrained=pretrained_model(),
     output:
         checkpoint=f"results/model/{RUN}/checkpoint.pt",
         loss=f"results/model/{RUN}/loss.csv",
@@ -15,6 +16,7 @@ rule train:
         settings=train_settings_json(),
         state=f"results/model/{RUN}/state",
         export=lambda wildcards, output: os.path.dirname(output.checkpoint),
+        pretrained=pretrained_args(),
     threads: config["train"]["threads"]
     resources:
         mem_mb=16000,
@@ -29,4 +31,4 @@ rule train:
     shell:
         "python -m harmodiff.train --config '{params.settings}' --images {input.images} "
         "--masks {input.masks} --sites {params.sites} --output-dir {params.state} --resume "
-        "--export-dir {params.export} --threads {threads} > {log} 2>&1"
+        "--export-dir {params.export} {params.pretrained} --threads {threads} > {log} 2>&1"
