@@ -31,9 +31,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "benchmarks" / "demo_training.csv"
 FIELDS = ["name", "steps", "minutes", "final_loss", "setting", "scans", "ssim", "psnr", "mae"]
-# (label, start_from, strength, steps)
+# label: (start_from, strength, DDIM schedule length); "source-0.5x20" enters a 20-step schedule half way
 SETTINGS = {"source-0.5": ("source", 0.5, 10), "source-0.3": ("source", 0.3, 10),
-            "noise-10": ("noise", 1.0, 10)}
+            "source-0.7": ("source", 0.7, 10), "source-0.5x20": ("source", 0.5, 20),
+            "noise-10": ("noise", 1.0, 10), "noise-20": ("noise", 1.0, 20)}
 
 
 def load_scan(path):
@@ -56,6 +57,8 @@ def score(image, mask, img, subject, target, results):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name")
+    p.add_argument("--checkpoint", help="score this checkpoint (no training); --name labels the row")
+    p.add_argument("--loss", help="with --checkpoint: its loss.csv (default: beside it)")
     p.add_argument("--steps", type=int)
     p.add_argument("--train", default="{}", help="JSON overrides of the train section")
     p.add_argument("--model", default="{}", help="JSON overrides of the model section")
@@ -66,9 +69,12 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/demo_training")
     p.add_argument("--reuse", action="store_true", help="score an already trained checkpoint again")
     p.add_argument("--table", action="store_true", help="only rewrite the markdown table")
+    p.add_argument("--source-row", action="store_true", help="add the scores of the unharmonized scans")
     a = p.parse_args(argv)
     if a.table:
         return write_table()
+    if a.source_row:
+        return source_row(a)
     from harmodiff import harmonize as hz
     from harmodiff import train as tr
     from harmodiff.model import ModelConfig
@@ -85,17 +91,21 @@ def main(argv=None) -> int:
     out = Path(a.workdir) / a.name
     sheet = read_scan_sheet(results / "synthetic" / "scans.tsv", check_files=False)
     pre = results / "preprocessed"
-    if not a.reuse:
+    checkpoint = Path(a.checkpoint) if a.checkpoint else out / tr.CHECKPOINT
+    loss_csv = Path(a.loss) if a.loss else checkpoint.parent / "loss.csv"
+    if a.checkpoint:
+        out.mkdir(parents=True, exist_ok=True)
+    elif not a.reuse:
         train_rows = sheet[sheet["cohort"] == "train"]
         volumes = [tr.Volume(*load_scan(pre / "train" / r.site / f"{r.scan_id}.nii.gz")[1:], r.site, r.scan_id)
                    for r in train_rows.itertuples()]
         tr.train(volumes, out, model_cfg=ModelConfig.from_dict(model_cfg), cfg=tr.TrainConfig.from_dict(train_cfg),
                  patch_shape=config["grid"]["patch_shape"], anatomy_cfg=config["anatomy"], progress=False)
-    with open(out / "loss.csv") as f:
+    with open(loss_csv) as f:
         rows = list(csv.DictReader(f))
     minutes = float(rows[-1]["seconds"]) / 60
     final_loss = float(np.mean([float(r["loss"]) for r in rows[-50:]]))
-    model, labels, ckpt_config = tr.load_model_for_inference(out / tr.CHECKPOINT)
+    model, labels, ckpt_config = tr.load_model_for_inference(checkpoint)
     ckpt_config = {**ckpt_config, "patch_shape": config["grid"]["patch_shape"]}
     for label in a.settings:
         start_from, strength, steps = SETTINGS[label]
@@ -109,16 +119,36 @@ def main(argv=None) -> int:
                 batch_size=2, seed=hz.scan_seed(0, scan), start_from=start_from, strength=strength)
             np.save(out / f"{scan}_{label}.npy", harmonized)
             scores.append(score(harmonized, mask, img, r.subject, a.target, results))
-        row = {"name": a.name, "steps": train_cfg["steps"], "minutes": f"{minutes:.1f}",
+        row = {"name": a.name, "steps": rows[-1]["step"], "minutes": f"{minutes:.1f}",
                "final_loss": f"{final_loss:.4f}", "setting": label, "scans": len(a.scans),
                **{k: f"{np.mean([s[k] for s in scores]):.3f}" for k in ("ssim", "psnr", "mae")}}
         print(row, f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        new = not CSV.is_file()
-        with open(CSV, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        append_row(row)
+    return write_table()
+
+
+def append_row(row: dict) -> None:
+    new = not CSV.is_file()
+    with open(CSV, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def source_row(a) -> int:
+    from harmodiff.scans import read_scan_sheet
+
+    results = Path(a.results)
+    sheet = read_scan_sheet(results / "synthetic" / "scans.tsv", check_files=False)
+    scores = []
+    for scan in a.scans:
+        r = sheet[sheet["scan_id"] == scan].iloc[0]
+        img, image, mask = load_scan(results / "preprocessed" / "test" / r.site / f"{scan}.nii.gz")
+        scores.append(score(image, mask, img, r.subject, a.target, results))
+    append_row({"name": "no harmonization (preprocessed)", "steps": 0, "minutes": "0", "final_loss": "",
+                "setting": "-", "scans": len(a.scans),
+                **{k: f"{np.mean([s[k] for s in scores]):.3f}" for k in ("ssim", "psnr", "mae")}})
     return write_table()
 
 

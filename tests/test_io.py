@@ -57,3 +57,41 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     save_image(np.ones((3, 3, 3)), np.eye(4), target)
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
     np.testing.assert_array_equal(nib.load(str(target)).get_fdata(), 1.0)
+
+
+def test_outputs_follow_the_umask_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_image(np.ones((4, 4, 4)), np.eye(4), tmp_path / "a.nii.gz")
+        os.umask(0o007)
+        save_image(np.ones((4, 4, 4)), np.eye(4), tmp_path / "b.nii.gz")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.nii.gz").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.nii.gz").stat().st_mode) == 0o660
+
+
+@pytest.mark.parametrize("module", ["anatomy", "harmonize"])
+def test_commands_refuse_to_write_over_their_inputs(tmp_path, module, capsys):
+    """--output equal to --input (by name, or through a hard link) is refused before anything is
+    read or written, and the input is left byte-identical."""
+    import importlib
+    import os
+
+    save_image(np.ones((8, 8, 8)), np.eye(4), tmp_path / "scan.nii.gz")
+    save_image(np.ones((8, 8, 8)), np.eye(4), tmp_path / "mask.nii.gz")
+    os.link(tmp_path / "scan.nii.gz", tmp_path / "alias.nii.gz")
+    before = (tmp_path / "scan.nii.gz").read_bytes()
+    main = importlib.import_module(f"harmodiff.{module}").main
+    for out in ("scan.nii.gz", "alias.nii.gz", "./../" + tmp_path.name + "/scan.nii.gz"):
+        common = ["--input", str(tmp_path / "scan.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz"),
+                  "--output", str(tmp_path / out)]
+        extra = (["--coarse-output", str(tmp_path / "c.nii.gz")] if module == "anatomy" else
+                 ["--checkpoint", str(tmp_path / "none.pt"), "--target-site", "X"])
+        assert main(common + extra) == 2
+        assert "refusing to overwrite the input" in capsys.readouterr().err
+    assert (tmp_path / "scan.nii.gz").read_bytes() == before
+    assert not (tmp_path / "c.nii.gz").exists()

@@ -291,6 +291,8 @@ def test_exported_model_is_checked_against_the_config_before_it_stands_in_for_tr
         assert torch.equal(lean["model"][k], v), k
     assert (tmp_path / "shipped/checkpoint.pt.sha256").read_text().split()[0] == info["sha256"] == tr.file_sha256(shipped)
     assert (tmp_path / "shipped/loss.csv").read_text() == (tmp_path / "run/loss.csv").read_text()
+    readable = json.loads((tmp_path / "shipped/model.json").read_text())
+    assert readable["sha256"] == info["sha256"] and readable["config"]["train"]["steps"] == 2
 
     paths = []
     for v in vols:

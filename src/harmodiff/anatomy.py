@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from harmodiff.io import InputError, load_image, load_mask, save_image
+from harmodiff.io import InputError, load_image, load_mask, refuse_overwriting_inputs, save_image
 
 QUANTILES = (0.5, 99.5)
 NORMALIZE_EROSION = 2  # voxels of the brain rim left out of the normalizing percentiles
@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--patch-shape", type=int, nargs=3, default=None)
     a = p.parse_args(argv)
     try:
+        refuse_overwriting_inputs([a.input, a.mask], [a.output, a.coarse_output])
         img = load_image(a.input)
         mask = load_mask(a.mask, like=img)
         if not mask.any():

@@ -24,7 +24,7 @@ import torch
 
 from harmodiff import anatomy as anat
 from harmodiff import sample as smp
-from harmodiff.io import InputError, load_image, load_mask, save_image
+from harmodiff.io import InputError, load_image, load_mask, refuse_overwriting_inputs, save_image
 from harmodiff.model import NULL_LABEL
 from harmodiff.patches import extract, fuse, grid_positions, hann_window
 from harmodiff.intensity import from_model_units, to_model_units
@@ -206,6 +206,8 @@ def main(argv=None) -> int:
     from harmodiff.train import load_model_for_inference
 
     try:
+        refuse_overwriting_inputs([a.checkpoint, a.input, a.mask, a.anatomy, a.coarse, a.native_reference, a.transform],
+                                  [a.output, a.native_output])
         if a.native and not (a.native_reference and a.transform and a.native_output):
             raise InputError("--native needs --native-reference, --transform and --native-output")
         img = load_image(a.input)

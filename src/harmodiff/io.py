@@ -78,12 +78,32 @@ def load_mask(path: str | os.PathLike, like: nib.Nifti1Image | None = None) -> n
     return np.asarray(img.dataobj) > 0.5
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def refuse_overwriting_inputs(inputs, outputs) -> None:
+    """InputError when an output path is one of the inputs (same resolved path, or the same file
+    through another name: same device and inode), so no command writes over what it reads."""
+    ins = [Path(p) for p in inputs if p]
+    for out in (Path(p) for p in outputs if p):
+        for src in ins:
+            same = out.resolve() == src.resolve()
+            if not same and out.exists() and src.exists():
+                same = os.path.samefile(out, src)
+            if same:
+                raise InputError(f"{out}: refusing to overwrite the input {src}")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`.
 
     A killed job leaves no half-written output that Snakemake or the user could take for a
-    finished one.
+    finished one. The file gets the mode a plain `open` would give (0666 less the umask), not
+    mkstemp's 0600, so shared lab directories can read it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +113,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

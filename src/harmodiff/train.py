@@ -495,8 +495,9 @@ def check_pretrained(path, sha256: str | None, record: dict, sites) -> dict:
 
 def export_model(checkpoint, output_dir) -> dict:
     """The inference part of a training checkpoint (EMA weights as `model`, config, site labels,
-    step) written to output_dir/checkpoint.pt with its loss.csv / loss.png beside it, and the
-    checkpoint's sha256 in checkpoint.pt.sha256. Returns {'sha256', 'bytes'}."""
+    step) written to output_dir/checkpoint.pt with its loss.csv / loss.png beside it, the
+    checkpoint's sha256 in checkpoint.pt.sha256 and its settings, readable, in model.json.
+    Returns {'sha256', 'bytes'}."""
     import shutil
 
     ckpt = load_checkpoint(checkpoint)
@@ -512,6 +513,8 @@ def export_model(checkpoint, output_dir) -> dict:
                 shutil.copyfile(src, tmp)
     digest = file_sha256(out / CHECKPOINT)
     write_text(f"{digest}  {CHECKPOINT}\n", out / f"{CHECKPOINT}.sha256")
+    write_text(json.dumps({"step": ckpt["step"], "sha256": digest, "config": ckpt["config"],
+                           "site_labels": ckpt["site_labels"]}, indent=1) + "\n", out / "model.json")
     return {"sha256": digest, "bytes": (out / CHECKPOINT).stat().st_size}
 
 
