@@ -338,3 +338,27 @@ def test_pretrained_mismatch_messages_name_the_key_and_the_file(tmp_path, capsys
     torch.save({"weight": torch.zeros(2)}, tmp_path / "bare.pt")
     with pytest.raises(tr.InputError, match="bare.pt: not a harmodiff model"):
         tr.check_pretrained(tmp_path / "bare.pt", None, record, ["A"])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("steps", "4", "steps must be int, got '4'"),
+    ("steps", -3, "steps must be > 0, got -3"),
+    ("lr", 0, "lr must be > 0"),
+    ("batch_size", 1.5, "batch_size must be int"),
+    ("null_prob", 1.2, r"null_prob must be in \[0, 1\)"),
+    ("spatial_augmentation", "yes", "spatial_augmentation must be bool"),
+    ("contrast_levels", [], "contrast_levels must be a list of numbers"),
+])
+def test_train_config_types_and_ranges_are_one_line_errors(key, value, message):
+    with pytest.raises(ValueError, match=f"train config: {message}"):
+        tr.TrainConfig.from_dict({key: value})
+
+
+def test_the_workflow_train_section_is_accepted_as_is():
+    """A config file's train section (run, threads, pretrained are the workflow's) loads as it is."""
+    import yaml
+
+    for name in ("config/config.yaml", "config/test.yaml", "config/srpbs.yaml"):
+        section = yaml.safe_load(open(name))["train"]
+        cfg = tr.TrainConfig.from_dict(section)
+        assert cfg.steps == section["steps"] and cfg.prediction == section.get("prediction", "eps")

@@ -51,6 +51,7 @@ from harmodiff.patches import brain_bbox, extract, random_patch
 from harmodiff.intensity import median_normalize, to_model_units
 
 CHECKPOINT = "checkpoint.pt"
+WORKFLOW_ONLY = ("run", "threads", "pretrained", "pretrained_sha256")  # train keys the rule reads, not training
 PREDICTIONS = ("eps", "v", "x0")
 
 
@@ -82,6 +83,28 @@ class TrainConfig:
                                               # smaller crops give more samples per second); None = patch
 
     def __post_init__(self):
+        for name, kind in (("steps", int), ("batch_size", int), ("num_train_timesteps", int),
+                           ("checkpoint_every", int), ("seed", int), ("warmup_steps", int), ("workers", int),
+                           ("lr", float), ("null_prob", float), ("anatomy_log_gamma", float), ("ema_decay", float),
+                           ("min_snr_gamma", float), ("weight_decay", float), ("grad_clip", float),
+                           ("spatial_augmentation", bool), ("bf16", bool), ("compile", bool)):
+            value = getattr(self, name)
+            ok = isinstance(value, bool) if kind is bool else (
+                isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"train config: {name} must be {'a number' if kind is float else kind.__name__}, "
+                                 f"got {value!r}")
+        for name in ("steps", "batch_size", "num_train_timesteps", "checkpoint_every", "lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train config: {name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("seed", "warmup_steps", "workers", "weight_decay", "grad_clip", "anatomy_log_gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train config: {name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("null_prob", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"train config: {name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not self.contrast_levels or not all(isinstance(g, (int, float)) for g in self.contrast_levels):
+            raise ValueError(f"train config: contrast_levels must be a list of numbers, got {self.contrast_levels!r}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"train config: prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if self.loss_weighting not in ("none", "min_snr"):
@@ -91,7 +114,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "TrainConfig":
-        d = dict(d or {})
+        """From a config's train section; the keys only the workflow reads (the run's name, its
+        threads, a shipped model) are left out."""
+        d = {k: v for k, v in (d or {}).items() if k not in WORKFLOW_ONLY}
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"train config: unknown key(s) {sorted(unknown)}")
