@@ -95,3 +95,21 @@ def test_commands_refuse_to_write_over_their_inputs(tmp_path, module, capsys):
         assert "refusing to overwrite the input" in capsys.readouterr().err
     assert (tmp_path / "scan.nii.gz").read_bytes() == before
     assert not (tmp_path / "c.nii.gz").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate-gz", "truncate-raw", "flip-gz"])
+def test_truncated_or_corrupt_files_are_one_line_errors(tmp_path, damage):
+    """A file whose header reads but whose voxel data does not (a cut-off download, a flipped
+    byte in the gzip stream) fails in load_image, naming the file, not with EOFError deep inside."""
+    rng = np.random.default_rng(0)
+    suffix = ".nii" if damage == "truncate-raw" else ".nii.gz"
+    path = tmp_path / f"scan{suffix}"
+    save_image(rng.normal(size=(20, 20, 20)), np.eye(4), path)
+    raw = bytearray(path.read_bytes())
+    if damage.startswith("truncate"):
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=rf"scan{suffix}: (voxel data unreadable|not a readable NIfTI)"):
+        load_image(path)

@@ -21,16 +21,38 @@ class InputError(ValueError):
     """A user-supplied file or value is unusable; the message names it and says why."""
 
 
+def _check_gzip(path: Path) -> None:
+    """Decompress the whole file once: gzip's CRC sits at the end of the stream, and a reader that
+    stops after the voxels it needs never checks it, so a corrupted byte would give wrong voxels
+    without a word."""
+    import gzip
+    import zlib
+
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return  # not gzip at all: nibabel's own error says so
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: voxel data unreadable, the file is truncated or corrupt "
+                         f"({exc.__class__.__name__}: {exc})") from None
+
+
 def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nifti1Image:
     """Load a 3-D NIfTI image and check it is usable.
 
-    Raises InputError for: a missing file, a file that is not NIfTI, a 4-D image (a singleton
+    Raises InputError for: a missing file, a truncated or corrupt file (a .gz is decompressed
+    whole, so its checksum is verified), a file that is not NIfTI, a 4-D image (a singleton
     4th dimension is squeezed), NaN/inf voxels, an all-zero image, or no usable affine (qform and
     sform both unset, or a singular / non-finite matrix).
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
+    if path.name.endswith(".gz"):
+        _check_gzip(path)
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises several types for non-NIfTI input
@@ -48,7 +70,11 @@ def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nif
         raise InputError(f"{path}: expected a 3-D image, got shape {shape}")
     if min(shape) < 2:
         raise InputError(f"{path}: degenerate image shape {shape}")
-    data = np.asanyarray(img.dataobj)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # EOFError, BadGzipFile, zlib.error, short reads of a truncated file
+        raise InputError(f"{path}: voxel data unreadable, the file is truncated or corrupt "
+                         f"({exc.__class__.__name__}: {exc})") from None
     if not np.issubdtype(data.dtype, np.number):
         raise InputError(f"{path}: voxel type {data.dtype} is not numeric")
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
