@@ -286,7 +286,7 @@ def test_exported_model_is_checked_against_the_config_before_it_stands_in_for_tr
     shipped = tmp_path / "shipped/checkpoint.pt"
     lean = torch.load(shipped, weights_only=True)
     full = _state(tmp_path / "run")
-    assert set(lean) == {"model", "config", "site_labels", "step"} and lean["step"] == 2
+    assert set(lean) == {"model", "config", "site_labels", "step", "sha256"} and lean["step"] == 2
     for k, v in full["ema"].items():
         assert torch.equal(lean["model"][k], v), k
     assert (tmp_path / "shipped/checkpoint.pt.sha256").read_text().split()[0] == info["sha256"] == tr.file_sha256(shipped)
@@ -362,3 +362,55 @@ def test_the_workflow_train_section_is_accepted_as_is():
         section = yaml.safe_load(open(name))["train"]
         cfg = tr.TrainConfig.from_dict(section)
         assert cfg.steps == section["steps"] and cfg.prediction == section.get("prediction", "eps")
+
+
+def _flip_tensor_bytes(path, n=64):
+    """Flip n bytes in the middle of the largest tensor record of a torch zip checkpoint."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(open(path, "rb").read())
+    name_len, extra_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    for i in range(start, start + n):
+        raw[i] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
+def test_damaged_foreign_and_unsafe_checkpoints_are_refused_in_one_line(tmp_path):
+    import pickle
+
+    vols = [phantom("A", 0)]
+    settings = dict(steps=1, batch_size=1, checkpoint_every=100, contrast_levels=[0.0], spatial_augmentation=False)
+    tr.train(vols, tmp_path / "run", model_cfg=TINY, cfg=tr.TrainConfig(**settings), patch_shape=(16, 16, 16),
+             progress=False)
+    ckpt = tmp_path / "run/checkpoint.pt"
+    state = tr.load_checkpoint(ckpt)
+    assert state["sha256"]["model"] == tr.weights_sha256(state["model"])
+    assert state["sha256"]["ema"] == tr.weights_sha256(state["ema"])
+    # the hash sees a change of one weight
+    changed = {k: v.clone() for k, v in state["model"].items()}
+    next(iter(changed.values())).view(-1)[0] += 1e-3
+    assert tr.weights_sha256(changed) != state["sha256"]["model"]
+    _flip_tensor_bytes(ckpt)
+    with pytest.raises(tr.InputError, match=r"checkpoint.pt: damaged: the '(model|ema)' weights do not match"):
+        tr.load_model_for_inference(ckpt)
+    torch.save(state["model"], tmp_path / "bare.pt")  # a bare state_dict
+    with pytest.raises(tr.InputError, match="bare.pt: not a harmodiff model"):
+        tr.load_model_for_inference(tmp_path / "bare.pt")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump(Payload(), f)
+    torch.save({"x": Payload()}, tmp_path / "evil_zip.pt")
+    for name in ("evil.pt", "evil_zip.pt"):
+        with pytest.raises(tr.InputError) as err:
+            tr.load_checkpoint(tmp_path / name)
+        text = str(err.value)
+        assert text.startswith(str(tmp_path / name)) and "\n" not in text
+        assert "weights_only=False" not in text and "weights_only` to `False" not in text

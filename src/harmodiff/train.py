@@ -302,29 +302,71 @@ def batches(volumes, labels, cfg: TrainConfig, patch_shape, anatomy_cfg, start, 
 # checkpoints
 
 
+HASHED = ("model", "ema")  # the weights a checkpoint's content hash covers
+
+
+def weights_sha256(state_dict: dict) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes (in name order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save atomically, with a content hash of the weights verified by `load_checkpoint`."""
+    state = {**state, "sha256": {k: weights_sha256(state[k]) for k in HASHED if isinstance(state.get(k), dict)}}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint with `weights_only=True` (no arbitrary pickled code)."""
+    """Load a checkpoint with `weights_only=True` (no arbitrary pickled code) and verify the
+    content hash of its weights (stored by `save_checkpoint`; checkpoints written before hashes
+    were stored load unverified)."""
+    import pickle
+
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: refused: it holds pickled Python objects beyond tensors and plain "
+                         "containers, which a checkpoint never needs (loaded with weights_only=True)") from None
     except Exception as exc:
-        raise InputError(f"{path}: not a readable harmodiff checkpoint ({exc.__class__.__name__}: {exc})") from None
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise InputError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {first})") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("sha256"), dict):
+        for key, digest in ckpt["sha256"].items():
+            if not isinstance(ckpt.get(key), dict) or weights_sha256(ckpt[key]) != digest:
+                raise InputError(f"{path}: damaged: the '{key}' weights do not match the content hash "
+                                 "stored when it was saved")
+    return ckpt
+
+
+def require_harmodiff_checkpoint(ckpt, path) -> dict:
+    if not isinstance(ckpt, dict) or not {"model", "config", "site_labels"} <= set(ckpt):
+        keys = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise InputError(f"{path}: not a harmodiff model (needs model, config and site_labels; has {keys})")
+    return ckpt
 
 
 def load_model_for_inference(path, device="cpu", use_ema: bool = True):
     """(model in eval mode, SiteLabels, checkpoint config) from a checkpoint."""
-    ckpt = load_checkpoint(path, map_location=device)
+    ckpt = require_harmodiff_checkpoint(load_checkpoint(path, map_location=device), path)
     labels = SiteLabels.from_dict(ckpt["site_labels"])
     model = build_model(ckpt["config"]["model"], labels.num_embeddings)
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: its weights do not fit the model its config describes "
+                         f"({str(exc).splitlines()[0]})") from None
     return model.to(device).eval(), labels, ckpt["config"]
 
 
@@ -505,9 +547,9 @@ def check_pretrained(path, sha256: str | None, record: dict, sites) -> dict:
         raise InputError(f"{path}: pretrained model not found")
     if sha256 and file_sha256(path) != sha256.lower():
         raise InputError(f"{path}: sha256 {file_sha256(path)} is not the configured {sha256}")
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or not {"model", "config", "site_labels"} <= set(ckpt):
-        raise InputError(f"{path}: not a harmodiff model (needs model, config and site_labels)")
+    ckpt = require_harmodiff_checkpoint(load_checkpoint(path), path)
+    if not isinstance(ckpt.get("sha256"), dict) or "model" not in ckpt["sha256"]:
+        raise InputError(f"{path}: has no content hash of its weights (write it with 'harmodiff.train export')")
     have = SiteLabels.from_dict(ckpt["site_labels"]).sites
     if have != sorted(set(map(str, sites))):
         raise InputError(f"{path}: trained on sites {have}, the training scans are at {sorted(set(sites))}")
