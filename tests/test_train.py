@@ -414,3 +414,34 @@ def test_damaged_foreign_and_unsafe_checkpoints_are_refused_in_one_line(tmp_path
         text = str(err.value)
         assert text.startswith(str(tmp_path / name)) and "\n" not in text
         assert "weights_only=False" not in text and "weights_only` to `False" not in text
+
+
+def test_resume_only_continues_the_same_settings_and_data(tmp_path):
+    """A resumed run with a changed setting or changed data does not continue the old state: it is
+    moved to stale-N/ and the run starts fresh, ending equal to a straight run with the new
+    settings. Temporaries of a killed write are removed, and a loss.csv that lags the checkpoint
+    is rebuilt from the rows the checkpoint carries."""
+    vols = [phantom("A", 0), phantom("B", 1)]
+    base = dict(steps=4, batch_size=1, checkpoint_every=2, contrast_levels=[0.0], spatial_augmentation=False)
+    kw = dict(model_cfg=TINY, patch_shape=(16, 16, 16), progress=False)
+    run = tmp_path / "run"
+    tr.train(vols, run, cfg=tr.TrainConfig(**base), max_steps=2, **kw)
+    (run / ".checkpoint.abc123.pt").write_bytes(b"half a checkpoint")
+    tr.train(vols, run, cfg=tr.TrainConfig(**{**base, "lr": 3e-4}), resume=True, **kw)
+    assert not (run / ".checkpoint.abc123.pt").exists()
+    assert _state(run / "stale-1")["step"] == 2
+    tr.train(vols, tmp_path / "straight", cfg=tr.TrainConfig(**{**base, "lr": 3e-4}), **kw)
+    a, b = _state(run), _state(tmp_path / "straight")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # other data: set aside again
+    other = [phantom("A", 5), phantom("B", 1)]
+    tr.train(other, run, cfg=tr.TrainConfig(**{**base, "lr": 3e-4}), resume=True, max_steps=2, **kw)
+    assert (run / "stale-2" / "checkpoint.pt").is_file() and _state(run)["step"] == 2
+    # same settings and data: resumes; a loss.csv that lost its last row is rebuilt
+    lines = (run / "loss.csv").read_text().splitlines()
+    (run / "loss.csv").write_text("\n".join(lines[:-1]) + "\n")
+    tr.train(other, run, cfg=tr.TrainConfig(**{**base, "lr": 3e-4}), resume=True, **kw)
+    assert not (run / "stale-3").exists()
+    steps = [int(r["step"]) for r in csv.DictReader(open(run / "loss.csv"))]
+    assert steps == [1, 2, 3, 4]

@@ -423,14 +423,28 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
     start = 0
     ckpt_path = out / CHECKPOINT
     record = config_record(model_cfg, cfg, patch_shape, anatomy_cfg)
+    data = data_fingerprint(volumes)
+    resumed_rows = None
+    if rank == 0:
+        for stale in [*out.glob(".checkpoint.*.pt"), *out.glob(".loss.*.csv"), *out.glob(".loss.*.png")]:
+            stale.unlink(missing_ok=True)  # temporaries of a write that was killed
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, map_location=device)
+        changed = record_differences(state.get("config") or {}, record)
+        if state.get("data") not in (None, data):
+            changed.append("the training data (images, masks or sites)")
         if SiteLabels.from_dict(state["site_labels"]).to_dict() != labels.to_dict():
-            raise InputError(f"{ckpt_path}: its site labels differ from this run's training sites")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema_state"])
-        start = int(state["step"])
+            changed.append("the site labels")
+        if changed:
+            aside = set_aside(out) if rank == 0 else None
+            print(f"train: {ckpt_path} was made with other settings or data ({'; '.join(changed)}): "
+                  f"moved to {aside}, starting a fresh run", file=sys.stderr)
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            ema.load_state_dict(state["ema_state"])
+            start = int(state["step"])
+            resumed_rows = state.get("loss_rows")
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
@@ -440,7 +454,9 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
     end = cfg.steps if max_steps is None else min(cfg.steps, int(max_steps))
     loss_csv = out / "loss.csv"
     rows = []
-    if start > 0 and loss_csv.is_file():
+    if resumed_rows is not None:  # the log as the checkpoint saw it (loss.csv may lag by one write)
+        rows = [dict(r) for r in resumed_rows]
+    elif start > 0 and loss_csv.is_file():
         with open(loss_csv) as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
     t_start = time.perf_counter()
@@ -452,7 +468,8 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "ema": _ema_weights(ema), "ema_state": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "step": step, "config": record,
-            "site_labels": labels.to_dict(), "torch_rng": torch.get_rng_state(),
+            "site_labels": labels.to_dict(), "torch_rng": torch.get_rng_state(), "data": data,
+            "loss_rows": [dict(r) for r in rows],
         })
         with atomic_path(loss_csv) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
@@ -515,6 +532,31 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def data_fingerprint(volumes) -> str:
+    """sha256 of the training volumes (site, image and mask bytes, in order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for v in volumes:
+        h.update(f"{v.site}|{v.image.shape}|".encode())
+        h.update(np.ascontiguousarray(v.image, np.float32).tobytes())
+        h.update(np.packbits(np.asarray(v.mask, bool)).tobytes())
+    return h.hexdigest()
+
+
+def set_aside(out: Path) -> Path:
+    """Move a run's state files into the first free out/stale-N/ (nothing is deleted)."""
+    n = 1
+    while (out / f"stale-{n}").exists():
+        n += 1
+    aside = out / f"stale-{n}"
+    aside.mkdir()
+    for name in (CHECKPOINT, "loss.csv", "loss.png", "site_labels.json"):
+        if (out / name).exists():
+            os.replace(out / name, aside / name)
+    return aside
 
 
 def config_record(model_cfg: ModelConfig, cfg: TrainConfig, patch_shape, anatomy_cfg) -> dict:
