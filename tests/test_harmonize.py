@@ -212,3 +212,13 @@ def test_gpu_timing_script_runs_at_a_tiny_size(capsys):
     assert len(table) == 4 and not any("failed" in line for line in table)
     passes = len(grid_positions((32, 40, 32), (16, 24, 16))) * 2 * 2  # patches x 2 steps x 2 branches
     assert all(line.rstrip(" |").endswith(f"| {passes}") for line in table)
+
+
+def test_an_input_off_the_training_grid_is_a_one_line_error(scan):
+    image, mask = scan
+    labels = SiteLabels(["A", "B"], [0.0])
+    with pytest.raises(InputError, match=r"input grid \(32, 40, 32\) is not the grid the model was trained on "
+                                         r"\(40, 48, 40\)"):
+        hz.harmonize_array(_model(), labels, {**CONFIG, "volume_shape": [40, 48, 40]}, image, mask, "A", steps=1)
+    with pytest.raises(InputError, match=r"input grid \(8, 40, 32\) is smaller than the model's patch"):
+        hz.harmonize_array(_model(), labels, CONFIG, image[:8], mask[:8], "A", steps=1)

@@ -367,7 +367,10 @@ def load_model_for_inference(path, device="cpu", use_ema: bool = True):
     except RuntimeError as exc:
         raise InputError(f"{path}: its weights do not fit the model its config describes "
                          f"({str(exc).splitlines()[0]})") from None
-    return model.to(device).eval(), labels, ckpt["config"]
+    config = dict(ckpt["config"])
+    if "volume_shape" in ckpt:
+        config["volume_shape"] = list(ckpt["volume_shape"])
+    return model.to(device).eval(), labels, config
 
 
 def _ema(model, decay):
@@ -469,6 +472,7 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
             "model": model.state_dict(), "ema": _ema_weights(ema), "ema_state": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "step": step, "config": record,
             "site_labels": labels.to_dict(), "torch_rng": torch.get_rng_state(), "data": data,
+            "volume_shape": [int(n) for n in volumes[0].image.shape],
             "loss_rows": [dict(r) for r in rows],
         })
         with atomic_path(loss_csv) as tmp, open(tmp, "w", newline="") as f:
@@ -614,6 +618,8 @@ def export_model(checkpoint, output_dir) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     lean = {"model": ckpt.get("ema") or ckpt["model"], "config": ckpt["config"],
             "site_labels": ckpt["site_labels"], "step": ckpt["step"]}
+    if "volume_shape" in ckpt:
+        lean["volume_shape"] = ckpt["volume_shape"]
     save_checkpoint(out / CHECKPOINT, lean)
     for name in ("loss.csv", "loss.png"):
         src = Path(checkpoint).parent / name

@@ -20,8 +20,8 @@ rule train:
     threads: config["train"]["threads"]
     resources:
         mem_mb=16000,
-        runtime=24 * 60,
-        gpu=1,
+        runtime=10 if config["train"].get("pretrained") else 24 * 60,
+        gpu=0 if config["train"].get("pretrained") else 1,
     log:
         f"results/logs/train/{RUN}.log",
     benchmark:
