@@ -108,3 +108,21 @@ def test_cli_check_reports_row(sheet, capsys):
         scans.main(["check", str(_write(tmp, df))])
     assert exc.value.code == 2
     assert "row 2" in capsys.readouterr().err
+
+
+def test_a_sheet_without_test_or_train_rows_is_one_line_at_parse_time(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    from harmodiff.io import InputError
+    from harmodiff.workflow_support import scan_table
+
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / "a.nii.gz"))
+    for cohort, missing in (("train", "test"), ("test", "train")):
+        sheet = tmp_path / f"{cohort}.tsv"
+        pd.DataFrame({"scan_id": ["a"], "subject": ["s1"], "site": ["X"], "cohort": [cohort],
+                      "path": ["a.nii.gz"]}).to_csv(sheet, sep="\t", index=False)
+        targets = ["X"] if cohort == "train" else []
+        with pytest.raises(InputError, match=f"no '{missing}' rows"):
+            scan_table({"cohort": {"source": "sheet", "sheet": str(sheet)}, "target_sites": targets})

@@ -74,6 +74,10 @@ def scan_table(config: dict, results: str = "results") -> pd.DataFrame:
         df = scan_sheets.combine(train, test, target_sites=targets)
     else:  # the config schema already rejects this
         raise scan_sheets.InputError(f"config cohort.source: unknown source {source!r}")
+    for cohort_name, role in (("train", "train the model on"), ("test", "harmonize and evaluate")):
+        if not (df["cohort"] == cohort_name).any():
+            raise scan_sheets.InputError(f"{source} scans: no '{cohort_name}' rows, so nothing to {role} "
+                                         f"(the workflow needs both train and test scans)")
     return df.set_index("scan_id", drop=False)
 
 
