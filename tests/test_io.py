@@ -113,3 +113,34 @@ def test_truncated_or_corrupt_files_are_one_line_errors(tmp_path, damage):
     path.write_bytes(bytes(raw))
     with pytest.raises(InputError, match=rf"scan{suffix}: (voxel data unreadable|not a readable NIfTI)"):
         load_image(path)
+
+
+def test_outputs_are_written_together_or_not_at_all(tmp_path):
+    from harmodiff.io import outputs_together
+
+    a, b = tmp_path / "a.nii.gz", tmp_path / "sub" / "b.nii.gz"
+    save_image(np.full((4, 4, 4), 7.0), np.eye(4), a)  # an older result
+    before = a.read_bytes()
+    with pytest.raises(RuntimeError, match="killed half way"):
+        with outputs_together([a, b]):
+            save_image(np.ones((4, 4, 4)), np.eye(4), a)
+            assert a.read_bytes() == before  # held back until the block ends
+            raise RuntimeError("killed half way")
+    assert a.read_bytes() == before and not b.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a.nii.gz"]  # no temporaries
+    with outputs_together([a, b]):
+        save_image(np.ones((4, 4, 4)), np.eye(4), a)
+        save_image(np.ones((4, 4, 4)), np.eye(4), b)
+    assert np.asarray(nib.load(a).dataobj).max() == 1 and b.exists()
+
+
+def test_an_unwritable_output_folder_fails_before_any_work(tmp_path, capsys):
+    """The output's folder cannot be made (a file sits where it should be): the command stops
+    with one line naming the output before it reads its input (here: a missing one)."""
+    from harmodiff import anatomy
+
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    code = anatomy.main(["--input", str(tmp_path / "missing.nii.gz"), "--mask", str(tmp_path / "m.nii.gz"),
+                         "--output", str(tmp_path / "blocked/A.nii.gz"), "--coarse-output", str(tmp_path / "c.nii.gz")])
+    err = capsys.readouterr().err
+    assert code == 2 and "blocked/A.nii.gz: cannot write there" in err and "missing" not in err

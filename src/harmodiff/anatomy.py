@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from harmodiff.io import InputError, load_image, load_mask, refuse_overwriting_inputs, save_image
+from harmodiff.io import InputError, load_image, load_mask, outputs_together, refuse_overwriting_inputs, save_image
 
 QUANTILES = (0.5, 99.5)
 NORMALIZE_EROSION = 2  # voxels of the brain rim left out of the normalizing percentiles
@@ -152,22 +152,23 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         refuse_overwriting_inputs([a.input, a.mask], [a.output, a.coarse_output])
-        img = load_image(a.input)
-        mask = load_mask(a.mask, like=img)
-        if not mask.any():
-            raise InputError(f"{a.mask}: brain mask is empty")
-        A = anatomy_map(np.asarray(img.dataobj, np.float32), mask, alpha=a.alpha, sigma=a.sigma, log_gamma=a.log_gamma,
-                        erosion=a.normalize_erosion)
-        coarse = coarse_map(A, a.coarse_factor, a.coarse_mode, a.patch_shape)
+        with outputs_together([a.output, a.coarse_output]):
+            img = load_image(a.input)
+            mask = load_mask(a.mask, like=img)
+            if not mask.any():
+                raise InputError(f"{a.mask}: brain mask is empty")
+            A = anatomy_map(np.asarray(img.dataobj, np.float32), mask, alpha=a.alpha, sigma=a.sigma,
+                            log_gamma=a.log_gamma, erosion=a.normalize_erosion)
+            coarse = coarse_map(A, a.coarse_factor, a.coarse_mode, a.patch_shape)
+            save_image(A, img.affine, a.output)
+            coarse_affine = img.affine
+            if a.coarse_mode == "global":  # the whole field of view at patch shape
+                coarse_affine = img.affine.copy()
+                coarse_affine[:3, :3] = img.affine[:3, :3] @ np.diag(np.array(img.shape) / np.array(coarse.shape))
+            save_image(coarse, coarse_affine, a.coarse_output)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    save_image(A, img.affine, a.output)
-    coarse_affine = img.affine
-    if a.coarse_mode == "global":  # the whole field of view at patch shape
-        coarse_affine = img.affine.copy()
-        coarse_affine[:3, :3] = img.affine[:3, :3] @ np.diag(np.array(img.shape) / np.array(coarse.shape))
-    save_image(coarse, coarse_affine, a.coarse_output)
     return 0
 
 

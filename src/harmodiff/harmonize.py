@@ -19,12 +19,13 @@ import argparse
 import sys
 import time
 
+import nibabel as nib
 import numpy as np
 import torch
 
 from harmodiff import anatomy as anat
 from harmodiff import sample as smp
-from harmodiff.io import InputError, load_image, load_mask, refuse_overwriting_inputs, save_image
+from harmodiff.io import InputError, load_image, load_mask, outputs_together, refuse_overwriting_inputs, save_image
 from harmodiff.model import NULL_LABEL
 from harmodiff.patches import extract, fuse, grid_positions, hann_window
 from harmodiff.intensity import from_model_units, to_model_units
@@ -165,13 +166,14 @@ def scan_seed(seed: int, key: str) -> int:
 
 
 def to_native(harmonized_path, native_reference, transform, output) -> None:
-    """Bring a working-grid result back to the native scan through the inverse of its affine."""
+    """Bring a working-grid result (a file or an image in memory) back to the native scan through
+    the inverse of its affine."""
     import ants
 
     from harmodiff.preprocess import to_ants, to_nib
 
     ref = to_ants(load_image(native_reference))
-    moving = to_ants(load_image(harmonized_path))
+    moving = to_ants(harmonized_path if isinstance(harmonized_path, nib.Nifti1Image) else load_image(harmonized_path))
     out = ants.apply_transforms(fixed=ref, moving=moving, transformlist=[str(transform)], whichtoinvert=[True])
     img = to_nib(out)
     save_image(np.asarray(img.dataobj), img.affine, output)
@@ -216,28 +218,30 @@ def main(argv=None) -> int:
                                   [a.output, a.native_output])
         if a.native and not (a.native_reference and a.transform and a.native_output):
             raise InputError("--native needs --native-reference, --transform and --native-output")
-        img = load_image(a.input)
-        mask = load_mask(a.mask, like=img)
-        if bool(a.anatomy) != bool(a.coarse):
-            raise InputError("--anatomy and --coarse go together")
-        maps = {}
-        if a.anatomy:
-            maps = {"anatomy": np.asarray(load_image(a.anatomy).dataobj, np.float32),
-                    "coarse": np.asarray(load_image(a.coarse).dataobj, np.float32)}
-        model, labels, config = load_model_for_inference(a.checkpoint, a.device, use_ema=not a.no_ema)
-        out, stats = harmonize_array(
-            model, labels, config, np.asarray(img.dataobj, np.float32), mask, a.target_site,
-            guidance=a.guidance, scale=a.scale, steps=a.steps, batch_size=a.batch_size,
-            seed=a.seed if a.seed_key is None else scan_seed(a.seed, a.seed_key),
-            device=a.device, start_from=a.start_from, strength=a.strength, bf16=a.bf16,
-            channels_last=a.channels_last, compile=a.compile, match_stats=a.match_source_stats, progress=True,
-            **maps)
+        with outputs_together([a.output, a.native_output if a.native else None]):
+            img = load_image(a.input)
+            mask = load_mask(a.mask, like=img)
+            if bool(a.anatomy) != bool(a.coarse):
+                raise InputError("--anatomy and --coarse go together")
+            maps = {}
+            if a.anatomy:
+                maps = {"anatomy": np.asarray(load_image(a.anatomy).dataobj, np.float32),
+                        "coarse": np.asarray(load_image(a.coarse).dataobj, np.float32)}
+            model, labels, config = load_model_for_inference(a.checkpoint, a.device, use_ema=not a.no_ema)
+            out, stats = harmonize_array(
+                model, labels, config, np.asarray(img.dataobj, np.float32), mask, a.target_site,
+                guidance=a.guidance, scale=a.scale, steps=a.steps, batch_size=a.batch_size,
+                seed=a.seed if a.seed_key is None else scan_seed(a.seed, a.seed_key),
+                device=a.device, start_from=a.start_from, strength=a.strength, bf16=a.bf16,
+                channels_last=a.channels_last, compile=a.compile, match_stats=a.match_source_stats, progress=True,
+                **maps)
+            save_image(out, img.affine, a.output, header=img.header)
+            if a.native:
+                to_native(nib.Nifti1Image(out, img.affine, img.header), a.native_reference, a.transform,
+                          a.native_output)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    save_image(out, img.affine, a.output, header=img.header)
-    if a.native:
-        to_native(a.output, a.native_reference, a.transform, a.native_output)
     print({k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})
     return 0
 

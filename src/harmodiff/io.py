@@ -123,9 +123,46 @@ def refuse_overwriting_inputs(inputs, outputs) -> None:
                 raise InputError(f"{out}: refusing to overwrite the input {src}")
 
 
+_PENDING: list | None = None  # (temporary, final) renames held back by `outputs_together`
+
+
+def check_writable(paths) -> None:
+    """InputError naming the first output whose folder cannot be created or written, so a command
+    fails before its work, not after it."""
+    for path in (Path(p) for p in paths if p):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path.parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot write there ({exc.strerror or exc})") from None
+
+
+@contextmanager
+def outputs_together(paths) -> Iterator[None]:
+    """Check every output's folder first; inside the block each atomic write stays a temporary,
+    and at its end all are renamed into place together: a command with several outputs leaves
+    all of them or none."""
+    global _PENDING
+    check_writable(paths)
+    outer, _PENDING = _PENDING, []
+    pending = _PENDING
+    try:
+        yield
+        for tmp, final in pending:
+            os.replace(tmp, final)
+    finally:
+        _PENDING = outer
+        for tmp, _ in pending:
+            if tmp.exists():
+                tmp.unlink()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it over `path`.
+    """Yield a temporary path beside `path`; on success rename it over `path` (inside
+    `outputs_together`: at the end of that block, with the command's other outputs).
 
     A killed job leaves no half-written output that Snakemake or the user could take for a
     finished one. The file gets the mode a plain `open` would give (0666 less the umask), not
@@ -137,13 +174,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    deferred = False
     try:
         yield tmp_path
         if tmp_path.exists():
             os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, path)
+        if _PENDING is not None:
+            _PENDING.append((tmp_path, path))
+            deferred = True
+        else:
+            os.replace(tmp_path, path)
     finally:
-        if tmp_path.exists():
+        if not deferred and tmp_path.exists():
             tmp_path.unlink()
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from harmodiff.intensity import MEDIAN_TARGET, from_model_units, median_normalize, to_model_units  # noqa: F401
-from harmodiff.io import InputError, atomic_path, load_image, save_image
+from harmodiff.io import InputError, atomic_path, load_image, outputs_together, refuse_overwriting_inputs, save_image
 from harmodiff.templates import mni_images, working_grid
 
 SKULLSTRIP_BACKENDS = ("ants", "hdbet")
@@ -239,33 +239,32 @@ def preprocess(input_path, output, mask_output, *, transform_output=None, qc_out
         raise InputError(f"skull stripping backend must be one of {SKULLSTRIP_BACKENDS}, got {skullstrip!r}")
     input_path = Path(input_path)
     outputs = [Path(p) for p in (output, mask_output, transform_output, qc_output) if p]
-    for out in outputs:
-        if out.resolve() == input_path.resolve():
-            raise InputError(f"{out}: refusing to overwrite the input scan")
-    raw = load_image(input_path)
-    image = to_ants(raw)
-    initial = None
-    if skullstrip == "ants":
-        brain_mask, initial = skullstrip_ants(image, seed=seed)
-    else:
-        brain_mask = skullstrip_hdbet(input_path, hdbet_weights or "resources/hd-bet", device=device)
-    if brain_mask.numpy().sum() == 0:
-        raise InputError(f"{input_path}: skull stripping found no brain")
-    corrected = n4(image, brain_mask)
-    brain = corrected * brain_mask
-    transform = register_to_mni(brain, kind=registration, seed=seed, spacing=spacing, initial_transform=initial)
-    reference, affine = working_reference(spacing, shape)
-    moved = resample_to_grid(brain, transform, reference).numpy()
-    moved_mask = resample_to_grid(brain_mask, transform, reference).numpy() > 0.5
-    moved_mask = _largest_component_filled(moved_mask)
-    normalized = median_normalize(moved, moved_mask)
-    save_image(normalized, affine, output)
-    save_image(moved_mask, affine, mask_output, dtype=np.uint8)
-    if transform_output:
-        with atomic_path(transform_output) as tmp:
-            shutil.copyfile(transform, tmp)
-    if qc_output:
-        qc_png(normalized, moved_mask, Path(qc_output), title=input_path.name)
+    refuse_overwriting_inputs([input_path], outputs)
+    with outputs_together(outputs):  # folders checked first; all four outputs or none
+        raw = load_image(input_path)
+        image = to_ants(raw)
+        initial = None
+        if skullstrip == "ants":
+            brain_mask, initial = skullstrip_ants(image, seed=seed)
+        else:
+            brain_mask = skullstrip_hdbet(input_path, hdbet_weights or "resources/hd-bet", device=device)
+        if brain_mask.numpy().sum() == 0:
+            raise InputError(f"{input_path}: skull stripping found no brain")
+        corrected = n4(image, brain_mask)
+        brain = corrected * brain_mask
+        transform = register_to_mni(brain, kind=registration, seed=seed, spacing=spacing, initial_transform=initial)
+        reference, affine = working_reference(spacing, shape)
+        moved = resample_to_grid(brain, transform, reference).numpy()
+        moved_mask = resample_to_grid(brain_mask, transform, reference).numpy() > 0.5
+        moved_mask = _largest_component_filled(moved_mask)
+        normalized = median_normalize(moved, moved_mask)
+        save_image(normalized, affine, output)
+        save_image(moved_mask, affine, mask_output, dtype=np.uint8)
+        if transform_output:
+            with atomic_path(transform_output) as tmp:
+                shutil.copyfile(transform, tmp)
+        if qc_output:
+            qc_png(normalized, moved_mask, Path(qc_output), title=input_path.name)
     return normalized, moved_mask, affine
 
 
