@@ -26,6 +26,7 @@ demo-model: $(STAMP)
 		--configfile config/config.yaml config/demo-model.yaml --until train
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/python -m harmodiff.train export \
 		results/model/demo-model/checkpoint.pt resources/demo-model
+	@echo "set train.pretrained_sha256 in config/config.yaml to: $$(cut -d' ' -f1 resources/demo-model/checkpoint.pt.sha256)"
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/python -m pytest -q
