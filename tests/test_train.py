@@ -286,7 +286,8 @@ def test_exported_model_is_checked_against_the_config_before_it_stands_in_for_tr
     shipped = tmp_path / "shipped/checkpoint.pt"
     lean = torch.load(shipped, weights_only=True)
     full = _state(tmp_path / "run")
-    assert set(lean) == {"model", "config", "site_labels", "step", "sha256"} and lean["step"] == 2
+    assert set(lean) == {"model", "config", "site_labels", "step", "sha256", "volume_shape"} and lean["step"] == 2
+    assert lean["volume_shape"] == [24, 24, 24]  # the training grid travels with the model
     for k, v in full["ema"].items():
         assert torch.equal(lean["model"][k], v), k
     assert (tmp_path / "shipped/checkpoint.pt.sha256").read_text().split()[0] == info["sha256"] == tr.file_sha256(shipped)
