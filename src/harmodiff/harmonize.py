@@ -64,6 +64,12 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
         raise InputError(str(exc).strip("'\"")) from None
     t_all = time.perf_counter()
     patch_shape = tuple(int(p) for p in config["patch_shape"])
+    trained_on = config.get("volume_shape")
+    if trained_on and tuple(trained_on) != tuple(image.shape):
+        raise InputError(f"input grid {tuple(image.shape)} is not the grid the model was trained on "
+                         f"{tuple(trained_on)} (preprocess it with the training config's grid)")
+    if any(n < p for n, p in zip(image.shape, patch_shape)):
+        raise InputError(f"input grid {tuple(image.shape)} is smaller than the model's patch {patch_shape}")
     anatomy_cfg = config.get("anatomy") or {}
     mode = anatomy_cfg.get("coarse_mode", "local")
     if anatomy is None:
@@ -77,12 +83,6 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
     for name, (got, want) in expected.items():
         if tuple(got) != tuple(want):
             raise InputError(f"{name} has shape {tuple(got)}, expected {tuple(want)} (coarse mode {mode!r})")
-    trained_on = config.get("volume_shape")
-    if trained_on and tuple(trained_on) != tuple(image.shape):
-        raise InputError(f"input grid {tuple(image.shape)} is not the grid the model was trained on "
-                         f"{tuple(trained_on)} (preprocess it with the training config's grid)")
-    if any(n < p for n, p in zip(image.shape, patch_shape)):
-        raise InputError(f"input grid {tuple(image.shape)} is smaller than the model's patch {patch_shape}")
     positions = grid_positions(image.shape, patch_shape, min_overlap)
     T = int(config["train"]["num_train_timesteps"])
     alphas = smp.linear_alphas_cumprod(T)

@@ -21,23 +21,28 @@ class InputError(ValueError):
     """A user-supplied file or value is unusable; the message names it and says why."""
 
 
-def _check_gzip(path: Path) -> None:
-    """Decompress the whole file once: gzip's CRC sits at the end of the stream, and a reader that
-    stops after the voxels it needs never checks it, so a corrupted byte would give wrong voxels
-    without a word."""
+def _read_nifti(path: Path):
+    """nibabel's image of `path`. A .gz is decompressed here, whole and once: gzip's CRC sits at the
+    end of the stream and a reader that stops after the voxels it needs never checks it, so a
+    corrupted byte would give wrong voxels without a word; the image then reads from memory."""
     import gzip
     import zlib
 
-    with open(path, "rb") as f:
-        if f.read(2) != b"\x1f\x8b":
-            return  # not gzip at all: nibabel's own error says so
+    raw = path.read_bytes()
+    if raw[:2] != b"\x1f\x8b":
+        return nib.load(str(path))
     try:
-        with gzip.open(path, "rb") as f:
-            while f.read(1 << 24):
-                pass
+        raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: voxel data unreadable, the file is truncated or corrupt "
                          f"({exc.__class__.__name__}: {exc})") from None
+    header_size = int.from_bytes(raw[:4], "little")
+    if header_size not in (348, 540):
+        header_size = int.from_bytes(raw[:4], "big")
+    kind = {348: nib.Nifti1Image, 540: nib.Nifti2Image}.get(header_size)
+    if kind is None:
+        raise ValueError(f"not a NIfTI-1 or NIfTI-2 header (sizeof_hdr {header_size})")
+    return kind.from_bytes(raw)
 
 
 def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nifti1Image:
@@ -51,10 +56,10 @@ def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nif
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
-    if path.name.endswith(".gz"):
-        _check_gzip(path)
     try:
-        img = nib.load(str(path))
+        img = _read_nifti(path)
+    except InputError:
+        raise
     except Exception as exc:  # nibabel raises several types for non-NIfTI input
         raise InputError(f"{path}: not a readable NIfTI image ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):

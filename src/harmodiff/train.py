@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -307,8 +308,6 @@ HASHED = ("model", "ema")  # the weights a checkpoint's content hash covers
 
 def weights_sha256(state_dict: dict) -> str:
     """sha256 over a state dict's names, dtypes, shapes and bytes (in name order)."""
-    import hashlib
-
     h = hashlib.sha256()
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
@@ -529,8 +528,6 @@ SPEED_ONLY = ("workers", "checkpoint_every", "compile")
 
 
 def file_sha256(path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -540,8 +537,6 @@ def file_sha256(path) -> str:
 
 def data_fingerprint(volumes) -> str:
     """sha256 of the training volumes (site, image and mask bytes, in order)."""
-    import hashlib
-
     h = hashlib.sha256()
     for v in volumes:
         h.update(f"{v.site}|{v.image.shape}|".encode())
@@ -591,8 +586,9 @@ def check_pretrained(path, sha256: str | None, record: dict, sites) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: pretrained model not found")
-    if sha256 and file_sha256(path) != sha256.lower():
-        raise InputError(f"{path}: sha256 {file_sha256(path)} is not the configured {sha256}")
+    digest = file_sha256(path) if sha256 else None
+    if digest and digest != sha256.lower():
+        raise InputError(f"{path}: sha256 {digest} is not the configured {sha256}")
     ckpt = require_harmodiff_checkpoint(load_checkpoint(path), path)
     if not isinstance(ckpt.get("sha256"), dict) or "model" not in ckpt["sha256"]:
         raise InputError(f"{path}: has no content hash of its weights (write it with 'harmodiff.train export')")
@@ -611,8 +607,6 @@ def export_model(checkpoint, output_dir) -> dict:
     step) written to output_dir/checkpoint.pt with its loss.csv / loss.png beside it, the
     checkpoint's sha256 in checkpoint.pt.sha256 and its settings, readable, in model.json.
     Returns {'sha256', 'bytes'}."""
-    import shutil
-
     ckpt = load_checkpoint(checkpoint)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -621,11 +615,8 @@ def export_model(checkpoint, output_dir) -> dict:
     if "volume_shape" in ckpt:
         lean["volume_shape"] = ckpt["volume_shape"]
     save_checkpoint(out / CHECKPOINT, lean)
-    for name in ("loss.csv", "loss.png"):
-        src = Path(checkpoint).parent / name
-        if src.is_file():
-            with atomic_path(out / name) as tmp:
-                shutil.copyfile(src, tmp)
+    _copy_files([n for n in ("loss.csv", "loss.png") if (Path(checkpoint).parent / n).is_file()],
+                Path(checkpoint).parent, out)
     digest = file_sha256(out / CHECKPOINT)
     write_text(f"{digest}  {CHECKPOINT}\n", out / f"{CHECKPOINT}.sha256")
     write_text(json.dumps({"step": ckpt["step"], "sha256": digest, "config": ckpt["config"],
@@ -673,13 +664,18 @@ def export_main(argv) -> int:
     return 0
 
 
-def _copy_outputs(src_dir: Path, dst_dir: Path, checkpoint: Path | None = None) -> None:
+def _copy_files(names, src_dir: Path, dst_dir: Path, sources: dict | None = None) -> None:
+    """Copy src_dir/<name> (or sources[name]) to dst_dir/<name>, each atomically."""
     import shutil
 
-    for name in (CHECKPOINT, "loss.csv", "loss.png"):
-        src = checkpoint if (name == CHECKPOINT and checkpoint) else src_dir / name
+    for name in names:
         with atomic_path(dst_dir / name) as tmp:
-            shutil.copyfile(src, tmp)
+            shutil.copyfile((sources or {}).get(name, src_dir / name), tmp)
+
+
+def _copy_outputs(src_dir: Path, dst_dir: Path, checkpoint: Path | None = None) -> None:
+    """The train rule's outputs (checkpoint.pt, loss.csv, loss.png); `checkpoint` replaces src_dir's."""
+    _copy_files((CHECKPOINT, "loss.csv", "loss.png"), src_dir, dst_dir, {CHECKPOINT: checkpoint} if checkpoint else None)
 
 
 def main(argv=None) -> int:
