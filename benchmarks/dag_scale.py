@@ -8,7 +8,7 @@ SRPBS release: `--rows 97` is the traveling-subject set (10 subjects x 10 sites,
 20 training scans; larger row counts add traveling subjects over 10 sites and 20% as many
 training scans (so N rows = N test scans + N/5 training scans), with config/srpbs.yaml's full
 guidance sweep. Wall time and peak memory (of the snakemake process, from getrusage) of
-`snakemake -n -p`, and the longest line it prints (every job's shell command).
+`snakemake -n -p`, and the longest shell command it prints.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def dry_run(workdir: Path, configfile: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"dry run failed:\n{proc.stderr[-3000:]}")
     lines = proc.stdout.splitlines()
-    longest = max(lines, key=len)
+    longest = max((line for line in lines if line.startswith("Shell command:")), key=len)
     jobs = next(int(line.split()[1]) for line in lines if line.startswith("total"))
     return {"seconds": seconds, "peak_mb": max(peak_kb, before) / 1024, "jobs": jobs,
             "longest_line_chars": len(longest), "longest_command": " ".join(longest.removeprefix("Shell command:").split()[:4])}

@@ -40,9 +40,11 @@ def test_empty_inputs_are_clear_errors():
 
 
 def test_cli_reports_unpaired_references(tmp_path, capsys):
-    rc = histmatch.main(["reference", "--images", "r1.nii.gz", "r2.nii.gz", "--masks", "m1.nii.gz",
-                         "--output", str(tmp_path / "ref.npy")])
-    assert rc == 2 and "must pair up" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        histmatch.main(["reference", "--images", "r1.nii.gz", "r2.nii.gz", "--masks", "m1.nii.gz",
+                        "--output", str(tmp_path / "ref.npy")])
+    assert exit_info.value.code == 2
+    assert "the lists need the same number of entries: --images 2, --masks 1" in capsys.readouterr().err
     assert not (tmp_path / "ref.npy").exists()
 
 

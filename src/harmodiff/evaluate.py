@@ -23,6 +23,7 @@ import pandas as pd
 from harmodiff import stats
 from harmodiff.combat import combat_ratios
 from harmodiff.io import write_text
+from harmodiff.layout import add_list_options, resolve_lists
 
 TISSUES = ("gm", "wm")
 FRACTIONS = ("posterior", "unmix")  # = segment.FRACTIONS (not imported: the stats env has no ANTs stack)
@@ -121,8 +122,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.evaluate", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("ratios")
-    for name in ("volumes", "methods", "targets", "scan-ids", "subjects", "sites"):
-        r.add_argument(f"--{name}", nargs="+", required=True)
+    add_list_options(r, ("volumes", "method", "target", "scan_id", "subject", "site"))
     r.add_argument("--combat-reference", help="add the ComBat baseline, mapped onto this site when present")
     t = sub.add_parser("ttests")
     t.add_argument("--reference", required=True)
@@ -130,15 +130,14 @@ def main(argv=None) -> int:
     m.add_argument("--markdown", help="also write Table 2 as Markdown")
     u = sub.add_parser("truth")
     u.add_argument("--truth", required=True, help="the synthetic cohort's truth/subjects.tsv")
-    u.add_argument("--target-volumes", nargs="*", default=[],
-                   help="segmentation volumes JSON of each subject rendered noise-free at a target site")
-    u.add_argument("--target-subjects", nargs="*", default=[])
-    u.add_argument("--target-sites", nargs="*", default=[])
+    # segmentation volumes JSON of each subject rendered noise-free at a target site
+    add_list_options(u, ("volumes", "target", "subject"), manifest="--target-manifest", required=False,
+                     options={"volumes": "target-volumes", "target": "target-sites", "subject": "target-subjects"})
     for q in (t, m, u):
         q.add_argument("--ratios", required=True)
     for q in (r, t, m, u):
         q.add_argument("--output", required=True)
-    a = p.parse_args(argv)
+    a = resolve_lists(p, p.parse_args(argv))
     if a.cmd == "ratios":
         df = collect_ratios(a.volumes, a.methods, a.targets, a.scan_ids, a.subjects, a.sites)
         if a.combat_reference:

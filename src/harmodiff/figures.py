@@ -23,7 +23,7 @@ from harmodiff.evaluate import markdown_table
 from harmodiff.io import InputError, atomic_path, load_image, write_text
 from harmodiff.metrics import DATA_RANGE, summarize
 from harmodiff.plotting import plot_loss
-from harmodiff.workflow_support import parse_sweep_method, sweep_method  # noqa: F401 (re-exported)
+from harmodiff.layout import add_list_options, parse_sweep_method, resolve_lists, sweep_method  # noqa: F401
 
 GUIDANCE_LABELS = {"none": "no guidance", "cfg": "CFG w", "cfgpp": "CFG++ lambda"}
 
@@ -160,8 +160,7 @@ def main(argv=None) -> int:
     t1.add_argument("--output-csv", required=True)
     t1.add_argument("--output-md", required=True)
     f2 = sub.add_parser("figure2")
-    for name in ("images", "methods", "sites"):
-        f2.add_argument(f"--{name}", nargs="+", required=True)
+    add_list_options(f2, ("image", "method", "site"))
     f2.add_argument("--subject", required=True)
     f3 = sub.add_parser("figure3")
     f3.add_argument("--ratios", required=True)
@@ -171,7 +170,7 @@ def main(argv=None) -> int:
     lo.add_argument("--loss", required=True)
     for q in (f2, f3, lo):
         q.add_argument("--output", nargs="+", required=True, help="one path per format (.png, .pdf)")
-    a = p.parse_args(argv)
+    a = resolve_lists(p, p.parse_args(argv))
     try:
         if a.cmd == "table1":
             t = table1(pd.read_csv(a.pairs), a.sweep_methods, a.sweep_subjects)

@@ -21,6 +21,7 @@ import numpy as np
 from skimage.exposure import match_histograms
 
 from harmodiff.io import InputError, atomic_path, load_image, load_mask, save_image
+from harmodiff.layout import add_list_options, resolve_lists
 
 QUANTILES_PER_SCAN = 4096
 
@@ -57,19 +58,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.histmatch", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("reference", help="pool the target site's training brains into one distribution (.npy)")
-    r.add_argument("--images", nargs="+", required=True, help="the target site's preprocessed training scans")
-    r.add_argument("--masks", nargs="+", required=True)
+    add_list_options(r, ("image", "mask"))  # the target site's preprocessed training scans
     r.add_argument("--output", required=True)
     m = sub.add_parser("match", help="match one brain's histogram to a reference distribution")
     m.add_argument("--input", required=True)
     m.add_argument("--mask", required=True)
     m.add_argument("--reference", required=True, help="written by `histmatch reference`")
     m.add_argument("--output", required=True)
-    a = p.parse_args(argv)
+    a = resolve_lists(p, p.parse_args(argv))
     try:
         if a.command == "reference":
-            if len(a.images) != len(a.masks):
-                raise InputError(f"--images ({len(a.images)}) and --masks ({len(a.masks)}) must pair up")
             refs, ref_masks = [], []
             for ri, rm in zip(a.images, a.masks):
                 img = load_image(ri)

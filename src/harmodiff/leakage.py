@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from harmodiff.io import load_image, load_mask, write_text
+from harmodiff.layout import add_list_options, resolve_lists
 
 HIST_BINS = 32
 IMAGE_RANGE = (0.0, 1500.0)  # preprocessed images: brain median 500
@@ -68,15 +69,10 @@ def leakage_table(images, masks, anatomies, sites, folds: int = 3) -> pd.DataFra
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.leakage", description=__doc__.split("\n")[0])
-    p.add_argument("--images", nargs="+", required=True)
-    p.add_argument("--masks", nargs="+", required=True)
-    p.add_argument("--anatomy", nargs="+", required=True)
-    p.add_argument("--sites", nargs="+", required=True)
+    add_list_options(p, ("image", "mask", "anatomy", "site"))
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--output", required=True)
-    a = p.parse_args(argv)
-    if not len(a.images) == len(a.masks) == len(a.anatomy) == len(a.sites):
-        p.error("--images, --masks, --anatomy and --sites need the same number of entries")
+    a = resolve_lists(p, p.parse_args(argv))
     table = leakage_table(a.images, a.masks, a.anatomy, a.sites, a.folds)
     write_text(table.to_csv(index=False, float_format="%.4f"), a.output)
     print(table.to_string(index=False))

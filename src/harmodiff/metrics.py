@@ -34,6 +34,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from harmodiff.io import InputError, load_image, load_mask, write_text
 from harmodiff.intensity import MEDIAN_TARGET, median_normalize
+from harmodiff.layout import add_list_options, resolve_lists
 
 DATA_RANGE = 2.0 * MEDIAN_TARGET
 
@@ -175,13 +176,12 @@ def main(argv=None) -> int:
     summary.add_argument("--scores", required=True)
     summary.add_argument("--output", required=True)
     summary.add_argument("--output-md", required=True)
-    for q, names in ((pairs, ("images", "masks", "methods", "targets", "subjects", "sites")),
-                     (truth, ("images", "masks", "methods", "targets", "scan-ids", "truths", "truth-masks")),
-                     (pre, ("images", "masks", "scan-ids", "truths", "truth-masks"))):
-        for name in names:
-            q.add_argument(f"--{name}", nargs="+", required=True)
+    for q, columns in ((pairs, ("image", "mask", "method", "target", "subject", "site")),
+                       (truth, ("image", "mask", "method", "target", "scan_id", "truth", "truth_mask")),
+                       (pre, ("image", "mask", "scan_id", "truth", "truth_mask"))):
+        add_list_options(q, columns)
         q.add_argument("--output", required=True)
-    a = p.parse_args(argv)
+    a = resolve_lists(p, p.parse_args(argv))
     try:
         if a.cmd == "truth-image":
             from harmodiff.io import save_image

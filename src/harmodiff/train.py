@@ -46,6 +46,7 @@ import yaml
 
 from harmodiff import anatomy as anat
 from harmodiff.io import InputError, atomic_path, load_image, load_mask, write_text
+from harmodiff.layout import add_list_options, resolve_lists
 from harmodiff.plotting import plot_loss
 from harmodiff.model import NULL_LABEL, ModelConfig, SiteLabels, build_model
 from harmodiff.patches import brain_bbox, extract, random_patch
@@ -686,9 +687,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", help="workflow config YAML (keys model, train, grid.patch_shape, anatomy) or inline JSON")
     p.add_argument("--scans", help="scan sheet; its train rows are used, images found under --preprocessed-dir")
     p.add_argument("--preprocessed-dir", default="results/preprocessed")
-    p.add_argument("--images", nargs="+", help="preprocessed training images (instead of --scans)")
-    p.add_argument("--masks", nargs="+")
-    p.add_argument("--sites", nargs="+")
+    add_list_options(p, ("image", "mask", "site"), required=False)  # preprocessed training scans (or --scans)
     p.add_argument("--output-dir", required=True, help="where checkpoint.pt, loss.csv and loss.png are kept up to date")
     p.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoint.pt if it exists")
     p.add_argument("--export-dir", help="when training ends, copy checkpoint.pt, loss.csv and loss.png here "
@@ -699,7 +698,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int)
-    a = p.parse_args(argv)
+    a = resolve_lists(p, p.parse_args(argv))
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
@@ -714,11 +713,9 @@ def main(argv=None) -> int:
             masks = [base / r.cohort / r.site / f"{r.scan_id}_mask.nii.gz" for r in sheet.itertuples()]
             sites = list(sheet["site"])
         elif a.images:
-            images, masks, sites = a.images, a.masks or [], a.sites or []
-            if not len(images) == len(masks) == len(sites):
-                raise InputError("--images, --masks and --sites need the same number of entries")
+            images, masks, sites = a.images, a.masks, a.sites
         else:
-            raise InputError("give --scans SHEET or --images/--masks/--sites")
+            raise InputError("give --scans SHEET, --manifest FILE or --images/--masks/--sites")
         model_cfg = ModelConfig.from_dict(config.get("model"))
         cfg = TrainConfig.from_dict(config.get("train"))
         patch_shape = (config.get("grid") or {}).get("patch_shape", (40, 48, 40))

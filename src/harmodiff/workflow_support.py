@@ -80,12 +80,3 @@ def scan_table(config: dict, results: str = "results") -> pd.DataFrame:
                                          f"(the workflow needs both train and test scans)")
     return df.set_index("scan_id", drop=False)
 
-
-def sweep_method(guidance: str, scale: float) -> str:
-    """Name of one guidance setting of the Table 1 sweep, e.g. cfgpp_0.6."""
-    return f"{guidance}_{scale:g}"
-
-
-def parse_sweep_method(name: str) -> tuple[str, float]:
-    guidance, _, scale = name.rpartition("_")
-    return guidance, float(scale)

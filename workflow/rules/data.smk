@@ -21,3 +21,24 @@ rule synth:
         "../../envs/preprocess.yaml"
     shell:
         "python -m harmodiff.synth results/synthetic {params.args} --quiet > {log} 2>&1"
+
+
+# the per-scan lists jobs read, one TSV each (harmodiff.layout); rewritten when their rows change
+rule manifest:
+    output:
+        "results/manifests/{name}.tsv",
+    wildcard_constraints:
+        name="|".join(re.escape(name) for name in LAYOUT.manifest_names()),
+    params:
+        table=lambda wildcards: manifest_text(LAYOUT.manifest_table(wildcards.name)),
+    localrule: True
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    log:
+        "results/logs/manifest/{name}.log",
+    benchmark:
+        "results/benchmarks/manifest/{name}.tsv"
+    run:
+        write_text(params.table, output[0])

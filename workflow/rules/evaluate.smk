@@ -1,20 +1,9 @@
-# the per-scan lists several rules read, built once at parse time
-EVALUATION_ENTRIES = evaluation_entries()
-SIMILARITY_ENTRIES = similarity_entries()
-TRUTH_ENTRIES = truth_entries()
-TARGET_TRUTH_ENTRIES = target_truth_entries()
-FIGURE2_ENTRIES = figure2_entries()
-
-
 rule leakage:
     input:
-        images=stage_files("preprocessed", ".nii.gz"),
-        masks=stage_files("preprocessed", "_mask.nii.gz"),
-        anatomy=stage_files("anatomy", "_A.nii.gz"),
+        **manifest_inputs("leakage"),
     output:
         table="results/tables/leakage.csv",
     params:
-        sites=" ".join(SCANS["site"]),
         folds=config.get("evaluation", {}).get("leakage_folds", 3),
     threads: 1
     resources:
@@ -27,8 +16,7 @@ rule leakage:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m harmodiff.leakage --images {input.images} --masks {input.masks} "
-        "--anatomy {input.anatomy} --sites {params.sites} --folds {params.folds} "
+        "python -m harmodiff.leakage --manifest {input.manifest} --folds {params.folds} "
         "--output {output.table} > {log} 2>&1"
 
 
@@ -63,16 +51,11 @@ rule segment:
 
 rule tissue_ratios:
     input:
-        volumes=[e["volumes"] for e in EVALUATION_ENTRIES],
+        **manifest_inputs("segmentations"),
     output:
         report("results/tables/tissue_ratios.csv", caption="../report/tissue_ratios.rst", category="Tables"),
     params:
         combat=f"--combat-reference {EVALUATION['reference_site']}" if "combat" in METHODS else "",
-        methods=" ".join(e["method"] for e in EVALUATION_ENTRIES),
-        targets=" ".join(e["target"] for e in EVALUATION_ENTRIES),
-        scans=" ".join(e["scan"] for e in EVALUATION_ENTRIES),
-        subjects=" ".join(e["subject"] for e in EVALUATION_ENTRIES),
-        sites=" ".join(e["site"] for e in EVALUATION_ENTRIES),
     threads: 1
     resources:
         mem_mb=1000,
@@ -84,9 +67,8 @@ rule tissue_ratios:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m harmodiff.evaluate ratios --volumes {input.volumes} --methods {params.methods} "
-        "--targets {params.targets} --scan-ids {params.scans} --subjects {params.subjects} "
-        "--sites {params.sites} {params.combat} --output {output} > {log} 2>&1"
+        "python -m harmodiff.evaluate ratios --manifest {input.manifest} {params.combat} "
+        "--output {output} > {log} 2>&1"
 
 
 rule ttests:
@@ -134,12 +116,9 @@ rule mixed_models:
 
 rule similarity:
     input:
-        images=[e[4] for e in SIMILARITY_ENTRIES],
-        masks=[e[5] for e in SIMILARITY_ENTRIES],
+        **manifest_inputs("similarity"),
     output:
         "results/tables/similarity_pairs.csv",
-    params:
-        **entry_args(SIMILARITY_ENTRIES, "methods", "targets", "subjects", "sites"),
     threads: 1
     resources:
         mem_mb=4000,
@@ -151,9 +130,7 @@ rule similarity:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m harmodiff.metrics pairs --images {input.images} --masks {input.masks} "
-        "--methods {params.methods} --targets {params.targets} --subjects {params.subjects} "
-        "--sites {params.sites} --output {output} > {log} 2>&1"
+        "python -m harmodiff.metrics pairs --manifest {input.manifest} --output {output} > {log} 2>&1"
 
 
 rule table1:
@@ -235,15 +212,10 @@ rule truth_scores:
     input:
         ratios="results/tables/tissue_ratios.csv",
         truth="results/synthetic/truth/subjects.tsv",
-        images=[e[3] for e in TRUTH_ENTRIES],
-        masks=[e[4] for e in TRUTH_ENTRIES],
-        truths=[e[5] for e in TRUTH_ENTRIES],
-        truth_masks=[e[6] for e in TRUTH_ENTRIES],
-        preprocessed=stage_files("preprocessed", ".nii.gz"),
-        preprocessed_masks=stage_files("preprocessed", "_mask.nii.gz"),
-        rendered=[f"results/synthetic/truth/rendered/{s}.nii.gz" for s in SCANS.index],
-        subject_masks=[f"results/synthetic/truth/subjects/{s}_mask.nii.gz" for s in SCANS["subject"]],
-        target_volumes=[target_truth_volumes(t, s) for t, s in TARGET_TRUTH_ENTRIES],
+        # lambdas: only a synthetic cohort has these manifests
+        similarity=lambda wildcards: manifest_and_files("truth_similarity"),
+        targets=lambda wildcards: manifest_and_files("truth_targets"),
+        preprocessing=lambda wildcards: manifest_and_files("truth_preprocessing"),
     output:
         preprocessing=report("results/tables/truth_preprocessing.csv", caption="../report/truth.rst", category="Truth"),
         ratios=report("results/tables/truth_ratios.csv", caption="../report/truth.rst", category="Truth"),
@@ -251,11 +223,9 @@ rule truth_scores:
         summary=report("results/tables/truth_summary.csv", caption="../report/truth.rst", category="Truth"),
         summary_md="results/tables/truth_summary.md",
     params:
-        **entry_args(TRUTH_ENTRIES, "methods", "targets", "scans"),
-        scan_ids=" ".join(SCANS.index),
-        target_sites=" ".join(t for t, _ in TARGET_TRUTH_ENTRIES),
-        target_subjects=" ".join(s for _, s in TARGET_TRUTH_ENTRIES),
-
+        similarity=LAYOUT.manifest("truth_similarity"),
+        targets=LAYOUT.manifest("truth_targets"),
+        preprocessing=LAYOUT.manifest("truth_preprocessing"),
     threads: 1
     resources:
         mem_mb=4000,
@@ -268,28 +238,22 @@ rule truth_scores:
         "../../envs/stats.yaml"
     shell:
         "(python -m harmodiff.evaluate truth --ratios {input.ratios} --truth {input.truth} "
-        "--target-volumes {input.target_volumes} --target-sites {params.target_sites} "
-        "--target-subjects {params.target_subjects} --output {output.ratios} && "
-        "python -m harmodiff.metrics truth --images {input.images} --masks {input.masks} --methods {params.methods} "
-        "--targets {params.targets} --scan-ids {params.scans} --truths {input.truths} "
-        "--truth-masks {input.truth_masks} --output {output.similarity} && "
+        "--target-manifest {params.targets} --output {output.ratios} && "
+        "python -m harmodiff.metrics truth --manifest {params.similarity} --output {output.similarity} && "
         "python -m harmodiff.metrics summary --scores {output.similarity} --output {output.summary} "
         "--output-md {output.summary_md} && "
-        "python -m harmodiff.metrics preprocessing --images {input.preprocessed} --masks {input.preprocessed_masks} "
-        "--scan-ids {params.scan_ids} --truths {input.rendered} --truth-masks {input.subject_masks} "
+        "python -m harmodiff.metrics preprocessing --manifest {params.preprocessing} "
         "--output {output.preprocessing}) > {log} 2>&1"
 
 
 rule figure2:
     input:
-        [e[0] for e in FIGURE2_ENTRIES],
+        **manifest_inputs("figure2"),
     output:
         png=report("results/figures/figure2.png", caption="../report/figure2.rst", category="Figures"),
         pdf="results/figures/figure2.pdf",
     params:
-        methods=" ".join(e[1] for e in FIGURE2_ENTRIES),
-        sites=" ".join(e[2] for e in FIGURE2_ENTRIES),
-        subject=figure_subject(),
+        subject=LAYOUT.figure_subject(),
     threads: 1
     resources:
         mem_mb=2000,
@@ -301,8 +265,8 @@ rule figure2:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m harmodiff.figures figure2 --images {input} --methods {params.methods} --sites {params.sites} "
-        "--subject {params.subject} --output {output.png} {output.pdf} > {log} 2>&1"
+        "python -m harmodiff.figures figure2 --manifest {input.manifest} --subject {params.subject} "
+        "--output {output.png} {output.pdf} > {log} 2>&1"
 
 
 rule figure3:

@@ -125,8 +125,7 @@ rule harmonize_seed:
 # the target site's pooled training intensities, built once and read by every histmatch job
 rule histmatch_reference:
     input:
-        images=lambda wildcards: target_training_scans(wildcards, ".nii.gz"),
-        masks=lambda wildcards: target_training_scans(wildcards, "_mask.nii.gz"),
+        unpack(lambda wildcards: manifest_inputs(f"histmatch-{wildcards.target}")),
     output:
         "results/harmonized/histmatch/{target}/reference.npy",
     threads: 1
@@ -140,8 +139,7 @@ rule histmatch_reference:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m harmodiff.histmatch reference --images {input.images} --masks {input.masks} "
-        "--output {output} > {log} 2>&1"
+        "python -m harmodiff.histmatch reference --manifest {input.manifest} --output {output} > {log} 2>&1"
 
 
 rule histmatch:

@@ -1,18 +1,15 @@
-TRAIN_SCANS = SCANS[SCANS["cohort"] == "train"]
 RUN = config["train"]["run"]
 
 
 rule train:
     input:
-        images=stage_files("preprocessed", ".nii.gz", TRAIN_SCANS),
-        masks=stage_files("preprocessed", "_mask.nii.gz", TRAIN_SCANS),
+        **manifest_inputs("train"),
         pretrained=pretrained_model(),
     output:
         checkpoint=f"results/model/{RUN}/checkpoint.pt",
         loss=f"results/model/{RUN}/loss.csv",
         plot=f"results/model/{RUN}/loss.png",
     params:
-        sites=" ".join(TRAIN_SCANS["site"]),
         settings=train_settings_json(),
         state=f"results/model/{RUN}/state",
         export=lambda wildcards, output: os.path.dirname(output.checkpoint),
@@ -29,6 +26,6 @@ rule train:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m harmodiff.train --config '{params.settings}' --images {input.images} "
-        "--masks {input.masks} --sites {params.sites} --output-dir {params.state} --resume "
+        "python -m harmodiff.train --config '{params.settings}' --manifest {input.manifest} "
+        "--output-dir {params.state} --resume "
         "--export-dir {params.export} {params.pretrained} --threads {threads} > {log} 2>&1"
