@@ -7,7 +7,8 @@ Each cohort is tiny fake files (4^3 voxels: the dry run reads headers only) laid
 SRPBS release: `--rows 97` is the traveling-subject set (10 subjects x 10 sites, 3 missing) with
 20 training scans; larger row counts add traveling subjects over 10 sites and 20% as many
 training scans (so N rows = N test scans + N/5 training scans), with config/srpbs.yaml's full
-guidance sweep. Wall time and peak memory (of the snakemake process, from getrusage) of
+guidance sweep on the first subject only (`--sweep-subjects`; at 97 rows on all of them,
+as config/srpbs.yaml). Wall time and peak memory (of the snakemake process, from getrusage) of
 `snakemake -n -p`, and the longest shell command it prints.
 """
 
@@ -31,7 +32,7 @@ SITES = ["ATV", "COI", "HKH", "HUH", "KPM", "KUS", "KUT", "SWA", "UTO", "YC2"]
 MISSING = {("sub-03", "UTO"), ("sub-07", "HKH"), ("sub-09", "SWA")}  # 3 scans missing, as in SRPBS
 
 
-def fake_srpbs(root: Path, test_scans: int = 97, train_scans: int = 20) -> Path:
+def fake_srpbs(root: Path, test_scans: int = 97, train_scans: int = 20, sweep_subjects: int | None = None) -> Path:
     """An SRPBS-shaped layout of tiny images under root; returns the config file that runs it."""
     img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
     tiny = root / "tiny.nii.gz"
@@ -53,6 +54,7 @@ def fake_srpbs(root: Path, test_scans: int = 97, train_scans: int = 20) -> Path:
     cfg = yaml.safe_load((ROOT / "config/srpbs.yaml").read_text())
     cfg["cohort"]["srpbs"] = {"root": str(release), "training_sheet": str(root / "train.tsv")}
     cfg["target_sites"] = ["TRAIN0"]
+    cfg["evaluation"]["guidance_sweep"]["subjects"] = sweep_subjects
     (root / "srpbs.yaml").write_text(yaml.safe_dump(cfg))
     return root / "srpbs.yaml"
 
@@ -78,14 +80,18 @@ def dry_run(workdir: Path, configfile: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[97, 1000, 10000], help="test scans per cohort")
+    p.add_argument("--sweep-subjects", type=int, nargs="+",
+                   help="evaluation.guidance_sweep.subjects per cohort (default: all at 97 rows, else 1)")
     a = p.parse_args(argv)
     rows = []
-    for n in a.rows:
+    for k, n in enumerate(a.rows):
+        sweep = a.sweep_subjects[k] if a.sweep_subjects else (None if n == 97 else 1)
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            configfile = fake_srpbs(tmp, n, 20 if n == 97 else n // 5)
+            configfile = fake_srpbs(tmp, n, 20 if n == 97 else n // 5, sweep)
             r = dry_run(tmp / "work", configfile)
-            rows.append({"test scans": n, "training scans": 20 if n == 97 else n // 5, **r})
+            rows.append({"test scans": n, "training scans": 20 if n == 97 else n // 5,
+                         "sweep subjects": "all" if sweep is None else sweep, **r})
             print(rows[-1], file=sys.stderr)
     from harmodiff.evaluate import markdown_table
 

@@ -264,7 +264,7 @@ def test_crop_shape_cuts_training_samples_from_the_same_draws(tmp_path):
     with pytest.raises(tr.InputError, match="crop_shape needs a convolutional net"):
         tr.train(vols, tmp_path / "run", model_cfg=TINY, cfg=cfg, patch_shape=(16, 16, 16),
                  anatomy_cfg=an, progress=False)
-    with pytest.raises(ValueError, match="crop_shape must be three positive sides"):
+    with pytest.raises(ValueError, match=r"train.crop_shape must be a list of ints of length 3"):
         tr.training_shape(tr.TrainConfig(crop_shape=[8, 8]), (16, 16, 16))
     assert not (tmp_path / "run").exists()
 
@@ -351,7 +351,7 @@ def test_pretrained_mismatch_messages_name_the_key_and_the_file(tmp_path, capsys
     ("contrast_levels", [], "contrast_levels must be a list of numbers"),
 ])
 def test_train_config_types_and_ranges_are_one_line_errors(key, value, message):
-    with pytest.raises(ValueError, match=f"train config: {message}"):
+    with pytest.raises(ValueError, match=f"train.{message}"):
         tr.TrainConfig.from_dict({key: value})
 
 

@@ -190,6 +190,11 @@ def test_srpbs_config_builds_the_full_dag(tmp_path):
     # every harmonization draws its scan's own noise field and reads the anatomy stage's maps
     assert proc.stdout.count(" --seed-key sub-") == 97 * 12
     assert proc.stdout.count(" --anatomy results/anatomy/test/") == 97 * 12
+    # no command grows with the number of scans: lists travel as manifests (Linux refuses any
+    # single argument over 128 KiB; before the manifests, the similarity command was 215 KB)
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("Shell command:")]
+    assert len(commands) > 1500 and max(map(len, commands)) < 32 * 1024
+    assert counts["manifest"] == 7  # train, leakage, segmentations, similarity, figure2, sweep_subjects, histmatch-TRAIN0
 
 
 @pytest.mark.e2e

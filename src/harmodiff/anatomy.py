@@ -25,10 +25,12 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from harmodiff.config import AnatomyConfig
 from harmodiff.io import InputError, load_image, load_mask, outputs_together, refuse_overwriting_inputs, save_image
 
 QUANTILES = (0.5, 99.5)
-NORMALIZE_EROSION = 2  # voxels of the brain rim left out of the normalizing percentiles
+_DEFAULT = AnatomyConfig  # every default of the anatomy map lives in harmodiff.config
+NORMALIZE_EROSION = _DEFAULT.normalize_erosion  # voxels of the brain rim left out of the normalizing percentiles
 
 
 def kernel_radius(sigma: float) -> int:
@@ -64,7 +66,7 @@ def high_frequency(image: np.ndarray, sigma: float) -> np.ndarray:
     return np.abs(image - gaussian(image, sigma)).astype(np.float32)
 
 
-def raw_anatomy(perturbed: np.ndarray, *, alpha: float = 0.5, sigma: float = 1.0,
+def raw_anatomy(perturbed: np.ndarray, *, alpha: float = _DEFAULT.alpha, sigma: float = _DEFAULT.sigma,
                 terms: Sequence[tuple[str, float, float]] | None = None) -> np.ndarray:
     """alpha G + (1 - alpha) H of an already perturbed image, or the weighted multi-scale sum."""
     if terms is None:
@@ -91,7 +93,7 @@ def quantile_normalize(values: np.ndarray, mask: np.ndarray, quantiles=QUANTILES
     return np.where(mask, np.clip(scaled, -1.0, 1.0), -1.0).astype(np.float32)
 
 
-def anatomy_map(image: np.ndarray, mask: np.ndarray, *, alpha: float = 0.5, sigma: float = 1.0,
+def anatomy_map(image: np.ndarray, mask: np.ndarray, *, alpha: float = _DEFAULT.alpha, sigma: float = _DEFAULT.sigma,
                 log_gamma: float = 0.0, terms=None, erosion: int = NORMALIZE_EROSION) -> np.ndarray:
     """The anatomical map A in [-1, 1] (see the module docstring)."""
     mask = np.asarray(mask, bool)
@@ -103,8 +105,9 @@ def anatomy_map_from_config(image: np.ndarray, mask: np.ndarray, anatomy_cfg: di
                             log_gamma: float = 0.0) -> np.ndarray:
     """`anatomy_map` with the settings of a config's `anatomy` section (training and inference)."""
     cfg = anatomy_cfg or {}
-    return anatomy_map(image, mask, alpha=cfg.get("alpha", 0.5), sigma=cfg.get("sigma", 1.0), log_gamma=log_gamma,
-                       erosion=cfg.get("normalize_erosion", NORMALIZE_EROSION))
+    cfg = AnatomyConfig.of(cfg)
+    return anatomy_map(image, mask, alpha=cfg.alpha, sigma=cfg.sigma, log_gamma=log_gamma,
+                       erosion=cfg.normalize_erosion)
 
 
 def _trilinear(volume: np.ndarray, size) -> np.ndarray:
@@ -115,7 +118,8 @@ def _trilinear(volume: np.ndarray, size) -> np.ndarray:
     return F.interpolate(t, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
-def coarse_map(anatomy: np.ndarray, factor: int = 2, mode: str = "local", patch_shape=None) -> np.ndarray:
+def coarse_map(anatomy: np.ndarray, factor: int = _DEFAULT.coarse_factor, mode: str = _DEFAULT.coarse_mode,
+               patch_shape=None) -> np.ndarray:
     """A_coarse: `local` -> A downsampled by `factor` and back on A's grid; `global` -> A at patch shape."""
     if mode == "local":
         small = [max(1, int(round(s / factor))) for s in anatomy.shape]
@@ -127,7 +131,7 @@ def coarse_map(anatomy: np.ndarray, factor: int = 2, mode: str = "local", patch_
     raise ValueError(f"coarse_map mode must be 'local' or 'global', got {mode!r}")
 
 
-def coarse_patch(coarse: np.ndarray, corner, patch_shape, mode: str = "local") -> np.ndarray:
+def coarse_patch(coarse: np.ndarray, corner, patch_shape, mode: str = _DEFAULT.coarse_mode) -> np.ndarray:
     """The A_coarse input of the patch at `corner`."""
     if mode == "global":
         return coarse
@@ -141,13 +145,13 @@ def main(argv=None) -> int:
     p.add_argument("--mask", required=True, help="its brain mask")
     p.add_argument("--output", required=True, help="A (.nii.gz)")
     p.add_argument("--coarse-output", required=True, help="A_coarse (.nii.gz)")
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--sigma", type=float, default=1.0, help="voxels")
+    p.add_argument("--alpha", type=float, default=_DEFAULT.alpha)
+    p.add_argument("--sigma", type=float, default=_DEFAULT.sigma, help="voxels")
     p.add_argument("--log-gamma", type=float, default=0.0)
     p.add_argument("--normalize-erosion", type=int, default=NORMALIZE_EROSION,
                    help="voxels of the brain rim left out of the normalizing percentiles")
-    p.add_argument("--coarse-factor", type=int, default=2)
-    p.add_argument("--coarse-mode", choices=["local", "global"], default="local")
+    p.add_argument("--coarse-factor", type=int, default=_DEFAULT.coarse_factor)
+    p.add_argument("--coarse-mode", choices=["local", "global"], default=_DEFAULT.coarse_mode)
     p.add_argument("--patch-shape", type=int, nargs=3, default=None)
     a = p.parse_args(argv)
     try:

@@ -156,7 +156,8 @@ def main(argv=None) -> int:
     t1 = sub.add_parser("table1")
     t1.add_argument("--pairs", required=True)
     t1.add_argument("--sweep-methods", nargs="*", default=[])
-    t1.add_argument("--sweep-subjects", nargs="*", default=[])
+    add_list_options(t1, ("subject",), manifest="--sweep-manifest", required=False,
+                     options={"subject": "sweep-subjects"})
     t1.add_argument("--output-csv", required=True)
     t1.add_argument("--output-md", required=True)
     f2 = sub.add_parser("figure2")

@@ -25,11 +25,14 @@ import torch
 
 from harmodiff import anatomy as anat
 from harmodiff import sample as smp
+from harmodiff.config import AnatomyConfig, HarmonizeConfig
 from harmodiff.io import InputError, load_image, load_mask, outputs_together, refuse_overwriting_inputs, save_image
 from harmodiff.model import NULL_LABEL
 from harmodiff.patches import extract, fuse, grid_positions, hann_window
 from harmodiff.intensity import from_model_units, to_model_units
 
+
+_H = HarmonizeConfig  # the sampling defaults live in harmodiff.config
 
 def match_source_stats(patch: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The authors' released post-processing: give a sampled patch the brain mean and standard
@@ -44,9 +47,10 @@ def match_source_stats(patch: np.ndarray, source: np.ndarray, mask: np.ndarray) 
 
 
 def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.ndarray, target_site: str, *,
-                    guidance: str = "cfgpp", scale: float = 0.6, steps: int = 50, batch_size: int = 4,
-                    seed: int = 0, device: str = "cpu", start_from: str = "noise", strength: float = 0.5,
-                    bf16: bool = False, channels_last: bool = False, compile: bool = False,
+                    guidance: str = _H.guidance, scale: float = _H.scale, steps: int = _H.steps,
+                    batch_size: int = _H.batch_size, seed: int = _H.seed, device: str = "cpu",
+                    start_from: str = _H.start_from, strength: float = _H.strength, bf16: bool = False,
+                    channels_last: bool = False, compile: bool = False,
                     min_overlap: float = 0.5, match_stats: bool = False, anatomy: np.ndarray | None = None,
                     coarse: np.ndarray | None = None, progress: bool = False) -> tuple[np.ndarray, dict]:
     """Harmonized image (brain-median-500 units, background 0) and timing statistics.
@@ -70,14 +74,14 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
                          f"{tuple(trained_on)} (preprocess it with the training config's grid)")
     if any(n < p for n, p in zip(image.shape, patch_shape)):
         raise InputError(f"input grid {tuple(image.shape)} is smaller than the model's patch {patch_shape}")
-    anatomy_cfg = config.get("anatomy") or {}
-    mode = anatomy_cfg.get("coarse_mode", "local")
+    anatomy_cfg = AnatomyConfig.of(config.get("anatomy"))
+    mode = anatomy_cfg.coarse_mode
     if anatomy is None:
         A = anat.anatomy_map_from_config(image, mask, anatomy_cfg)
     else:
         A = np.asarray(anatomy, np.float32)
     if coarse is None:
-        coarse = anat.coarse_map(A, anatomy_cfg.get("coarse_factor", 2), mode, patch_shape)
+        coarse = anat.coarse_map(A, anatomy_cfg.coarse_factor, mode, patch_shape)
     expected = {"A": (A.shape, image.shape),
                 "A_coarse": (coarse.shape, tuple(patch_shape) if mode == "global" else image.shape)}
     for name, (got, want) in expected.items():
@@ -186,15 +190,15 @@ def main(argv=None) -> int:
     p.add_argument("--mask", required=True)
     p.add_argument("--target-site", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--guidance", choices=smp.GUIDANCES, default="cfgpp")
-    p.add_argument("--scale", type=float, default=0.6, help="CFG w or CFG++ lambda")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=4, help="patches per forward pass (doubled for guidance)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", choices=smp.GUIDANCES, default=_H.guidance)
+    p.add_argument("--scale", type=float, default=_H.scale, help="CFG w or CFG++ lambda")
+    p.add_argument("--steps", type=int, default=_H.steps)
+    p.add_argument("--batch-size", type=int, default=_H.batch_size, help="patches per forward pass (doubled for guidance)")
+    p.add_argument("--seed", type=int, default=_H.seed)
     p.add_argument("--seed-key", help="a scan id: the noise seed becomes scan_seed(seed, key), one per scan")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--start-from", choices=["noise", "source"], default="noise")
-    p.add_argument("--strength", type=float, default=0.5, help="with --start-from source: fraction of the schedule")
+    p.add_argument("--start-from", choices=["noise", "source"], default=_H.start_from)
+    p.add_argument("--strength", type=float, default=_H.strength, help="with --start-from source: fraction of the schedule")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU speed; same result within rounding)")
     p.add_argument("--channels-last", action="store_true", help="channels-last 3-D memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (pays off on long GPU runs)")

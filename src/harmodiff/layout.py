@@ -221,7 +221,7 @@ class Layout:
 
     # the tables the evaluation reads (each becomes results/manifests/<name>.tsv)
     def manifest_names(self) -> list[str]:
-        names = ["train", "leakage", "segmentations", "similarity", "figure2"]
+        names = ["train", "leakage", "segmentations", "similarity", "figure2", "sweep_subjects"]
         names += [f"histmatch-{t}" for t in self.target_sites]
         if self.synthetic:
             names += ["truth_similarity", "truth_targets", "truth_preprocessing"]
@@ -242,6 +242,7 @@ class Layout:
                     "leakage": lambda: self._scan_table(self.scans, "image", "mask", "anatomy", "site"),
                     "segmentations": self._segmentations, "similarity": self._similarity,
                     "figure2": self._figure2, "truth_similarity": self._truth_similarity,
+                    "sweep_subjects": lambda: pd.DataFrame({"subject": self.sweep_subjects}),
                     "truth_targets": self._truth_targets, "truth_preprocessing": self._truth_preprocessing}
         if name not in builders or name not in self.manifest_names():
             raise KeyError(f"no manifest {name!r} in this run (known: {', '.join(self.manifest_names())})")

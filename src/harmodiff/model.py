@@ -13,42 +13,12 @@ inference the target is (target site, 0).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 
+from harmodiff.config import ModelConfig  # noqa: F401 (the network's settings)
+
 NULL_LABEL = 0
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    channels: tuple[int, ...] = (64, 128, 256, 256)        # the authors' widths
-    attention_levels: tuple[bool, ...] = (False, True, True, False)
-    num_res_blocks: int = 2
-    num_head_channels: int = 64
-    context_dim: int = 512
-    norm_num_groups: int = 32
-    use_flash_attention: bool = True  # torch SDPA; ~3.7x faster on CPU than MONAI's einsum path
-    self_attention: bool = True       # False: attention blocks attend only to the site token (the
-                                      # authors' released network); drops the costly spatial attention
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "ModelConfig":
-        d = dict(d or {})
-        for k in ("channels", "attention_levels"):
-            if k in d:
-                d[k] = tuple(d[k])
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"model config: unknown key(s) {sorted(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        d["attention_levels"] = list(self.attention_levels)
-        return d
 
 
 class SiteLabels:

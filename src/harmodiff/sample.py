@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-GUIDANCES = ("none", "cfg", "cfgpp")
+from harmodiff.config import GUIDANCES, HarmonizeConfig
+
 
 
 def linear_alphas_cumprod(num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -82,8 +83,8 @@ def ddim_step(x_t, eps_x0, eps_renoise, a_t, a_prev):
 EpsFn = Callable[[torch.Tensor, int], tuple[torch.Tensor | None, torch.Tensor]]
 
 
-def sample_ddim(eps_fn: EpsFn, x_start, alphas_cumprod, timesteps, *, guidance: str = "cfgpp",
-                scale: float = 0.6, progress=None):
+def sample_ddim(eps_fn: EpsFn, x_start, alphas_cumprod, timesteps, *, guidance: str = HarmonizeConfig.guidance,
+                scale: float = HarmonizeConfig.scale, progress=None):
     """Run DDIM from `x_start` at timesteps[0] down to a clean sample.
 
     `eps_fn(x_t, t)` returns (eps_u, eps_c); eps_u may be None when guidance is 'none'. The final

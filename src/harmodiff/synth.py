@@ -35,21 +35,26 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from harmodiff.config import SyntheticCohort
 from harmodiff.io import save_image, write_json, write_text
 
 PAD_MM = 20.0  # room around the template brain for the synthetic CSF rim, skull and scalp
 HEAD_LAYERS_MM = {"csf_rim": (0.0, 2.5), "skull": (2.5, 7.5), "scalp": (7.5, 12.5)}
 
 
+_COHORT = SyntheticCohort
+
 @dataclass(frozen=True)
 class SynthConfig:
-    train_sites: int = 3
-    train_subjects_per_site: int = 2
-    test_sites: int = 3
-    test_subjects: int = 3
-    seed: int = 0
-    render_spacing: float = 1.0          # mm, MNI-space grid the heads are rendered on
-    native_spacing: tuple[float, float] = (1.8, 2.2)  # range of scan voxel sizes (mm)
+    # the workflow's settings (config cohort.synthetic): defaults and meaning in harmodiff.config
+    train_sites: int = _COHORT.train_sites
+    train_subjects_per_site: int = _COHORT.train_subjects_per_site
+    test_sites: int = _COHORT.test_sites
+    test_subjects: int = _COHORT.test_subjects
+    seed: int = _COHORT.seed
+    render_spacing: float = _COHORT.render_spacing
+    native_spacing: tuple[float, float] = _COHORT.native_spacing
+    # the cohort's anatomy (not workflow settings)
     warp_mm: float = 2.0                 # sd of the subject warp's control-point displacements
     max_rotation_deg: float = 10.0
     max_shift_mm: float = 10.0

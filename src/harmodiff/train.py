@@ -37,7 +37,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ import torch
 import yaml
 
 from harmodiff import anatomy as anat
+from harmodiff.config import PREDICTIONS, WORKFLOW_ONLY, AnatomyConfig, TrainConfig  # noqa: F401
 from harmodiff.io import InputError, atomic_path, load_image, load_mask, write_text
 from harmodiff.layout import add_list_options, resolve_lists
 from harmodiff.plotting import plot_loss
@@ -53,76 +54,6 @@ from harmodiff.patches import brain_bbox, extract, random_patch
 from harmodiff.intensity import median_normalize, to_model_units
 
 CHECKPOINT = "checkpoint.pt"
-WORKFLOW_ONLY = ("run", "threads", "pretrained", "pretrained_sha256")  # train keys the rule reads, not training
-PREDICTIONS = ("eps", "v", "x0")
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 100000
-    batch_size: int = 2
-    lr: float = 1e-4
-    num_train_timesteps: int = 1000
-    null_prob: float = 0.15
-    anatomy_log_gamma: float = 0.5            # A is computed under log-gamma ~ U(-x, x)
-    contrast_levels: list = field(default_factory=lambda: [round(-0.4 + 0.1 * i, 1) for i in range(9)])
-    spatial_augmentation: bool = True
-    ema_decay: float = 0.999
-    checkpoint_every: int = 500
-    seed: int = 0
-    bf16: bool = False
-    compile: bool = False
-    prediction: str = "eps"                   # eps (the paper) | v | x0: what the network outputs
-    loss_weighting: str = "none"              # none | min_snr (weights min(SNR, gamma) / SNR-ish)
-    min_snr_gamma: float = 5.0
-    weight_decay: float = 0.0                 # AdamW
-    warmup_steps: int = 0                     # linear warm-up from 0 to lr
-    lr_decay: str = "none"                    # none | linear (to 0 at `steps`)
-    grad_clip: float = 0.0                    # max gradient norm; 0 = off
-    workers: int = 0                          # DataLoader processes building samples (0 = in the loop)
-    crop_shape: list | None = None            # train on crops of this shape instead of the inference
-                                              # patch (a net without self-attention is convolutional, so
-                                              # smaller crops give more samples per second); None = patch
-
-    def __post_init__(self):
-        for name, kind in (("steps", int), ("batch_size", int), ("num_train_timesteps", int),
-                           ("checkpoint_every", int), ("seed", int), ("warmup_steps", int), ("workers", int),
-                           ("lr", float), ("null_prob", float), ("anatomy_log_gamma", float), ("ema_decay", float),
-                           ("min_snr_gamma", float), ("weight_decay", float), ("grad_clip", float),
-                           ("spatial_augmentation", bool), ("bf16", bool), ("compile", bool)):
-            value = getattr(self, name)
-            ok = isinstance(value, bool) if kind is bool else (
-                isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
-            if not ok:
-                raise ValueError(f"train config: {name} must be {'a number' if kind is float else kind.__name__}, "
-                                 f"got {value!r}")
-        for name in ("steps", "batch_size", "num_train_timesteps", "checkpoint_every", "lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train config: {name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("seed", "warmup_steps", "workers", "weight_decay", "grad_clip", "anatomy_log_gamma"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train config: {name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("null_prob", "ema_decay"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"train config: {name} must be in [0, 1), got {getattr(self, name)!r}")
-        if not self.contrast_levels or not all(isinstance(g, (int, float)) for g in self.contrast_levels):
-            raise ValueError(f"train config: contrast_levels must be a list of numbers, got {self.contrast_levels!r}")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"train config: prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
-        if self.loss_weighting not in ("none", "min_snr"):
-            raise ValueError(f"train config: loss_weighting must be 'none' or 'min_snr', got {self.loss_weighting!r}")
-        if self.lr_decay not in ("none", "linear"):
-            raise ValueError(f"train config: lr_decay must be 'none' or 'linear', got {self.lr_decay!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "TrainConfig":
-        """From a config's train section; the keys only the workflow reads (the run's name, its
-        threads, a shipped model) are left out."""
-        d = {k: v for k, v in (d or {}).items() if k not in WORKFLOW_ONLY}
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"train config: unknown key(s) {sorted(unknown)}")
-        return cls(**d)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -234,9 +165,10 @@ def make_sample(volumes, labels: SiteLabels, cfg: TrainConfig, patch_shape, anat
     level = float(rng.choice(cfg.contrast_levels))
     image = contrast_augment(vol.image, vol.mask, level)
     u = float(rng.uniform(-cfg.anatomy_log_gamma, cfg.anatomy_log_gamma))
+    anatomy_cfg = AnatomyConfig.of(anatomy_cfg)
     A = anat.anatomy_map_from_config(image, vol.mask, anatomy_cfg, log_gamma=u)
-    mode = anatomy_cfg.get("coarse_mode", "local")
-    coarse = anat.coarse_map(A, anatomy_cfg.get("coarse_factor", 2), mode, patch_shape)
+    mode = anatomy_cfg.coarse_mode
+    coarse = anat.coarse_map(A, anatomy_cfg.coarse_factor, mode, patch_shape)
     corner = random_patch(image.shape, crop, brain_bbox(vol.mask), rng)
     x0 = to_model_units(extract(image, corner, crop), extract(vol.mask, corner, crop))
     label = NULL_LABEL if rng.random() < cfg.null_prob else labels.index(vol.site, level)
@@ -253,7 +185,7 @@ class TrainingSamples(torch.utils.data.Dataset):
     (seed, step, index), whichever process builds them."""
 
     def __init__(self, volumes, labels, cfg, patch_shape, anatomy_cfg):
-        self.args = (volumes, labels, cfg, tuple(patch_shape), dict(anatomy_cfg or {}))
+        self.args = (volumes, labels, cfg, tuple(patch_shape), AnatomyConfig.of(anatomy_cfg))
 
     def __len__(self) -> int:
         return 2**62
@@ -406,9 +338,9 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
     from monai.networks.schedulers import DDPMScheduler
     from tqdm import tqdm
 
-    anatomy_cfg = dict(anatomy_cfg or {})
+    anatomy_cfg = AnatomyConfig.of(anatomy_cfg)
     patch_shape = tuple(int(p) for p in patch_shape)
-    if cfg.crop_shape and (anatomy_cfg.get("coarse_mode", "local") == "global" or model_cfg.self_attention):
+    if cfg.crop_shape and (anatomy_cfg.coarse_mode == "global" or model_cfg.self_attention):
         raise InputError("train.crop_shape needs a convolutional net: model.self_attention false and "
                          "anatomy.coarse_mode local (self-attention and a global A_coarse see the whole patch)")
     out = Path(output_dir)
@@ -561,8 +493,8 @@ def set_aside(out: Path) -> Path:
 
 def config_record(model_cfg: ModelConfig, cfg: TrainConfig, patch_shape, anatomy_cfg) -> dict:
     """What a checkpoint records of the settings it was trained with."""
-    return {"model": model_cfg.to_dict(), "train": asdict(cfg), "patch_shape": [int(p) for p in patch_shape],
-            "anatomy": dict(anatomy_cfg or {})}
+    return {"model": model_cfg.to_dict(), "train": cfg.training_settings(), "patch_shape": [int(p) for p in patch_shape],
+            "anatomy": AnatomyConfig.of(anatomy_cfg).to_dict()}
 
 
 def record_differences(saved: dict, wanted: dict) -> list[str]:

@@ -32,7 +32,6 @@ TEST = LAYOUT.test
 EVALUATION = config.get("evaluation", {})
 EXTERNAL = LAYOUT.external
 METHODS = LAYOUT.methods
-SWEEP_SUBJECTS = LAYOUT.sweep_subjects
 stage_files = LAYOUT.stage_files
 method_targets = LAYOUT.method_targets
 image_methods = LAYOUT.image_methods

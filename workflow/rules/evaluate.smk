@@ -135,13 +135,13 @@ rule similarity:
 
 rule table1:
     input:
-        "results/tables/similarity_pairs.csv",
+        pairs="results/tables/similarity_pairs.csv",
+        subjects=LAYOUT.manifest("sweep_subjects"),
     output:
         csv=report("results/tables/table1.csv", caption="../report/table1.rst", category="Tables"),
         markdown="results/tables/table1.md",
     params:
         sweep=" ".join(name for _, _, name in sweep_settings()),
-        subjects=" ".join(SWEEP_SUBJECTS),
     threads: 1
     resources:
         mem_mb=1000,
@@ -153,8 +153,8 @@ rule table1:
     conda:
         "../../envs/stats.yaml"
     shell:
-        "python -m harmodiff.figures table1 --pairs {input} --sweep-methods {params.sweep} "
-        "--sweep-subjects {params.subjects} --output-csv {output.csv} --output-md {output.markdown} > {log} 2>&1"
+        "python -m harmodiff.figures table1 --pairs {input.pairs} --sweep-methods {params.sweep} "
+        "--sweep-manifest {input.subjects} --output-csv {output.csv} --output-md {output.markdown} > {log} 2>&1"
 
 
 # each traveling subject rendered noise-free at a target site, on the working grid, segmented like
