@@ -1,12 +1,19 @@
 # harmodiff: multi-site T1 harmonization with a patch-level 3D diffusion model.
 # Data flow and decisions: docs/ and ../DESIGN. Each rule is one call of a harmodiff module.
 
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# the demo's config unless the run names its own: a section a user's file leaves out takes
+# harmodiff.config's defaults, not the demo's values
+if not workflow.overwrite_configfiles:
+
+    configfile: os.path.join(workflow.basedir, "config/config.yaml")
+
 
 
 report: "workflow/report/workflow.rst"

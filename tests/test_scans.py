@@ -126,3 +126,41 @@ def test_a_sheet_without_test_or_train_rows_is_one_line_at_parse_time(tmp_path):
         targets = ["X"] if cohort == "train" else []
         with pytest.raises(InputError, match=f"no '{missing}' rows"):
             scan_table({"cohort": {"source": "sheet", "sheet": str(sheet)}, "target_sites": targets})
+
+
+def test_participants_and_srpbs_filters_pin_the_scan_set(tmp_path):
+    """cohort.participants keeps those test subjects (training scans stay); cohort.srpbs.sites and
+    .subjects pin the traveling-subject set; a name with no scans is one line naming it."""
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    from harmodiff.io import InputError
+    from harmodiff.workflow_support import scan_table
+
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    for sub in ("sub-01", "sub-02", "sub-03"):
+        for site in ("ATV", "KUS", "KPM"):
+            d = tmp_path / "srpbs" / sub / f"ses-site{site}" / "anat"
+            d.mkdir(parents=True)
+            nib.save(img, str(d / f"{sub}_ses-site{site}_T1w.nii.gz"))
+    nib.save(img, str(tmp_path / "t.nii.gz"))
+    pd.DataFrame({"scan_id": ["t1"], "subject": ["t1"], "site": ["TR"], "cohort": ["train"],
+                  "path": [str(tmp_path / "t.nii.gz")]}).to_csv(tmp_path / "train.tsv", sep="\t", index=False)
+    srpbs = {"root": str(tmp_path / "srpbs"), "training_sheet": str(tmp_path / "train.tsv")}
+    config = {"cohort": {"source": "srpbs", "srpbs": srpbs}, "target_sites": ["TR"]}
+    assert (scan_table(config)["cohort"] == "test").sum() == 9
+    config["cohort"]["srpbs"] = {**srpbs, "sites": ["ATV", "KUS"], "subjects": ["sub-01", "sub-02"]}
+    pinned = scan_table(config)
+    test = pinned[pinned["cohort"] == "test"]
+    assert sorted(zip(test["subject"], test["site"])) == [("sub-01", "ATV"), ("sub-01", "KUS"),
+                                                          ("sub-02", "ATV"), ("sub-02", "KUS")]
+    assert list(pinned.loc[pinned["cohort"] == "train", "scan_id"]) == ["t1"]
+    config["cohort"]["participants"] = ["sub-02"]
+    assert set(scan_table(config).query("cohort == 'test'")["subject"]) == {"sub-02"}
+    config["cohort"]["participants"] = ["sub-03"]  # filtered out by srpbs.subjects already
+    with pytest.raises(InputError, match=r"cohort.participants: sub-03 not found in srpbs test scans"):
+        scan_table(config)
+    config["cohort"] = {"source": "srpbs", "srpbs": {**srpbs, "sites": ["XYZ"]}}
+    with pytest.raises(InputError, match=r"cohort.srpbs.sites: XYZ not found in .*srpbs \(has: ATV, KPM, KUS\)"):
+        scan_table(config)

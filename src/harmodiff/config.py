@@ -74,18 +74,19 @@ def _kind(hint) -> str:
     return str(hint)
 
 
-def _check(value, hint, rules: dict, where: str):
-    """value checked against hint and rules; lists come back as lists (tuples for tuple hints)."""
+def _check(value, hint, rules: dict, where: str, kind: str | None = None):
+    """value checked against hint and rules; lists come back as lists (tuples for tuple hints).
+    kind: how a type error names what was expected (default: from hint)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
 
     def fail(extra=""):
-        raise ConfigError(f"{where} must be {_kind(hint)}{extra}, got {value!r}")
+        raise ConfigError(f"{where} must be {kind or _kind(hint)}{extra}, got {value!r}")
 
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
         inner = [a for a in args if a is not type(None)][0]
-        return _check(value, inner, rules, where)
+        return _check(value, inner, rules, where, kind=_kind(hint))
     if dataclasses.is_dataclass(hint):
         return load_section(hint, value, where)
     if origin is dict:
@@ -512,12 +513,11 @@ def readme() -> str:
 
     def walk(cls, prefix):
         hints = typing.get_type_hints(cls)
-        rows = []
+        rows, sections = [], []
         for f in dataclasses.fields(cls):
             hint, key = hints[f.name], f"{prefix}{f.name}"
             if dataclasses.is_dataclass(hint):
-                rows.append(("section", key, f.metadata.get("help", ""), None))
-                rows += walk(hint, key + ".")
+                sections += [("section", key, f.metadata.get("help", ""), None), *walk(hint, key + ".")]
                 continue
             default = (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
             default = "required" if default is dataclasses.MISSING else yaml.safe_dump(
@@ -525,9 +525,9 @@ def readme() -> str:
                 default_flow_style=True).strip().removesuffix("...").strip()
             rule = ""
             if "choices" in f.metadata:
-                rule = " one of " + ", ".join(map(str, f.metadata["choices"])) + "."
+                rule = " (one of: " + ", ".join(map(str, f.metadata["choices"])) + ")"
             rows.append((_kind(hint), key, f.metadata.get("help", "") + rule, default))
-        return rows
+        return rows + sections
 
     for kind, key, help_text, default in walk(WorkflowConfig, ""):
         if kind == "section":

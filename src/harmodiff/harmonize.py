@@ -25,7 +25,7 @@ import torch
 
 from harmodiff import anatomy as anat
 from harmodiff import sample as smp
-from harmodiff.config import AnatomyConfig, HarmonizeConfig
+from harmodiff.config import AnatomyConfig, HarmonizeConfig, TrainConfig
 from harmodiff.io import InputError, load_image, load_mask, outputs_together, refuse_overwriting_inputs, save_image
 from harmodiff.model import NULL_LABEL
 from harmodiff.patches import extract, fuse, grid_positions, hann_window
@@ -90,7 +90,7 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
     positions = grid_positions(image.shape, patch_shape, min_overlap)
     T = int(config["train"]["num_train_timesteps"])
     alphas = smp.linear_alphas_cumprod(T)
-    prediction = config["train"].get("prediction", "eps")
+    prediction = TrainConfig.of(config["train"]).prediction
     timesteps = smp.ddim_timesteps(T, steps)
     if start_from == "source":
         timesteps = smp.start_timesteps(timesteps, strength)

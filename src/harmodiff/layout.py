@@ -132,6 +132,8 @@ class Layout:
         self.test = scans[scans["cohort"] == "test"]
         self.train = scans[scans["cohort"] == "train"]
         self.test_subjects = list(dict.fromkeys(self.test["subject"]))
+        # paired t-tests against this site (evaluation.reference_site; else the first test site)
+        self.reference_site = evaluation.get("reference_site") or sorted(set(self.test["site"]))[0]
         self.sweep_subjects = self.test_subjects[: self.sweep.get("subjects") or len(self.test_subjects)]
         self.main_setting = (config["harmonize"]["guidance"], float(config["harmonize"]["scale"]))
         # one scan per subject: the grid its truth is resampled onto (a dict: O(1) per job at 10,000 scans)

@@ -45,7 +45,7 @@ import torch
 import yaml
 
 from harmodiff import anatomy as anat
-from harmodiff.config import PREDICTIONS, WORKFLOW_ONLY, AnatomyConfig, TrainConfig  # noqa: F401
+from harmodiff.config import PREDICTIONS, WORKFLOW_ONLY, AnatomyConfig, GridConfig, TrainConfig  # noqa: F401
 from harmodiff.io import InputError, atomic_path, load_image, load_mask, write_text
 from harmodiff.layout import add_list_options, resolve_lists
 from harmodiff.plotting import plot_loss
@@ -572,15 +572,21 @@ def load_volumes(images, masks, sites) -> list[Volume]:
     return vols
 
 
-def _read_config(text: str | None) -> dict:
-    if not text:
+def _read_config(path: str | None) -> dict:
+    """The sections of a config file (a workflow config, or the workflow's train-<run>.yaml);
+    each is validated by its class when it is used."""
+    if not path:
         return {}
-    if text.lstrip().startswith("{"):
-        return json.loads(text)
-    path = Path(text)
+    path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a config file is a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def export_main(argv) -> int:
@@ -616,7 +622,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m harmodiff.train", description="Train the conditional denoiser.")
-    p.add_argument("--config", help="workflow config YAML (keys model, train, grid.patch_shape, anatomy) or inline JSON")
+    p.add_argument("--config", help="workflow config YAML (its sections model, train, grid, anatomy are read)")
     p.add_argument("--scans", help="scan sheet; its train rows are used, images found under --preprocessed-dir")
     p.add_argument("--preprocessed-dir", default="results/preprocessed")
     add_list_options(p, ("image", "mask", "site"), required=False)  # preprocessed training scans (or --scans)
@@ -650,7 +656,7 @@ def main(argv=None) -> int:
             raise InputError("give --scans SHEET, --manifest FILE or --images/--masks/--sites")
         model_cfg = ModelConfig.from_dict(config.get("model"))
         cfg = TrainConfig.from_dict(config.get("train"))
-        patch_shape = (config.get("grid") or {}).get("patch_shape", (40, 48, 40))
+        patch_shape = GridConfig.of(config.get("grid")).patch_shape
         if a.pretrained:
             ckpt = check_pretrained(a.pretrained, a.pretrained_sha256,
                                     config_record(model_cfg, cfg, patch_shape, config.get("anatomy")), sites)

@@ -44,6 +44,17 @@ def synthetic_config(config: dict) -> dict | None:
     return {"paths": list(plan["path"]), "truth": truth, "args": args}
 
 
+def _keep(df: pd.DataFrame, column: str, wanted, key: str, source) -> pd.DataFrame:
+    """The rows whose column is in wanted (None: all); a wanted value with no rows is an error."""
+    if not wanted:
+        return df
+    absent = [w for w in wanted if w not in set(df[column])]
+    if absent:
+        raise scan_sheets.InputError(f"config {key}: {', '.join(absent)} not found in {source} "
+                                     f"(has: {', '.join(sorted(set(df[column])))})")
+    return df[df[column].isin(wanted)]
+
+
 def scan_table(config: dict, results: str = "results") -> pd.DataFrame:
     """All scans of the run, indexed by scan_id (columns subject, site, cohort, path)."""
     cohort = config["cohort"]
@@ -70,10 +81,16 @@ def scan_table(config: dict, results: str = "results") -> pd.DataFrame:
         if not r.get("root") or not r.get("training_sheet"):
             raise scan_sheets.InputError("config cohort.srpbs: set root and training_sheet when cohort.source is 'srpbs'")
         test = scan_sheets.from_srpbs(r["root"])
+        test = _keep(test, "site", r.get("sites"), "cohort.srpbs.sites", r["root"])
+        test = _keep(test, "subject", r.get("subjects"), "cohort.srpbs.subjects", r["root"])
         train = scan_sheets.read_scan_sheet(r["training_sheet"])
         df = scan_sheets.combine(train, test, target_sites=targets)
     else:  # the config schema already rejects this
         raise scan_sheets.InputError(f"config cohort.source: unknown source {source!r}")
+    if cohort.get("participants"):  # as a BIDS app's --participant-label: the test subjects to run
+        is_test = df["cohort"] == "test"
+        kept = _keep(df[is_test], "subject", cohort["participants"], "cohort.participants", f"{source} test scans")
+        df = pd.concat([df[~is_test], kept])
     for cohort_name, role in (("train", "train the model on"), ("test", "harmonize and evaluate")):
         if not (df["cohort"] == cohort_name).any():
             raise scan_sheets.InputError(f"{source} scans: no '{cohort_name}' rows, so nothing to {role} "

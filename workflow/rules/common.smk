@@ -6,12 +6,17 @@ from snakemake.utils import validate
 
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
+from harmodiff.config import ConfigError, WorkflowConfig  # noqa: E402
 from harmodiff.io import write_text  # noqa: E402
 from harmodiff.layout import Layout, manifest_text, sweep_method  # noqa: E402
 from harmodiff.workflow_support import scan_table, synthetic_config  # noqa: E402
 
 
-validate(config, "../schemas/config.schema.yaml")
+validate(config, "../schemas/config.schema.yaml")  # generated from harmodiff.config
+try:
+    config.update(WorkflowConfig.from_dict(config).to_dict())  # every default filled in, checked once
+except ConfigError as exc:
+    raise ValueError(f"config: {exc}") from None
 
 SCANS = scan_table(config, results="results")
 # Jobs run `python -m harmodiff.<stage>`; exporting src/ lets them import the package in a
@@ -29,7 +34,7 @@ wildcard_constraints:
 
 LAYOUT = Layout(config, SCANS)
 TEST = LAYOUT.test
-EVALUATION = config.get("evaluation", {})
+EVALUATION = config["evaluation"]
 EXTERNAL = LAYOUT.external
 METHODS = LAYOUT.methods
 stage_files = LAYOUT.stage_files
@@ -63,14 +68,12 @@ def segment_input_image(wildcards):
     return LAYOUT.method_image(wildcards.method, wildcards.target, wildcards.site, wildcards.scan)
 
 
-def train_settings_json():
-    """What harmodiff.train needs from the config, as one JSON argument (no quotes inside)."""
-    import json
+def training_settings_text():
+    """The config sections that shape the trained model (what harmodiff.train --config reads)."""
+    import yaml
 
-    train = {k: v for k, v in config["train"].items() if k not in ("run", "threads", "pretrained", "pretrained_sha256")}
-    settings = {"model": config["model"], "train": train, "anatomy": config["anatomy"],
-                "grid": {"patch_shape": config["grid"]["patch_shape"]}}
-    return json.dumps(settings, separators=(",", ":"))
+    sections = {key: config[key] for key in ("grid", "anatomy", "model", "train")}
+    return yaml.safe_dump(sections, sort_keys=False)
 
 
 def pretrained_model():

@@ -55,7 +55,7 @@ rule tissue_ratios:
     output:
         report("results/tables/tissue_ratios.csv", caption="../report/tissue_ratios.rst", category="Tables"),
     params:
-        combat=f"--combat-reference {EVALUATION['reference_site']}" if "combat" in METHODS else "",
+        combat=f"--combat-reference {LAYOUT.reference_site}" if "combat" in METHODS else "",
     threads: 1
     resources:
         mem_mb=1000,
@@ -77,7 +77,7 @@ rule ttests:
     output:
         report("results/tables/ttests.csv", caption="../report/ttests.rst", category="Tables"),
     params:
-        reference=EVALUATION["reference_site"],
+        reference=LAYOUT.reference_site,
     threads: 1
     resources:
         mem_mb=1000,
@@ -277,7 +277,7 @@ rule figure3:
         png=report("results/figures/figure3.png", caption="../report/figure3.rst", category="Figures"),
         pdf="results/figures/figure3.pdf",
     params:
-        reference=EVALUATION["reference_site"],
+        reference=LAYOUT.reference_site,
     threads: 1
     resources:
         mem_mb=2000,

@@ -1,16 +1,36 @@
 RUN = config["train"]["run"]
 
 
+# the settings the model is trained with, as the file train --config reads; rewritten (and the
+# model retrained) only when one of these sections changes
+rule training_settings:
+    output:
+        f"results/config/train-{RUN}.yaml",
+    params:
+        text=training_settings_text(),
+    localrule: True
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    log:
+        f"results/logs/training_settings/{RUN}.log",
+    benchmark:
+        f"results/benchmarks/training_settings/{RUN}.tsv"
+    run:
+        write_text(params.text, output[0])
+
+
 rule train:
     input:
         **manifest_inputs("train"),
+        settings=rules.training_settings.output[0],
         pretrained=pretrained_model(),
     output:
         checkpoint=f"results/model/{RUN}/checkpoint.pt",
         loss=f"results/model/{RUN}/loss.csv",
         plot=f"results/model/{RUN}/loss.png",
     params:
-        settings=train_settings_json(),
         state=f"results/model/{RUN}/state",
         export=lambda wildcards, output: os.path.dirname(output.checkpoint),
         pretrained=pretrained_args(),
@@ -26,6 +46,6 @@ rule train:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m harmodiff.train --config '{params.settings}' --manifest {input.manifest} "
+        "python -m harmodiff.train --config {input.settings} --manifest {input.manifest} "
         "--output-dir {params.state} --resume "
         "--export-dir {params.export} {params.pretrained} --threads {threads} > {log} 2>&1"
