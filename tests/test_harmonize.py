@@ -118,6 +118,16 @@ def test_cli_writes_input_header_and_start_from_source_uses_fewer_passes(tmp_pat
                     "--output", str(tmp_path / "flip.nii.gz")]) == 0
     assert np.abs(nib.load(str(tmp_path / "flip.nii.gz")).get_fdata() - out.get_fdata()).max() > 1
     assert hz.main([*args, "--anatomy", str(tmp_path / "A.nii.gz"), "--output", str(tmp_path / "y.nii.gz")]) == 2
+    # A made with other settings than the model's: refused, naming both values
+    assert anatomy.main(["--input", str(tmp_path / "in.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz"),
+                         "--output", str(tmp_path / "A2.nii.gz"), "--coarse-output", str(tmp_path / "Ac2.nii.gz"),
+                         "--alpha", "0.3"]) == 0
+    capsys.readouterr()
+    assert hz.main([*args, "--anatomy", str(tmp_path / "A2.nii.gz"), "--coarse", str(tmp_path / "Ac2.nii.gz"),
+                    "--output", str(tmp_path / "z.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert "A2.nii.gz was made with anatomy alpha 0.3 (the model: 0.5)" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "z.nii.gz").exists()
 
 
 def test_native_output_follows_the_inverse_of_the_saved_transform(tmp_path):

@@ -18,15 +18,18 @@ patch shape (one volume-wide context shared by every patch).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from harmodiff.config import AnatomyConfig
-from harmodiff.io import InputError, load_image, load_mask, outputs_together, refuse_overwriting_inputs, save_image
+from harmodiff.io import (InputError, load_image, load_mask, outputs_together, refuse_overwriting_inputs, save_image,
+                          write_json)
 
 QUANTILES = (0.5, 99.5)
 _DEFAULT = AnatomyConfig  # every default of the anatomy map lives in harmodiff.config
@@ -118,6 +121,29 @@ def _trilinear(volume: np.ndarray, size) -> np.ndarray:
     return F.interpolate(t, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
+def settings_path(anatomy_path) -> Path:
+    """The JSON next to an A file recording the settings it was made with (x_A.nii.gz -> x_A.json)."""
+    path = Path(anatomy_path)
+    return path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+
+
+def check_settings(anatomy_path, trained: dict, checkpoint) -> None:
+    """A file made with other anatomy settings than the model was trained with is an error naming
+    both (a file without its settings JSON is taken as it is)."""
+    recorded = settings_path(anatomy_path)
+    if not recorded.is_file():
+        return
+    try:
+        made = AnatomyConfig.of(json.loads(recorded.read_text())["anatomy"]).to_dict()
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{recorded}: not an anatomy settings file ({exc})") from None
+    wanted = AnatomyConfig.of(trained).to_dict()
+    differ = [f"{k} {made[k]!r} (the model: {wanted[k]!r})" for k in made if made[k] != wanted[k]]
+    if differ:
+        raise InputError(f"{anatomy_path} was made with anatomy {', '.join(differ)}; the model {checkpoint} was "
+                         f"trained with other settings: remake A with the model's settings")
+
+
 def coarse_map(anatomy: np.ndarray, factor: int = _DEFAULT.coarse_factor, mode: str = _DEFAULT.coarse_mode,
                patch_shape=None) -> np.ndarray:
     """A_coarse: `local` -> A downsampled by `factor` and back on A's grid; `global` -> A at patch shape."""
@@ -156,7 +182,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         refuse_overwriting_inputs([a.input, a.mask], [a.output, a.coarse_output])
-        with outputs_together([a.output, a.coarse_output]):
+        settings = AnatomyConfig(alpha=a.alpha, sigma=a.sigma, coarse_factor=a.coarse_factor, coarse_mode=a.coarse_mode,
+                                 normalize_erosion=a.normalize_erosion)
+        with outputs_together([a.output, a.coarse_output, settings_path(a.output)]):
             img = load_image(a.input)
             mask = load_mask(a.mask, like=img)
             if not mask.any():
@@ -170,6 +198,8 @@ def main(argv=None) -> int:
                 coarse_affine = img.affine.copy()
                 coarse_affine[:3, :3] = img.affine[:3, :3] @ np.diag(np.array(img.shape) / np.array(coarse.shape))
             save_image(coarse, coarse_affine, a.coarse_output)
+            write_json({"anatomy": settings.to_dict(), "log_gamma": a.log_gamma, "input": str(a.input)},
+                       settings_path(a.output))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -232,6 +232,8 @@ def main(argv=None) -> int:
                 maps = {"anatomy": np.asarray(load_image(a.anatomy).dataobj, np.float32),
                         "coarse": np.asarray(load_image(a.coarse).dataobj, np.float32)}
             model, labels, config = load_model_for_inference(a.checkpoint, a.device, use_ema=not a.no_ema)
+            if a.anatomy:
+                anat.check_settings(a.anatomy, config.get("anatomy"), a.checkpoint)
             out, stats = harmonize_array(
                 model, labels, config, np.asarray(img.dataobj, np.float32), mask, a.target_site,
                 guidance=a.guidance, scale=a.scale, steps=a.steps, batch_size=a.batch_size,

@@ -5,6 +5,7 @@ rule anatomy:
     output:
         anatomy="results/anatomy/{cohort}/{site}/{scan}_A.nii.gz",
         coarse="results/anatomy/{cohort}/{site}/{scan}_Acoarse.nii.gz",
+        settings="results/anatomy/{cohort}/{site}/{scan}_A.json",
     params:
         alpha=config["anatomy"]["alpha"],
         sigma=config["anatomy"]["sigma"],

@@ -14,14 +14,21 @@ HARMONIZE_SHELL = (
     "--seed {params.seed} --seed-key {wildcards.scan} --threads {threads} {params.speed} > {log} 2>&1"
 )
 
+# every harmonization reads the model, the scan, its mask and its anatomy maps (with the settings
+# they were made with, checked against the model's)
+HARMONIZE_INPUT = {
+    "checkpoint": rules.train.output.checkpoint,
+    "image": "results/preprocessed/test/{site}/{scan}.nii.gz",
+    "mask": "results/preprocessed/test/{site}/{scan}_mask.nii.gz",
+    "anatomy": "results/anatomy/test/{site}/{scan}_A.nii.gz",
+    "coarse": "results/anatomy/test/{site}/{scan}_Acoarse.nii.gz",
+    "anatomy_settings": "results/anatomy/test/{site}/{scan}_A.json",
+}
+
 
 rule harmonize:
     input:
-        checkpoint=rules.train.output.checkpoint,
-        image="results/preprocessed/test/{site}/{scan}.nii.gz",
-        mask="results/preprocessed/test/{site}/{scan}_mask.nii.gz",
-        anatomy="results/anatomy/test/{site}/{scan}_A.nii.gz",
-        coarse="results/anatomy/test/{site}/{scan}_Acoarse.nii.gz",
+        **HARMONIZE_INPUT,
     output:
         "results/harmonized/diffusion/{target}/{site}/{scan}.nii.gz",
     params:
@@ -51,11 +58,7 @@ rule harmonize:
 # Table 1: the same harmonization under other guidance settings (config evaluation.guidance_sweep)
 rule harmonize_sweep:
     input:
-        checkpoint=rules.train.output.checkpoint,
-        image="results/preprocessed/test/{site}/{scan}.nii.gz",
-        mask="results/preprocessed/test/{site}/{scan}_mask.nii.gz",
-        anatomy="results/anatomy/test/{site}/{scan}_A.nii.gz",
-        coarse="results/anatomy/test/{site}/{scan}_Acoarse.nii.gz",
+        **HARMONIZE_INPUT,
     output:
         "results/sweep/{guidance}_{scale}/{target}/{site}/{scan}.nii.gz",
     wildcard_constraints:
@@ -89,11 +92,7 @@ rule harmonize_sweep:
 # the spread of the truth scores over seeds, on the sweep subjects
 rule harmonize_seed:
     input:
-        checkpoint=rules.train.output.checkpoint,
-        image="results/preprocessed/test/{site}/{scan}.nii.gz",
-        mask="results/preprocessed/test/{site}/{scan}_mask.nii.gz",
-        anatomy="results/anatomy/test/{site}/{scan}_A.nii.gz",
-        coarse="results/anatomy/test/{site}/{scan}_Acoarse.nii.gz",
+        **HARMONIZE_INPUT,
     output:
         "results/seeds/{seed}/{target}/{site}/{scan}.nii.gz",
     wildcard_constraints:
