@@ -3,10 +3,6 @@
 The end-to-end run also scores preprocessing and the anatomy map against the synthetic truth.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

@@ -17,9 +17,8 @@ import sys
 
 import numpy as np
 
-from harmodiff.io import InputError, load_image, load_mask, save_image
 from harmodiff.intensity import median_normalize
-from harmodiff.preprocess import to_ants
+from harmodiff.io import InputError, load_image, load_mask, save_image, to_ants
 
 SPACES = ("native", "mni")
 

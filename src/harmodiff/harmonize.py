@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
@@ -34,6 +35,7 @@ from harmodiff.intensity import from_model_units, to_model_units
 
 _H = HarmonizeConfig  # the sampling defaults live in harmodiff.config
 
+
 def match_source_stats(patch: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The authors' released post-processing: give a sampled patch the brain mean and standard
     deviation of the source patch, then clamp it to the source's brain range. Voxels outside
@@ -44,6 +46,131 @@ def match_source_stats(patch: np.ndarray, source: np.ndarray, mask: np.ndarray) 
     scaled = (patch - p.mean()) / max(p.std(), 1e-8) * s.std() + s.mean()
     out = np.where(mask, np.clip(scaled, s.min(), s.max()), patch)
     return out.astype(patch.dtype)
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser is conditioned on for one scan: A and A_coarse on the working grid, and
+    the target's site label."""
+
+    anatomy: np.ndarray
+    coarse: np.ndarray
+    coarse_mode: str
+    patch_shape: tuple[int, int, int]
+    target_label: int
+
+    def patches(self, corners, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, A_coarse) of the patches at `corners`, as (n, 1, *patch) tensors."""
+        A_b = stack_patches(self.anatomy, corners, self.patch_shape).to(device)
+        if self.coarse_mode == "global":  # one whole-volume map at patch shape, the same for every patch
+            C_b = torch.from_numpy(self.coarse)[None, None].expand(len(corners), 1, *self.patch_shape).contiguous()
+        else:
+            C_b = stack_patches(self.coarse, corners, self.patch_shape)
+        return A_b, C_b.to(device)
+
+
+def stack_patches(volume, corners, patch_shape) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(extract(volume, c, patch_shape)) for c in corners])[:, None]
+
+
+def conditioning(config: dict, labels, image: np.ndarray, mask: np.ndarray, target_site: str,
+                 anatomy: np.ndarray | None = None, coarse: np.ndarray | None = None) -> Conditioning:
+    """The scan's conditioning under the checkpoint's settings (`config`): A and A_coarse as the
+    anatomy stage wrote them, or computed here; the input must be on the training grid."""
+    try:
+        target = labels.index(target_site, 0.0)
+    except KeyError as exc:
+        raise InputError(str(exc).strip("'\"")) from None
+    patch_shape = tuple(int(p) for p in config["patch_shape"])
+    trained_on = config.get("volume_shape")
+    if trained_on and tuple(trained_on) != tuple(image.shape):
+        raise InputError(f"input grid {tuple(image.shape)} is not the grid the model was trained on "
+                         f"{tuple(trained_on)} (preprocess it with the training config's grid)")
+    if any(n < p for n, p in zip(image.shape, patch_shape)):
+        raise InputError(f"input grid {tuple(image.shape)} is smaller than the model's patch {patch_shape}")
+    settings = AnatomyConfig.of(config.get("anatomy"))
+    mode = settings.coarse_mode
+    A = anat.anatomy_map_from_config(image, mask, settings) if anatomy is None else np.asarray(anatomy, np.float32)
+    if coarse is None:
+        coarse = anat.coarse_map(A, settings.coarse_factor, mode, patch_shape)
+    expected = {"A": (A.shape, image.shape),
+                "A_coarse": (coarse.shape, tuple(patch_shape) if mode == "global" else image.shape)}
+    for name, (got, want) in expected.items():
+        if tuple(got) != tuple(want):
+            raise InputError(f"{name} has shape {tuple(got)}, expected {tuple(want)} (coarse mode {mode!r})")
+    return Conditioning(A, np.asarray(coarse, np.float32), mode, patch_shape, target)
+
+
+class GuidedDenoiser:
+    """The U-Net as the sampler sees it: eps of the conditional branch (target label) and, under
+    guidance, of the unconditional one (null label), run as one batch of 2n patches. The guidance
+    maths itself is `sample.guided_noise`."""
+
+    def __init__(self, model, config: dict, guidance: str, device: str = "cpu", bf16: bool = False,
+                 channels_last: bool = False, compile: bool = False):
+        self.device = torch.device(device)
+        self.bf16 = bf16
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        if channels_last:
+            model = model.to(memory_format=self.memory_format)
+        self.model = torch.compile(model) if compile else model
+        self.branches = 1 if guidance == "none" else 2
+        self.prediction = TrainConfig.of(config["train"]).prediction
+        self.alphas = smp.linear_alphas_cumprod(int(config["train"]["num_train_timesteps"]))
+        self.seconds = 0.0  # time spent in the U-Net
+
+    def eps_fn(self, A_b, C_b, target_label: int):
+        """eps_fn(x_t, t) -> (eps_u or None, eps_c) for one batch of patches."""
+        n, dev = len(A_b), self.device
+        lab_c = torch.full((n,), target_label, dtype=torch.long, device=dev)
+        lab_u = torch.full((n,), NULL_LABEL, dtype=torch.long, device=dev)
+        fmt = lambda v: v.contiguous(memory_format=self.memory_format)  # noqa: E731
+
+        def eps_fn(x, t):
+            t0 = time.perf_counter()
+            tt = torch.full((n * self.branches,), t, dtype=torch.long, device=dev)
+            with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+                if self.branches == 1:
+                    eps_u, eps_c = None, self.model(fmt(x), tt, fmt(A_b), fmt(C_b), lab_c).float()
+                else:
+                    out = self.model(fmt(torch.cat([x, x])), tt, fmt(torch.cat([A_b, A_b])),
+                                     fmt(torch.cat([C_b, C_b])), torch.cat([lab_u, lab_c])).float()
+                    eps_u, eps_c = out[:n], out[n:]
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - t0
+            a_t = float(self.alphas[t])
+            return (None if eps_u is None else smp.eps_from_prediction(eps_u, x, a_t, self.prediction),
+                    smp.eps_from_prediction(eps_c, x, a_t, self.prediction))
+        return eps_fn
+
+
+def sample_volume(denoiser: GuidedDenoiser, cond: Conditioning, image: np.ndarray, mask: np.ndarray, *,
+                  guidance: str, scale: float, timesteps, start_from: str, seed: int, batch_size: int,
+                  min_overlap: float = 0.5, match_stats: bool = False, progress=None) -> np.ndarray:
+    """Sample every patch of a dense grid (batch_size at a time) and fuse them with a Hann window;
+    in model units. One noise field for the volume, so overlapping patches start alike."""
+    patch_shape = cond.patch_shape
+    positions = grid_positions(image.shape, patch_shape, min_overlap)
+    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(int(seed)))
+    source = torch.from_numpy(to_model_units(image, mask))
+    dev = denoiser.device
+    outputs = []
+    for b in range(0, len(positions), batch_size):
+        corners = positions[b:b + batch_size]
+        A_b, C_b = cond.patches(corners, dev)
+        x = stack_patches(noise, corners, patch_shape).to(dev)
+        if start_from == "source":
+            x = smp.noised_start(stack_patches(source, corners, patch_shape).to(dev), x, denoiser.alphas, timesteps[0])
+        x0 = smp.sample_ddim(denoiser.eps_fn(A_b, C_b, cond.target_label), x, denoiser.alphas, timesteps,
+                             guidance=guidance, scale=scale,
+                             progress=None if progress is None else (lambda k, n=len(corners): progress(k * n)))
+        sampled = x0[:, 0].float().cpu().numpy()
+        if match_stats:
+            sampled = [match_source_stats(x, extract(source.numpy(), c, patch_shape), extract(mask, c, patch_shape))
+                       for x, c in zip(sampled, corners)]
+        outputs.extend(sampled)
+    return fuse(outputs, positions, image.shape, hann_window(patch_shape))
 
 
 def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.ndarray, target_site: str, *,
@@ -62,100 +189,22 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
     `coarse` are A and A_coarse as the anatomy stage wrote them (computed here when not given)."""
     from tqdm import tqdm
 
-    try:
-        target = labels.index(target_site, 0.0)
-    except KeyError as exc:
-        raise InputError(str(exc).strip("'\"")) from None
     t_all = time.perf_counter()
-    patch_shape = tuple(int(p) for p in config["patch_shape"])
-    trained_on = config.get("volume_shape")
-    if trained_on and tuple(trained_on) != tuple(image.shape):
-        raise InputError(f"input grid {tuple(image.shape)} is not the grid the model was trained on "
-                         f"{tuple(trained_on)} (preprocess it with the training config's grid)")
-    if any(n < p for n, p in zip(image.shape, patch_shape)):
-        raise InputError(f"input grid {tuple(image.shape)} is smaller than the model's patch {patch_shape}")
-    anatomy_cfg = AnatomyConfig.of(config.get("anatomy"))
-    mode = anatomy_cfg.coarse_mode
-    if anatomy is None:
-        A = anat.anatomy_map_from_config(image, mask, anatomy_cfg)
-    else:
-        A = np.asarray(anatomy, np.float32)
-    if coarse is None:
-        coarse = anat.coarse_map(A, anatomy_cfg.coarse_factor, mode, patch_shape)
-    expected = {"A": (A.shape, image.shape),
-                "A_coarse": (coarse.shape, tuple(patch_shape) if mode == "global" else image.shape)}
-    for name, (got, want) in expected.items():
-        if tuple(got) != tuple(want):
-            raise InputError(f"{name} has shape {tuple(got)}, expected {tuple(want)} (coarse mode {mode!r})")
-    positions = grid_positions(image.shape, patch_shape, min_overlap)
-    T = int(config["train"]["num_train_timesteps"])
-    alphas = smp.linear_alphas_cumprod(T)
-    prediction = TrainConfig.of(config["train"]).prediction
-    timesteps = smp.ddim_timesteps(T, steps)
+    cond = conditioning(config, labels, image, mask, target_site, anatomy, coarse)
+    if start_from not in ("noise", "source"):
+        raise InputError(f"start_from must be 'noise' or 'source', got {start_from!r}")
+    timesteps = smp.ddim_timesteps(int(config["train"]["num_train_timesteps"]), steps)
     if start_from == "source":
         timesteps = smp.start_timesteps(timesteps, strength)
-    elif start_from != "noise":
-        raise InputError(f"start_from must be 'noise' or 'source', got {start_from!r}")
-    gen = torch.Generator().manual_seed(int(seed))
-    noise = torch.randn(image.shape, generator=gen)  # one field: overlapping patches agree
-    source = torch.from_numpy(to_model_units(image, mask))
-    dev = torch.device(device)
-    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
-    if channels_last:
-        model = model.to(memory_format=memory_format)
-    if compile:
-        model = torch.compile(model)
-    branches = 1 if guidance == "none" else 2
-    passes = len(positions) * len(timesteps)
-    stats = {"patches": len(positions), "steps": len(timesteps), "unet_passes": passes * branches,
-             "unet_seconds": 0.0}
-
-    def eps_fn_for(A_b, C_b, n):
-        lab_c = torch.full((n,), target, dtype=torch.long, device=dev)
-        lab_u = torch.full((n,), NULL_LABEL, dtype=torch.long, device=dev)
-
-        def eps_fn(x, t):
-            t0 = time.perf_counter()
-            tt = torch.full((n * branches,), t, dtype=torch.long, device=dev)
-            fmt = lambda v: v.contiguous(memory_format=memory_format)
-            with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
-                if branches == 1:
-                    out = model(fmt(x), tt, fmt(A_b), fmt(C_b), lab_c).float()
-                    eps_u, eps_c = None, out
-                else:
-                    out = model(fmt(torch.cat([x, x])), tt, fmt(torch.cat([A_b, A_b])), fmt(torch.cat([C_b, C_b])),
-                                torch.cat([lab_u, lab_c])).float()
-                    eps_u, eps_c = out[:n], out[n:]
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            stats["unet_seconds"] += time.perf_counter() - t0
-            a_t = float(alphas[t])
-            return (None if eps_u is None else smp.eps_from_prediction(eps_u, x, a_t, prediction),
-                    smp.eps_from_prediction(eps_c, x, a_t, prediction))
-        return eps_fn
-
-    outputs = []
-    bar = tqdm(total=passes, desc=f"harmonize -> {target_site}", disable=not progress)
-    for b in range(0, len(positions), batch_size):
-        batch = positions[b:b + batch_size]
-        n = len(batch)
-        stack = lambda vol: torch.stack([torch.as_tensor(extract(vol, c, patch_shape)) for c in batch])[:, None]
-        A_b = stack(A).to(dev)
-        C_b = (torch.from_numpy(coarse)[None, None].expand(n, 1, *patch_shape).contiguous() if mode == "global"
-               else stack(coarse)).to(dev)
-        x = stack(noise).to(dev)
-        if start_from == "source":
-            x = smp.noised_start(stack(source).to(dev), x, alphas, timesteps[0])
-        x0 = smp.sample_ddim(eps_fn_for(A_b, C_b, n), x, alphas, timesteps, guidance=guidance, scale=scale,
-                             progress=lambda k: bar.update(k * n))
-        sampled = x0[:, 0].float().cpu().numpy()
-        if match_stats:
-            sampled = [match_source_stats(x, extract(source.numpy(), c, patch_shape), extract(mask, c, patch_shape))
-                       for x, c in zip(sampled, batch)]
-        outputs.extend(sampled)
-    bar.close()
-    fused = fuse(outputs, positions, image.shape, hann_window(patch_shape))
-    stats["total_seconds"] = time.perf_counter() - t_all
+    denoiser = GuidedDenoiser(model, config, guidance, device, bf16, channels_last, compile)
+    patches = len(grid_positions(image.shape, cond.patch_shape, min_overlap))
+    passes = patches * len(timesteps)
+    with tqdm(total=passes, desc=f"harmonize -> {target_site}", disable=not progress) as bar:
+        fused = sample_volume(denoiser, cond, image, mask, guidance=guidance, scale=scale, timesteps=timesteps,
+                              start_from=start_from, seed=seed, batch_size=batch_size, min_overlap=min_overlap,
+                              match_stats=match_stats, progress=bar.update)
+    stats = {"patches": patches, "steps": len(timesteps), "unet_passes": passes * denoiser.branches,
+             "unet_seconds": denoiser.seconds, "total_seconds": time.perf_counter() - t_all}
     return from_model_units(fused, mask), stats
 
 
@@ -174,7 +223,7 @@ def to_native(harmonized_path, native_reference, transform, output) -> None:
     the inverse of its affine."""
     import ants
 
-    from harmodiff.preprocess import to_ants, to_nib
+    from harmodiff.io import to_ants, to_nib
 
     ref = to_ants(load_image(native_reference))
     moving = to_ants(harmonized_path if isinstance(harmonized_path, nib.Nifti1Image) else load_image(harmonized_path))
@@ -215,7 +264,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from harmodiff.train import load_model_for_inference
+    from harmodiff.model import load_model_for_inference
 
     try:
         refuse_overwriting_inputs([a.checkpoint, a.input, a.mask, a.anatomy, a.coarse, a.native_reference, a.transform],

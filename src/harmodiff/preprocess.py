@@ -22,7 +22,6 @@ Skull stripping backends:
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -33,33 +32,12 @@ import numpy as np
 from scipy import ndimage
 
 from harmodiff.intensity import MEDIAN_TARGET, from_model_units, median_normalize, to_model_units  # noqa: F401
-from harmodiff.io import InputError, atomic_path, load_image, outputs_together, refuse_overwriting_inputs, save_image
+from harmodiff.io import (InputError, _ants, atomic_path, load_image, outputs_together, refuse_overwriting_inputs,  # noqa: F401
+                          save_image, set_threads, to_ants, to_nib)
 from harmodiff.templates import mni_images, working_grid
 
 SKULLSTRIP_BACKENDS = ("ants", "hdbet")
 REGISTRATIONS = ("affine", "rigid")
-
-
-def set_threads(n: int) -> None:
-    """ITK/ANTs and torch thread counts; must run before the first ANTs call to take effect."""
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(n))
-    os.environ["OMP_NUM_THREADS"] = str(int(n))
-
-
-def _ants():
-    import ants
-
-    return ants
-
-
-def to_ants(img: nib.Nifti1Image):
-    out = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
-    out.header.set_xyzt_units("mm", "sec")  # otherwise ITK warns on every conversion
-    return _ants().from_nibabel_nifti(out)
-
-
-def to_nib(image) -> nib.Nifti1Image:
-    return _ants().to_nibabel_nifti(image)
 
 
 def _seed(seed: int) -> None:

@@ -54,7 +54,7 @@ def segment_atropos(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, *, 
     """GM/WM/CSF posterior probabilities from Atropos with MNI priors (zero outside the mask)."""
     import ants
 
-    from harmodiff.preprocess import to_ants
+    from harmodiff.io import to_ants
 
     priors = priors_on_grid(affine, image.shape)
     eps = 1e-3
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
                    help="unmix: partial-volume fractions from local class means; posterior: summed posteriors")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
-    from harmodiff.preprocess import set_threads
+    from harmodiff.io import set_threads
 
     set_threads(a.threads)
     try:

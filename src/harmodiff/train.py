@@ -49,7 +49,9 @@ from harmodiff.config import PREDICTIONS, WORKFLOW_ONLY, AnatomyConfig, GridConf
 from harmodiff.io import InputError, atomic_path, load_image, load_mask, write_text
 from harmodiff.layout import add_list_options, resolve_lists
 from harmodiff.plotting import plot_loss
-from harmodiff.model import NULL_LABEL, ModelConfig, SiteLabels, build_model
+from harmodiff.model import (HASHED, NULL_LABEL, ModelConfig, SiteLabels, build_model, load_checkpoint,  # noqa: F401
+                             load_model_for_inference, require_harmodiff_checkpoint, save_checkpoint,
+                             weights_sha256)
 from harmodiff.patches import brain_bbox, extract, random_patch
 from harmodiff.intensity import median_normalize, to_model_units
 
@@ -234,75 +236,6 @@ def batches(volumes, labels, cfg: TrainConfig, patch_shape, anatomy_cfg, start, 
 
 # --------------------------------------------------------------------------------------------
 # checkpoints
-
-
-HASHED = ("model", "ema")  # the weights a checkpoint's content hash covers
-
-
-def weights_sha256(state_dict: dict) -> str:
-    """sha256 over a state dict's names, dtypes, shapes and bytes (in name order)."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save atomically, with a content hash of the weights verified by `load_checkpoint`."""
-    state = {**state, "sha256": {k: weights_sha256(state[k]) for k in HASHED if isinstance(state.get(k), dict)}}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint with `weights_only=True` (no arbitrary pickled code) and verify the
-    content hash of its weights (stored by `save_checkpoint`; checkpoints written before hashes
-    were stored load unverified)."""
-    import pickle
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise InputError(f"{path}: refused: it holds pickled Python objects beyond tensors and plain "
-                         "containers, which a checkpoint never needs (loaded with weights_only=True)") from None
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise InputError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {first})") from None
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("sha256"), dict):
-        for key, digest in ckpt["sha256"].items():
-            if not isinstance(ckpt.get(key), dict) or weights_sha256(ckpt[key]) != digest:
-                raise InputError(f"{path}: damaged: the '{key}' weights do not match the content hash "
-                                 "stored when it was saved")
-    return ckpt
-
-
-def require_harmodiff_checkpoint(ckpt, path) -> dict:
-    if not isinstance(ckpt, dict) or not {"model", "config", "site_labels"} <= set(ckpt):
-        keys = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise InputError(f"{path}: not a harmodiff model (needs model, config and site_labels; has {keys})")
-    return ckpt
-
-
-def load_model_for_inference(path, device="cpu", use_ema: bool = True):
-    """(model in eval mode, SiteLabels, checkpoint config) from a checkpoint."""
-    ckpt = require_harmodiff_checkpoint(load_checkpoint(path, map_location=device), path)
-    labels = SiteLabels.from_dict(ckpt["site_labels"])
-    model = build_model(ckpt["config"]["model"], labels.num_embeddings)
-    weights = ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise InputError(f"{path}: its weights do not fit the model its config describes "
-                         f"({str(exc).splitlines()[0]})") from None
-    config = dict(ckpt["config"])
-    if "volume_shape" in ckpt:
-        config["volume_shape"] = list(ckpt["volume_shape"])
-    return model.to(device).eval(), labels, config
 
 
 def _ema(model, decay):
