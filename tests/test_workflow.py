@@ -4,6 +4,8 @@ The end-to-end run also scores preprocessing and the anatomy map against the syn
 """
 
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -266,3 +268,48 @@ def test_e2e_report_has_every_figure_with_its_caption(e2e):
         assert name in html, name
     for caption in ("central axial slice of one", "Stars mark sites", "Training loss of the diffusion model"):
         assert caption in html, caption
+
+
+@pytest.mark.e2e
+def test_e2e_derivatives_are_a_bids_dataset(e2e):
+    """pybids indexes the harmonized scans as a derivatives dataset with the right entities, the
+    names follow the BIDS schema's derivative rules, and each sidecar carries its provenance."""
+    import json
+    import re
+
+    import bids
+    import bidsschematools.rules
+    import bidsschematools.schema
+
+    from harmodiff.io import file_sha256
+
+    root = e2e / "results/derivatives/harmodiff"
+    description = json.loads((root / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "harmodiff"
+    layout = bids.BIDSLayout(root, validate=False, is_derivative=True)
+    mni = layout.get(suffix="T1w", space="MNI152NLin2009aSym", extension=".nii.gz")
+    native = [f for f in layout.get(suffix="T1w", extension=".nii.gz") if "space" not in f.entities]
+    assert len(mni) == len(native) == 4  # 2 traveling subjects x 2 sites, harmonized to TRA
+    assert {(f.entities["subject"], f.entities["session"], f.entities["desc"]) for f in mni} == {
+        (s, f"site{site}", "harmonizedTOTRA") for s in ("ts01", "ts02") for site in ("TSA", "TSB")}
+    schema = bidsschematools.schema.load_schema()
+    rules = []
+    for group in (schema.rules.files.common, schema.rules.files.deriv):
+        rules += bidsschematools.rules.regexify_filename_rules(group, schema, level=2)
+    names = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert len(names) == 17 and all(any(re.match(r["regex"], n) for r in rules) for n in names), names
+    sha = file_sha256(e2e / "results/model/diffusion/checkpoint.pt")
+    for f in mni + native:
+        meta = json.loads(Path(f.path.replace(".nii.gz", ".json")).read_text())
+        prov = meta["Provenance"]
+        assert prov["checkpoint_sha256"] == sha and prov["target_site"] == "TRA"
+        assert (prov["guidance"], prov["guidance_scale"], prov["steps"]) == ("cfgpp", 0.6, 2)
+        assert {"start_from", "noise_seed", "harmodiff_version", "seed"} <= set(prov)
+        assert f"sub-{f.entities['subject']}_ses-{f.entities['session'].removeprefix('site')}" in prov["source"]
+    # the native image is on the raw scan's grid, the MNI one on the working grid
+    import nibabel as nib
+
+    one = [f for f in native if f.entities["subject"] == "ts01" and f.entities["session"] == "siteTSA"][0]
+    raw = nib.load(str(e2e / "results/synthetic/raw/test/TSA/sub-ts01_ses-TSA.nii.gz"))
+    assert nib.load(one.path).shape == raw.shape
+    np.testing.assert_allclose(nib.load(one.path).affine, raw.affine, atol=1e-4)

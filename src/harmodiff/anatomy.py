@@ -21,15 +21,14 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from harmodiff.config import AnatomyConfig
-from harmodiff.io import (InputError, load_image, load_mask, outputs_together, refuse_overwriting_inputs, save_image,
-                          write_json)
+from harmodiff.io import (InputError, json_sidecar, load_image, load_mask, outputs_together, refuse_overwriting_inputs,
+                          save_image, write_json)
 
 QUANTILES = (0.5, 99.5)
 _DEFAULT = AnatomyConfig  # every default of the anatomy map lives in harmodiff.config
@@ -121,16 +120,10 @@ def _trilinear(volume: np.ndarray, size) -> np.ndarray:
     return F.interpolate(t, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
-def settings_path(anatomy_path) -> Path:
-    """The JSON next to an A file recording the settings it was made with (x_A.nii.gz -> x_A.json)."""
-    path = Path(anatomy_path)
-    return path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
-
-
 def check_settings(anatomy_path, trained: dict, checkpoint) -> None:
     """A file made with other anatomy settings than the model was trained with is an error naming
     both (a file without its settings JSON is taken as it is)."""
-    recorded = settings_path(anatomy_path)
+    recorded = json_sidecar(anatomy_path)
     if not recorded.is_file():
         return
     try:
@@ -184,7 +177,7 @@ def main(argv=None) -> int:
         refuse_overwriting_inputs([a.input, a.mask], [a.output, a.coarse_output])
         settings = AnatomyConfig(alpha=a.alpha, sigma=a.sigma, coarse_factor=a.coarse_factor, coarse_mode=a.coarse_mode,
                                  normalize_erosion=a.normalize_erosion)
-        with outputs_together([a.output, a.coarse_output, settings_path(a.output)]):
+        with outputs_together([a.output, a.coarse_output, json_sidecar(a.output)]):
             img = load_image(a.input)
             mask = load_mask(a.mask, like=img)
             if not mask.any():
@@ -199,7 +192,7 @@ def main(argv=None) -> int:
                 coarse_affine[:3, :3] = img.affine[:3, :3] @ np.diag(np.array(img.shape) / np.array(coarse.shape))
             save_image(coarse, coarse_affine, a.coarse_output)
             write_json({"anatomy": settings.to_dict(), "log_gamma": a.log_gamma, "input": str(a.input)},
-                       settings_path(a.output))
+                       json_sidecar(a.output))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

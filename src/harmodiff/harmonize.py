@@ -27,7 +27,8 @@ import torch
 from harmodiff import anatomy as anat
 from harmodiff import sample as smp
 from harmodiff.config import AnatomyConfig, HarmonizeConfig, TrainConfig
-from harmodiff.io import InputError, load_image, load_mask, outputs_together, refuse_overwriting_inputs, save_image
+from harmodiff.io import (InputError, file_sha256, json_sidecar, load_image, load_mask, outputs_together,
+                          refuse_overwriting_inputs, save_image, write_json)
 from harmodiff.model import NULL_LABEL
 from harmodiff.patches import extract, fuse, grid_positions, hann_window
 from harmodiff.intensity import from_model_units, to_model_units
@@ -208,6 +209,20 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
     return from_model_units(fused, mask), stats
 
 
+def provenance(args, noise_seed: int, stats: dict) -> dict:
+    """What a harmonized image was made from and with (the BIDS sidecar's content)."""
+    from harmodiff import __version__
+
+    return {"harmodiff_version": __version__, "checkpoint": str(args.checkpoint),
+            "checkpoint_sha256": file_sha256(args.checkpoint), "source": str(args.input),
+            "target_site": args.target_site, "guidance": args.guidance, "guidance_scale": args.scale,
+            "steps": args.steps, "start_from": args.start_from,
+            "strength": args.strength if args.start_from == "source" else None,
+            "seed": args.seed, "noise_seed": noise_seed, "seed_key": args.seed_key,
+            "unet_passes": stats["unet_passes"], "ema": not args.no_ema, "bf16": args.bf16,
+            "match_source_stats": args.match_source_stats}
+
+
 def scan_seed(seed: int, key: str) -> int:
     """The noise seed of one scan: a hash of the run seed and the scan's id, so every scan draws
     its own noise field (with one shared seed, two noisy outputs share one noise pattern and
@@ -271,7 +286,7 @@ def main(argv=None) -> int:
                                   [a.output, a.native_output])
         if a.native and not (a.native_reference and a.transform and a.native_output):
             raise InputError("--native needs --native-reference, --transform and --native-output")
-        with outputs_together([a.output, a.native_output if a.native else None]):
+        with outputs_together([a.output, json_sidecar(a.output), a.native_output if a.native else None]):
             img = load_image(a.input)
             mask = load_mask(a.mask, like=img)
             if bool(a.anatomy) != bool(a.coarse):
@@ -291,6 +306,8 @@ def main(argv=None) -> int:
                 channels_last=a.channels_last, compile=a.compile, match_stats=a.match_source_stats, progress=True,
                 **maps)
             save_image(out, img.affine, a.output, header=img.header)
+            seed = a.seed if a.seed_key is None else scan_seed(a.seed, a.seed_key)
+            write_json(provenance(a, seed, stats), json_sidecar(a.output))
             if a.native:
                 to_native(nib.Nifti1Image(out, img.affine, img.header), a.native_reference, a.transform,
                           a.native_output)

@@ -217,6 +217,22 @@ def write_json(obj, path: str | os.PathLike) -> Path:
     return write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
+
+
+def json_sidecar(path) -> Path:
+    """The JSON file next to an image that records how it was made (x.nii.gz -> x.json)."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
 # ANTs <-> nibabel (antspyx is imported on first use: most modules never need it)
 
 def set_threads(n: int) -> None:

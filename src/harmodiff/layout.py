@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from harmodiff.derivatives import DATASET as DERIVATIVES
+from harmodiff.derivatives import SPACE, bids_label
 from harmodiff.io import InputError, write_text
 
 DEFAULT_METHODS = ["preprocessed", "diffusion", "histmatch", "combat"]
@@ -177,6 +179,38 @@ class Layout:
 
     def manifest(self, name: str) -> str:
         return f"{self.results}/manifests/{name}.tsv"
+
+    # the BIDS-Derivatives dataset of the harmonized scans (harmodiff.derivatives)
+    def derivatives_root(self) -> str:
+        return f"{self.results}/{DERIVATIVES}"
+
+    def derivative_images(self, target: str, site: str, scan: str) -> tuple[str, str]:
+        """(MNI-space, native-space) paths of a scan harmonized to target."""
+        r = self.scans.loc[scan]
+        sub, ses = bids_label(r.subject, "sub-"), bids_label(site, "ses-")
+        stem = f"{self.derivatives_root()}/sub-{sub}/ses-site{ses}/anat/sub-{sub}_ses-site{ses}"
+        desc = f"desc-harmonizedTO{bids_label(target)}_T1w.nii.gz"
+        return f"{stem}_space-{SPACE}_{desc}", f"{stem}_{desc}"
+
+    @functools.cached_property
+    def bids_index(self) -> dict[tuple[str, str, str], tuple[str, str, str]]:
+        """(subject, session, target) labels -> (target, site, scan) of every derivative image;
+        two scans that would get one name are an error naming both."""
+        index: dict = {}
+        for target in self.target_sites:
+            for r in self.test.itertuples():
+                key = (bids_label(r.subject, "sub-"), bids_label(r.site, "ses-"), bids_label(target))
+                if key in index:
+                    raise InputError(f"scans {index[key][2]} and {r.Index} would share one BIDS name "
+                                     f"(sub-{key[0]}, ses-site{key[1]}, target {key[2]}): rename a subject or site")
+                index[key] = (target, r.site, r.Index)
+        return index
+
+    def derivative_files(self) -> list[str]:
+        files = [f"{self.derivatives_root()}/dataset_description.json"]
+        for target, site, scan in self.bids_index.values():
+            files += self.derivative_images(target, site, scan)
+        return files
 
     # what runs
     def method_targets(self, method: str) -> list[str]:

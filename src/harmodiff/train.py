@@ -46,7 +46,7 @@ import yaml
 
 from harmodiff import anatomy as anat
 from harmodiff.config import PREDICTIONS, WORKFLOW_ONLY, AnatomyConfig, GridConfig, TrainConfig  # noqa: F401
-from harmodiff.io import InputError, atomic_path, load_image, load_mask, write_text
+from harmodiff.io import InputError, atomic_path, file_sha256, load_image, load_mask, write_text
 from harmodiff.layout import add_list_options, resolve_lists
 from harmodiff.plotting import plot_loss
 from harmodiff.model import (HASHED, NULL_LABEL, ModelConfig, SiteLabels, build_model, load_checkpoint,  # noqa: F401
@@ -391,14 +391,6 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
 # settings that change how fast a run goes, not what it learns (tested: workers give the same
 # batches), so a shipped model still counts as "trained with this config" when they differ
 SPEED_ONLY = ("workers", "checkpoint_every", "compile")
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def data_fingerprint(volumes) -> str:

@@ -100,6 +100,7 @@ def all_outputs():
         + [f"results/tables/{t}" for t in ("tissue_ratios.csv", "ttests.csv", "table1.csv", "table1.md",
                                            "table2.csv", "table2.md", "similarity_pairs.csv")]
         + [f"results/figures/{f}.{ext}" for f in ("figure2", "figure3", "loss_curve") for ext in ("png", "pdf")]
+        + LAYOUT.derivative_files()
     )
     if config["cohort"]["source"] == "synthetic":
         outputs += [f"results/tables/truth_{t}.csv" for t in ("ratios", "similarity", "preprocessing")]

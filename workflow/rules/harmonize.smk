@@ -8,7 +8,8 @@ HARMONIZE_SPEED = " ".join(
 )
 HARMONIZE_SHELL = (
     "python -m harmodiff.harmonize --checkpoint {input.checkpoint} --input {input.image} "
-    "--mask {input.mask} --anatomy {input.anatomy} --coarse {input.coarse} --target-site {wildcards.target} --output {output} "
+    "--mask {input.mask} --anatomy {input.anatomy} --coarse {input.coarse} --target-site {wildcards.target} "
+    "--output {output.image} "
     "--guidance {params.guidance} --scale {params.scale} --steps {params.steps} "
     "--start-from {params.start} --strength {params.strength} --batch-size {params.batch} "
     "--seed {params.seed} --seed-key {wildcards.scan} --threads {threads} {params.speed} > {log} 2>&1"
@@ -30,7 +31,8 @@ rule harmonize:
     input:
         **HARMONIZE_INPUT,
     output:
-        "results/harmonized/diffusion/{target}/{site}/{scan}.nii.gz",
+        image="results/harmonized/diffusion/{target}/{site}/{scan}.nii.gz",
+        provenance="results/harmonized/diffusion/{target}/{site}/{scan}.json",
     params:
         guidance=HARMONIZE["guidance"],
         scale=HARMONIZE["scale"],
@@ -60,7 +62,8 @@ rule harmonize_sweep:
     input:
         **HARMONIZE_INPUT,
     output:
-        "results/sweep/{guidance}_{scale}/{target}/{site}/{scan}.nii.gz",
+        image="results/sweep/{guidance}_{scale}/{target}/{site}/{scan}.nii.gz",
+        provenance="results/sweep/{guidance}_{scale}/{target}/{site}/{scan}.json",
     wildcard_constraints:
         guidance="cfg|cfgpp",
         scale="[0-9]+(\\.[0-9]+)?",
@@ -94,7 +97,8 @@ rule harmonize_seed:
     input:
         **HARMONIZE_INPUT,
     output:
-        "results/seeds/{seed}/{target}/{site}/{scan}.nii.gz",
+        image="results/seeds/{seed}/{target}/{site}/{scan}.nii.gz",
+        provenance="results/seeds/{seed}/{target}/{site}/{scan}.json",
     wildcard_constraints:
         seed="[0-9]+",
     params:
@@ -189,3 +193,56 @@ rule import_external:
     shell:
         "python -m harmodiff.external --input {input.image} --mask {input.mask} --space {params.space} "
         "--transform {input.transform} --output {output} > {log} 2>&1"
+
+
+# the harmonized scans as a BIDS-Derivatives dataset (results/derivatives/harmodiff)
+rule bids_description:
+    output:
+        f"{LAYOUT.derivatives_root()}/dataset_description.json",
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    log:
+        "results/logs/derivatives/dataset_description.log",
+    benchmark:
+        "results/benchmarks/derivatives/dataset_description.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    shell:
+        "python -m harmodiff.derivatives description --output {output} > {log} 2>&1"
+
+
+def bids_source(wildcards):
+    """The harmonized scan, raw scan and transform behind one derivative image name."""
+    target, site, scan = LAYOUT.bids_index[(wildcards.sub, wildcards.ses, wildcards.tgt)]
+    image = LAYOUT.method_image("diffusion", target, site, scan)
+    return {"harmonized": image, "provenance": image.removesuffix(".nii.gz") + ".json",
+            "raw": SCANS.loc[scan, "path"], "transform": f"results/preprocessed/test/{site}/{scan}_to_mni.mat"}
+
+
+rule bids_image:
+    input:
+        unpack(bids_source),
+    output:
+        mni=f"{LAYOUT.derivatives_root()}/sub-{{sub}}/ses-site{{ses}}/anat/"
+        f"sub-{{sub}}_ses-site{{ses}}_space-MNI152NLin2009aSym_desc-harmonizedTO{{tgt}}_T1w.nii.gz",
+        native=f"{LAYOUT.derivatives_root()}/sub-{{sub}}/ses-site{{ses}}/anat/"
+        f"sub-{{sub}}_ses-site{{ses}}_desc-harmonizedTO{{tgt}}_T1w.nii.gz",
+    wildcard_constraints:
+        sub="[A-Za-z0-9]+",
+        ses="[A-Za-z0-9]+",
+        tgt="[A-Za-z0-9]+",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    log:
+        "results/logs/derivatives/sub-{sub}_ses-site{ses}_to{tgt}.log",
+    benchmark:
+        "results/benchmarks/derivatives/sub-{sub}_ses-site{ses}_to{tgt}.tsv"
+    conda:
+        "../../envs/preprocess.yaml"
+    shell:
+        "python -m harmodiff.derivatives image --harmonized {input.harmonized} --raw {input.raw} "
+        "--transform {input.transform} --mni-output {output.mni} --native-output {output.native} > {log} 2>&1"
