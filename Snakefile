@@ -15,7 +15,6 @@ if not workflow.overwrite_configfiles:
     configfile: os.path.join(workflow.basedir, "config/config.yaml")
 
 
-
 report: "workflow/report/workflow.rst"
 
 
@@ -29,6 +28,6 @@ include: "workflow/rules/evaluate.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_outputs(),
-    default_target: True

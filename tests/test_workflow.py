@@ -4,6 +4,8 @@ The end-to-end run also scores preprocessing and the anatomy map against the syn
 """
 
 
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +20,26 @@ from conftest import ROOT, dice, snakemake
 def test_lint_is_clean(tmp_path):
     proc = snakemake(tmp_path, "--lint", "--configfile", str(ROOT / "config/test.yaml"))
     assert "Congratulations" in proc.stdout + proc.stderr
+
+
+def test_rules_are_snakefmt_clean():
+    snakefmt = str(Path(sys.executable).with_name("snakefmt"))
+    proc = subprocess.run([snakefmt, "--check", "Snakefile", "workflow/rules"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_section_left_out_takes_the_class_defaults(tmp_path):
+    """With --configfile, the demo's config.yaml is not read: a file without `model:` trains the
+    authors' network, not the demo's 16-channel one."""
+    cfg = yaml.safe_load((ROOT / "config/test.yaml").read_text())
+    del cfg["model"]
+    (tmp_path / "nomodel.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(tmp_path, "results/config/train-diffusion.yaml", "--cores", "1",
+              "--configfile", str(tmp_path / "nomodel.yaml"))
+    settings = yaml.safe_load((tmp_path / "results/config/train-diffusion.yaml").read_text())
+    assert settings["model"]["channels"] == [64, 128, 256, 256]
+    assert settings["train"]["steps"] == cfg["train"]["steps"]  # what the file gives is kept
 
 
 def test_wrong_config_type_names_the_key(tmp_path):

@@ -6,6 +6,16 @@ rule anatomy:
         anatomy="results/anatomy/{cohort}/{site}/{scan}_A.nii.gz",
         coarse="results/anatomy/{cohort}/{site}/{scan}_Acoarse.nii.gz",
         settings="results/anatomy/{cohort}/{site}/{scan}_A.json",
+    log:
+        "results/logs/anatomy/{cohort}/{site}/{scan}.log",
+    benchmark:
+        "results/benchmarks/anatomy/{cohort}/{site}/{scan}.tsv"
+    conda:
+        "../../envs/preprocess.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         alpha=config["anatomy"]["alpha"],
         sigma=config["anatomy"]["sigma"],
@@ -13,16 +23,6 @@ rule anatomy:
         factor=config["anatomy"]["coarse_factor"],
         mode=config["anatomy"]["coarse_mode"],
         patch=" ".join(str(s) for s in config["grid"]["patch_shape"]),
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    log:
-        "results/logs/anatomy/{cohort}/{site}/{scan}.log",
-    benchmark:
-        "results/benchmarks/anatomy/{cohort}/{site}/{scan}.tsv"
-    conda:
-        "../../envs/preprocess.yaml"
     shell:
         "python -m harmodiff.anatomy --input {input.image} --mask {input.mask} "
         "--output {output.anatomy} --coarse-output {output.coarse} --alpha {params.alpha} "

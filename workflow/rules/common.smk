@@ -11,7 +11,6 @@ from harmodiff.io import write_text  # noqa: E402
 from harmodiff.layout import Layout, manifest_text, sweep_method  # noqa: E402
 from harmodiff.workflow_support import scan_table, synthetic_config  # noqa: E402
 
-
 validate(config, "../schemas/config.schema.yaml")  # generated from harmodiff.config
 try:
     config.update(WorkflowConfig.from_dict(config).to_dict())  # every default filled in, checked once
@@ -78,16 +77,28 @@ def training_settings_text():
 
 def pretrained_model():
     """The shipped model standing in for training (train.pretrained), as an input; else none."""
-    path = config["train"].get("pretrained")
+    path = config["train"]["pretrained"]
     return [path] if path else []
 
 
 def pretrained_args():
-    path = config["train"].get("pretrained")
+    path = config["train"]["pretrained"]
     if not path:
         return ""
-    sha = config["train"].get("pretrained_sha256")
+    sha = config["train"]["pretrained_sha256"]
     return f"--pretrained {path}" + (f" --pretrained-sha256 {sha}" if sha else "")
+
+
+def bids_source(wildcards):
+    """The harmonized scan, raw scan and transform behind one derivative image name."""
+    target, site, scan = LAYOUT.bids_index[(wildcards.sub, wildcards.ses, wildcards.tgt)]
+    image = LAYOUT.method_image("diffusion", target, site, scan)
+    return {
+        "harmonized": image,
+        "provenance": image.removesuffix(".nii.gz") + ".json",
+        "raw": SCANS.loc[scan, "path"],
+        "transform": f"results/preprocessed/test/{site}/{scan}_to_mni.mat",
+    }
 
 
 def all_outputs():
@@ -97,8 +108,18 @@ def all_outputs():
         + stage_files("anatomy", "_A.nii.gz")
         + ["results/tables/leakage.csv", f"results/model/{config['train']['run']}/checkpoint.pt"]
         + [f for m in image_methods() if m != "preprocessed" for f in LAYOUT.harmonized_files(m)]
-        + [f"results/tables/{t}" for t in ("tissue_ratios.csv", "ttests.csv", "table1.csv", "table1.md",
-                                           "table2.csv", "table2.md", "similarity_pairs.csv")]
+        + [
+            f"results/tables/{t}"
+            for t in (
+                "tissue_ratios.csv",
+                "ttests.csv",
+                "table1.csv",
+                "table1.md",
+                "table2.csv",
+                "table2.md",
+                "similarity_pairs.csv",
+            )
+        ]
         + [f"results/figures/{f}.{ext}" for f in ("figure2", "figure3", "loss_curve") for ext in ("png", "pdf")]
         + LAYOUT.derivative_files()
     )

@@ -7,18 +7,18 @@ rule synth:
         scans=[f"results/synthetic/{p}" for p in SYNTH["paths"]] if SYNTH else [],
         truth="results/synthetic/truth/subjects.tsv",
         truth_images=[f"results/synthetic/{p}" for p in SYNTH["truth"]] if SYNTH else [],
-    params:
-        args=SYNTH["args"] if SYNTH else "",
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
     log:
         "results/logs/synth.log",
     benchmark:
         "results/benchmarks/synth.tsv"
     conda:
         "../../envs/preprocess.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        args=SYNTH["args"] if SYNTH else "",
     shell:
         "python -m harmodiff.synth results/synthetic {params.args} --quiet > {log} 2>&1"
 
@@ -27,18 +27,18 @@ rule synth:
 rule manifest:
     output:
         "results/manifests/{name}.tsv",
+    log:
+        "results/logs/manifest/{name}.log",
+    benchmark:
+        "results/benchmarks/manifest/{name}.tsv"
     wildcard_constraints:
         name="|".join(re.escape(name) for name in LAYOUT.manifest_names()),
-    params:
-        table=lambda wildcards: manifest_text(LAYOUT.manifest_table(wildcards.name)),
     localrule: True
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
-    log:
-        "results/logs/manifest/{name}.log",
-    benchmark:
-        "results/benchmarks/manifest/{name}.tsv"
+    params:
+        table=lambda wildcards: manifest_text(LAYOUT.manifest_table(wildcards.name)),
     run:
         write_text(params.table, output[0])

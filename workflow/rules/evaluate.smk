@@ -3,18 +3,18 @@ rule leakage:
         **manifest_inputs("leakage"),
     output:
         table="results/tables/leakage.csv",
-    params:
-        folds=config.get("evaluation", {}).get("leakage_folds", 3),
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=10,
     log:
         "results/logs/leakage.log",
     benchmark:
         "results/benchmarks/leakage.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    params:
+        folds=config["evaluation"]["leakage_folds"],
     shell:
         "python -m harmodiff.leakage --manifest {input.manifest} --folds {params.folds} "
         "--output {output.table} > {log} 2>&1"
@@ -29,20 +29,20 @@ rule segment:
         wm="results/segmentation/{method}/{target}/{site}/{scan}_wm.nii.gz",
         csf="results/segmentation/{method}/{target}/{site}/{scan}_csf.nii.gz",
         volumes="results/segmentation/{method}/{target}/{site}/{scan}_volumes.json",
-    params:
-        prefix=lambda wildcards, output: output.volumes.removesuffix("_volumes.json"),
-        backend=config["evaluation"]["segmentation"],
-        fractions=config["evaluation"].get("tissue_fractions", "posterior"),
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=30,
     log:
         "results/logs/segment/{method}/{target}/{site}/{scan}.log",
     benchmark:
         "results/benchmarks/segment/{method}/{target}/{site}/{scan}.tsv"
     conda:
         "../../envs/preprocess.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        prefix=lambda wildcards, output: output.volumes.removesuffix("_volumes.json"),
+        backend=config["evaluation"]["segmentation"],
+        fractions=config["evaluation"]["tissue_fractions"],
     shell:
         "python -m harmodiff.segment --input {input.image} --mask {input.mask} "
         "--output-prefix {params.prefix} --backend {params.backend} --fractions {params.fractions} "
@@ -54,18 +54,18 @@ rule tissue_ratios:
         **manifest_inputs("segmentations"),
     output:
         report("results/tables/tissue_ratios.csv", caption="../report/tissue_ratios.rst", category="Tables"),
-    params:
-        combat=f"--combat-reference {LAYOUT.reference_site}" if "combat" in METHODS else "",
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=5,
     log:
         "results/logs/tissue_ratios.log",
     benchmark:
         "results/benchmarks/tissue_ratios.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        combat=f"--combat-reference {LAYOUT.reference_site}" if "combat" in METHODS else "",
     shell:
         "python -m harmodiff.evaluate ratios --manifest {input.manifest} {params.combat} "
         "--output {output} > {log} 2>&1"
@@ -76,18 +76,18 @@ rule ttests:
         "results/tables/tissue_ratios.csv",
     output:
         report("results/tables/ttests.csv", caption="../report/ttests.rst", category="Tables"),
-    params:
-        reference=LAYOUT.reference_site,
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=5,
     log:
         "results/logs/ttests.log",
     benchmark:
         "results/benchmarks/ttests.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        reference=LAYOUT.reference_site,
     shell:
         "python -m harmodiff.evaluate ttests --ratios {input} --reference {params.reference} "
         "--output {output} > {log} 2>&1"
@@ -99,16 +99,16 @@ rule mixed_models:
     output:
         csv=report("results/tables/table2.csv", caption="../report/table2.rst", category="Tables"),
         markdown="results/tables/table2.md",
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=5,
     log:
         "results/logs/mixed_models.log",
     benchmark:
         "results/benchmarks/mixed_models.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
     shell:
         "python -m harmodiff.evaluate mixed --ratios {input} --output {output.csv} "
         "--markdown {output.markdown} > {log} 2>&1"
@@ -119,16 +119,16 @@ rule similarity:
         **manifest_inputs("similarity"),
     output:
         "results/tables/similarity_pairs.csv",
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=60,
     log:
         "results/logs/similarity.log",
     benchmark:
         "results/benchmarks/similarity.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
     shell:
         "python -m harmodiff.metrics pairs --manifest {input.manifest} --output {output} > {log} 2>&1"
 
@@ -140,18 +140,18 @@ rule table1:
     output:
         csv=report("results/tables/table1.csv", caption="../report/table1.rst", category="Tables"),
         markdown="results/tables/table1.md",
-    params:
-        sweep=" ".join(name for _, _, name in sweep_settings()),
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=5,
     log:
         "results/logs/table1.log",
     benchmark:
         "results/benchmarks/table1.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        sweep=" ".join(name for _, _, name in sweep_settings()),
     shell:
         "python -m harmodiff.figures table1 --pairs {input.pairs} --sweep-methods {params.sweep} "
         "--sweep-manifest {input.subjects} --output-csv {output.csv} --output-md {output.markdown} > {log} 2>&1"
@@ -167,16 +167,16 @@ rule truth_target_image:
     output:
         image="results/truth/{target}/{subject}.nii.gz",
         mask="results/truth/{target}/{subject}_mask.nii.gz",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=5,
     log:
         "results/logs/truth_target_image/{target}/{subject}.log",
     benchmark:
         "results/benchmarks/truth_target_image/{target}/{subject}.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=5,
     shell:
         "python -m harmodiff.metrics truth-image --truth {input.truth} --truth-mask {input.truth_mask} "
         "--like {input.like} --output {output.image} --mask-output {output.mask} > {log} 2>&1"
@@ -188,20 +188,20 @@ rule segment_truth:
         mask=rules.truth_target_image.output.mask,
     output:
         volumes="results/segmentation/truth/{target}/{subject}_volumes.json",
-    params:
-        prefix=lambda wildcards, output: output.volumes.removesuffix("_volumes.json"),
-        backend=config["evaluation"]["segmentation"],
-        fractions=config["evaluation"].get("tissue_fractions", "posterior"),
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=30,
     log:
         "results/logs/segment/truth/{target}/{subject}.log",
     benchmark:
         "results/benchmarks/segment/truth/{target}/{subject}.tsv"
     conda:
         "../../envs/preprocess.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        prefix=lambda wildcards, output: output.volumes.removesuffix("_volumes.json"),
+        backend=config["evaluation"]["segmentation"],
+        fractions=config["evaluation"]["tissue_fractions"],
     shell:
         "python -m harmodiff.segment --input {input.image} --mask {input.mask} "
         "--output-prefix {params.prefix} --backend {params.backend} --fractions {params.fractions} "
@@ -222,20 +222,20 @@ rule truth_scores:
         similarity=report("results/tables/truth_similarity.csv", caption="../report/truth.rst", category="Truth"),
         summary=report("results/tables/truth_summary.csv", caption="../report/truth.rst", category="Truth"),
         summary_md="results/tables/truth_summary.md",
-    params:
-        similarity=LAYOUT.manifest("truth_similarity"),
-        targets=LAYOUT.manifest("truth_targets"),
-        preprocessing=LAYOUT.manifest("truth_preprocessing"),
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
     log:
         "results/logs/truth_scores.log",
     benchmark:
         "results/benchmarks/truth_scores.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        similarity=LAYOUT.manifest("truth_similarity"),
+        targets=LAYOUT.manifest("truth_targets"),
+        preprocessing=LAYOUT.manifest("truth_preprocessing"),
     shell:
         "(python -m harmodiff.evaluate truth --ratios {input.ratios} --truth {input.truth} "
         "--target-manifest {params.targets} --output {output.ratios} && "
@@ -252,18 +252,18 @@ rule figure2:
     output:
         png=report("results/figures/figure2.png", caption="../report/figure2.rst", category="Figures"),
         pdf="results/figures/figure2.pdf",
-    params:
-        subject=LAYOUT.figure_subject(),
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=5,
     log:
         "results/logs/figure2.log",
     benchmark:
         "results/benchmarks/figure2.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    params:
+        subject=LAYOUT.figure_subject(),
     shell:
         "python -m harmodiff.figures figure2 --manifest {input.manifest} --subject {params.subject} "
         "--output {output.png} {output.pdf} > {log} 2>&1"
@@ -276,18 +276,18 @@ rule figure3:
     output:
         png=report("results/figures/figure3.png", caption="../report/figure3.rst", category="Figures"),
         pdf="results/figures/figure3.pdf",
-    params:
-        reference=LAYOUT.reference_site,
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=5,
     log:
         "results/logs/figure3.log",
     benchmark:
         "results/benchmarks/figure3.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    params:
+        reference=LAYOUT.reference_site,
     shell:
         "python -m harmodiff.figures figure3 --ratios {input.ratios} --ttests {input.ttests} "
         "--reference {params.reference} --output {output.png} {output.pdf} > {log} 2>&1"
@@ -299,15 +299,15 @@ rule loss_curve:
     output:
         png=report("results/figures/loss_curve.png", caption="../report/loss_curve.rst", category="Figures"),
         pdf="results/figures/loss_curve.pdf",
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=5,
     log:
         "results/logs/loss_curve.log",
     benchmark:
         "results/benchmarks/loss_curve.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
     shell:
         "python -m harmodiff.figures loss --loss {input} --output {output.png} {output.pdf} > {log} 2>&1"

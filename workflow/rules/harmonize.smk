@@ -2,9 +2,7 @@ HARMONIZE = config["harmonize"]
 # GPU speed options (config harmonize.bf16 / channels_last / compile): same images within rounding;
 # match_source_stats: the authors' per-patch post-processing
 HARMONIZE_SPEED = " ".join(
-    f"--{key.replace('_', '-')}"
-    for key in ("bf16", "channels_last", "compile", "match_source_stats")
-    if HARMONIZE.get(key)
+    f"--{key.replace('_', '-')}" for key in ("bf16", "channels_last", "compile", "match_source_stats") if HARMONIZE[key]
 )
 HARMONIZE_SHELL = (
     "python -m harmodiff.harmonize --checkpoint {input.checkpoint} --input {input.image} "
@@ -33,6 +31,17 @@ rule harmonize:
     output:
         image="results/harmonized/diffusion/{target}/{site}/{scan}.nii.gz",
         provenance="results/harmonized/diffusion/{target}/{site}/{scan}.json",
+    log:
+        "results/logs/harmonize/diffusion/{target}/{site}/{scan}.log",
+    benchmark:
+        "results/benchmarks/harmonize/diffusion/{target}/{site}/{scan}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: HARMONIZE["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
     params:
         guidance=HARMONIZE["guidance"],
         scale=HARMONIZE["scale"],
@@ -42,17 +51,6 @@ rule harmonize:
         batch=HARMONIZE["batch_size"],
         seed=HARMONIZE["seed"],
         speed=HARMONIZE_SPEED,
-    threads: HARMONIZE["threads"]
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=1,
-    log:
-        "results/logs/harmonize/diffusion/{target}/{site}/{scan}.log",
-    benchmark:
-        "results/benchmarks/harmonize/diffusion/{target}/{site}/{scan}.tsv"
-    conda:
-        "../../envs/torch.yaml"
     shell:
         HARMONIZE_SHELL
 
@@ -64,9 +62,20 @@ rule harmonize_sweep:
     output:
         image="results/sweep/{guidance}_{scale}/{target}/{site}/{scan}.nii.gz",
         provenance="results/sweep/{guidance}_{scale}/{target}/{site}/{scan}.json",
+    log:
+        "results/logs/harmonize/sweep/{guidance}_{scale}/{target}/{site}/{scan}.log",
+    benchmark:
+        "results/benchmarks/harmonize/sweep/{guidance}_{scale}/{target}/{site}/{scan}.tsv"
     wildcard_constraints:
         guidance="cfg|cfgpp",
         scale="[0-9]+(\\.[0-9]+)?",
+    conda:
+        "../../envs/torch.yaml"
+    threads: HARMONIZE["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
     params:
         guidance=lambda wildcards: wildcards.guidance,
         scale=lambda wildcards: wildcards.scale,
@@ -76,17 +85,6 @@ rule harmonize_sweep:
         batch=HARMONIZE["batch_size"],
         seed=HARMONIZE["seed"],
         speed=HARMONIZE_SPEED,
-    threads: HARMONIZE["threads"]
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=1,
-    log:
-        "results/logs/harmonize/sweep/{guidance}_{scale}/{target}/{site}/{scan}.log",
-    benchmark:
-        "results/benchmarks/harmonize/sweep/{guidance}_{scale}/{target}/{site}/{scan}.tsv"
-    conda:
-        "../../envs/torch.yaml"
     shell:
         HARMONIZE_SHELL
 
@@ -99,8 +97,19 @@ rule harmonize_seed:
     output:
         image="results/seeds/{seed}/{target}/{site}/{scan}.nii.gz",
         provenance="results/seeds/{seed}/{target}/{site}/{scan}.json",
+    log:
+        "results/logs/harmonize/seeds/{seed}/{target}/{site}/{scan}.log",
+    benchmark:
+        "results/benchmarks/harmonize/seeds/{seed}/{target}/{site}/{scan}.tsv"
     wildcard_constraints:
         seed="[0-9]+",
+    conda:
+        "../../envs/torch.yaml"
+    threads: HARMONIZE["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
     params:
         guidance=HARMONIZE["guidance"],
         scale=HARMONIZE["scale"],
@@ -110,17 +119,6 @@ rule harmonize_seed:
         batch=HARMONIZE["batch_size"],
         seed=lambda wildcards: wildcards.seed,
         speed=HARMONIZE_SPEED,
-    threads: HARMONIZE["threads"]
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=1,
-    log:
-        "results/logs/harmonize/seeds/{seed}/{target}/{site}/{scan}.log",
-    benchmark:
-        "results/benchmarks/harmonize/seeds/{seed}/{target}/{site}/{scan}.tsv"
-    conda:
-        "../../envs/torch.yaml"
     shell:
         HARMONIZE_SHELL
 
@@ -131,16 +129,16 @@ rule histmatch_reference:
         unpack(lambda wildcards: manifest_inputs(f"histmatch-{wildcards.target}")),
     output:
         "results/harmonized/histmatch/{target}/reference.npy",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     log:
         "results/logs/harmonize/histmatch/{target}/reference.log",
     benchmark:
         "results/benchmarks/harmonize/histmatch/{target}/reference.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     shell:
         "python -m harmodiff.histmatch reference --manifest {input.manifest} --output {output} > {log} 2>&1"
 
@@ -152,16 +150,16 @@ rule histmatch:
         reference=rules.histmatch_reference.output[0],
     output:
         "results/harmonized/histmatch/{target}/{site}/{scan}.nii.gz",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     log:
         "results/logs/harmonize/histmatch/{target}/{site}/{scan}.log",
     benchmark:
         "results/benchmarks/harmonize/histmatch/{target}/{site}/{scan}.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     shell:
         "python -m harmodiff.histmatch match --input {input.image} --mask {input.mask} "
         "--reference {input.reference} --output {output} > {log} 2>&1"
@@ -176,20 +174,20 @@ rule import_external:
         transform="results/preprocessed/test/{site}/{scan}_to_mni.mat",
     output:
         "results/harmonized/{method}/{target}/{site}/{scan}.nii.gz",
-    wildcard_constraints:
-        method="|".join(re.escape(name) for name in EXTERNAL) or "(?!)",
-    params:
-        space=lambda wildcards: EXTERNAL[wildcards.method]["space"],
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     log:
         "results/logs/harmonize/{method}/{target}/{site}/{scan}.log",
     benchmark:
         "results/benchmarks/harmonize/{method}/{target}/{site}/{scan}.tsv"
+    wildcard_constraints:
+        method="|".join(re.escape(name) for name in EXTERNAL) or "(?!)",
     conda:
         "../../envs/preprocess.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        space=lambda wildcards: EXTERNAL[wildcards.method]["space"],
     shell:
         "python -m harmodiff.external --input {input.image} --mask {input.mask} --space {params.space} "
         "--transform {input.transform} --output {output} > {log} 2>&1"
@@ -199,26 +197,18 @@ rule import_external:
 rule bids_description:
     output:
         f"{LAYOUT.derivatives_root()}/dataset_description.json",
-    threads: 1
-    resources:
-        mem_mb=500,
-        runtime=5,
     log:
         "results/logs/derivatives/dataset_description.log",
     benchmark:
         "results/benchmarks/derivatives/dataset_description.tsv"
     conda:
         "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
     shell:
         "python -m harmodiff.derivatives description --output {output} > {log} 2>&1"
-
-
-def bids_source(wildcards):
-    """The harmonized scan, raw scan and transform behind one derivative image name."""
-    target, site, scan = LAYOUT.bids_index[(wildcards.sub, wildcards.ses, wildcards.tgt)]
-    image = LAYOUT.method_image("diffusion", target, site, scan)
-    return {"harmonized": image, "provenance": image.removesuffix(".nii.gz") + ".json",
-            "raw": SCANS.loc[scan, "path"], "transform": f"results/preprocessed/test/{site}/{scan}_to_mni.mat"}
 
 
 rule bids_image:
@@ -229,20 +219,20 @@ rule bids_image:
         f"sub-{{sub}}_ses-site{{ses}}_space-MNI152NLin2009aSym_desc-harmonizedTO{{tgt}}_T1w.nii.gz",
         native=f"{LAYOUT.derivatives_root()}/sub-{{sub}}/ses-site{{ses}}/anat/"
         f"sub-{{sub}}_ses-site{{ses}}_desc-harmonizedTO{{tgt}}_T1w.nii.gz",
-    wildcard_constraints:
-        sub="[A-Za-z0-9]+",
-        ses="[A-Za-z0-9]+",
-        tgt="[A-Za-z0-9]+",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     log:
         "results/logs/derivatives/sub-{sub}_ses-site{ses}_to{tgt}.log",
     benchmark:
         "results/benchmarks/derivatives/sub-{sub}_ses-site{ses}_to{tgt}.tsv"
+    wildcard_constraints:
+        sub="[A-Za-z0-9]+",
+        ses="[A-Za-z0-9]+",
+        tgt="[A-Za-z0-9]+",
     conda:
         "../../envs/preprocess.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     shell:
         "python -m harmodiff.derivatives image --harmonized {input.harmonized} --raw {input.raw} "
         "--transform {input.transform} --mni-output {output.mni} --native-output {output.native} > {log} 2>&1"

@@ -6,6 +6,16 @@ rule preprocess:
         mask="results/preprocessed/{cohort}/{site}/{scan}_mask.nii.gz",
         transform="results/preprocessed/{cohort}/{site}/{scan}_to_mni.mat",
         qc="results/qc/{cohort}/{site}/{scan}_qc.png",
+    log:
+        "results/logs/preprocess/{cohort}/{site}/{scan}.log",
+    benchmark:
+        "results/benchmarks/preprocess/{cohort}/{site}/{scan}.tsv"
+    conda:
+        "../../envs/preprocess.yaml"
+    threads: config["preprocess"]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         spacing=config["grid"]["spacing"],
         shape=" ".join(str(s) for s in config["grid"]["shape"]),
@@ -13,16 +23,6 @@ rule preprocess:
         weights=config["preprocess"]["hdbet_weights"],
         registration=config["preprocess"]["registration"],
         seed=config["preprocess"]["seed"],
-    threads: config["preprocess"]["threads"]
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    log:
-        "results/logs/preprocess/{cohort}/{site}/{scan}.log",
-    benchmark:
-        "results/benchmarks/preprocess/{cohort}/{site}/{scan}.tsv"
-    conda:
-        "../../envs/preprocess.yaml"
     shell:
         "python -m harmodiff.preprocess --input {input.raw} --output {output.image} "
         "--mask-output {output.mask} --transform-output {output.transform} --qc-output {output.qc} "

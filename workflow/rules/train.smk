@@ -6,17 +6,17 @@ RUN = config["train"]["run"]
 rule training_settings:
     output:
         f"results/config/train-{RUN}.yaml",
-    params:
-        text=training_settings_text(),
+    log:
+        f"results/logs/training_settings/{RUN}.log",
+    benchmark:
+        f"results/benchmarks/training_settings/{RUN}.tsv"
     localrule: True
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
-    log:
-        f"results/logs/training_settings/{RUN}.log",
-    benchmark:
-        f"results/benchmarks/training_settings/{RUN}.tsv"
+    params:
+        text=training_settings_text(),
     run:
         write_text(params.text, output[0])
 
@@ -30,21 +30,21 @@ rule train:
         checkpoint=f"results/model/{RUN}/checkpoint.pt",
         loss=f"results/model/{RUN}/loss.csv",
         plot=f"results/model/{RUN}/loss.png",
-    params:
-        state=f"results/model/{RUN}/state",
-        export=lambda wildcards, output: os.path.dirname(output.checkpoint),
-        pretrained=pretrained_args(),
-    threads: config["train"]["threads"]
-    resources:
-        mem_mb=16000,
-        runtime=10 if config["train"].get("pretrained") else 24 * 60,
-        gpu=0 if config["train"].get("pretrained") else 1,
     log:
         f"results/logs/train/{RUN}.log",
     benchmark:
         f"results/benchmarks/train/{RUN}.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=16000,
+        runtime=10 if config["train"]["pretrained"] else 24 * 60,
+        gpu=0 if config["train"]["pretrained"] else 1,
+    params:
+        state=f"results/model/{RUN}/state",
+        export=lambda wildcards, output: os.path.dirname(output.checkpoint),
+        pretrained=pretrained_args(),
     shell:
         "python -m harmodiff.train --config {input.settings} --manifest {input.manifest} "
         "--output-dir {params.state} --resume "

@@ -1,0 +1,114 @@
+"""An SRPBS-shaped cohort through every rule, for real (not a dry run): wall time, job count and
+each rule's cost from Snakemake's benchmark files.
+
+    python benchmarks/scale_run.py --workdir scale-run [--subjects 10 --sites 10] > benchmarks/scale.md
+    (make scale)
+
+The cohort is synthetic and shaped like SRPBS's traveling subjects: `--subjects` subjects at
+`--sites` test sites with 3 scans missing (sub-ts03 at the 9th site, sub-ts07 at the 3rd,
+sub-ts09 at the 8th, as SRPBS misses 3 of 100), plus 10 training sites x 2 subjects. It runs as
+a scan sheet (cohort.source: sheet) with config/srpbs.yaml's evaluation (the full Table 1 sweep:
+5 CFG + 5 CFG++ settings, seeds 1 and 2) on a coarse 4 mm grid with a tiny model and 2 sampling
+steps, so the cost is the workflow's (jobs, manifests, process starts), not the method's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MISSING = [(3, 9), (7, 3), (9, 8)]  # (subject number, site number), 1-based
+
+
+def scale_config(sheet: Path, test_sites: list[str]) -> dict:
+    cfg = yaml.safe_load((ROOT / "config/srpbs.yaml").read_text())
+    cfg["cohort"] = {"source": "sheet", "sheet": str(sheet)}
+    cfg["target_sites"] = ["TRA"]
+    cfg["grid"] = {"spacing": 4.0, "shape": [40, 48, 40], "patch_shape": [20, 24, 20]}
+    cfg["preprocess"].update(skullstrip="ants", threads=1)
+    cfg["model"] = {"channels": [8, 16, 16], "attention_levels": [False, False, True], "num_res_blocks": 1,
+                    "num_head_channels": 8, "context_dim": 16, "norm_num_groups": 8, "use_flash_attention": True}
+    cfg["train"].update(steps=4, batch_size=1, checkpoint_every=2, threads=1, workers=0, bf16=False, warmup_steps=1,
+                        spatial_augmentation=False, contrast_levels=[-0.2, 0.0, 0.2])
+    cfg["harmonize"].update(steps=2, start_from="noise", batch_size=16, threads=1, bf16=False)
+    cfg["evaluation"].update(segmentation="atropos", reference_site=test_sites[0], figure_subject=None,
+                             figure_sites=None)
+    return cfg
+
+
+def build(workdir: Path, subjects: int, sites: int) -> Path:
+    from harmodiff.synth import SynthConfig, generate
+
+    cohort = workdir / "cohort"
+    synth = SynthConfig(train_sites=10, train_subjects_per_site=2, test_sites=sites, test_subjects=subjects, seed=0,
+                        render_spacing=4.0, native_spacing=(3.6, 4.4))
+    sheet = generate(cohort, synth, progress=False)
+    test_sites = sorted(set(sheet.loc[sheet["cohort"] == "test", "site"]))
+    drop = {(f"sub-ts{s:02d}", test_sites[k - 1]) for s, k in MISSING if s <= subjects and k <= sites}
+    keep = [(r.subject, r.site) not in drop for r in sheet.itertuples()]
+    sheet = sheet[keep].copy()
+    sheet["path"] = [str(cohort / p) for p in sheet["path"]]
+    sheet[["scan_id", "subject", "site", "cohort", "path"]].to_csv(workdir / "scans.tsv", sep="\t", index=False)
+    (workdir / "scale.yaml").write_text(yaml.safe_dump(scale_config(workdir / "scans.tsv", test_sites)))
+    return workdir / "scale.yaml"
+
+
+def rule_costs(workdir: Path) -> pd.DataFrame:
+    rows = []
+    for tsv in (workdir / "results/benchmarks").rglob("*.tsv"):
+        rel = tsv.relative_to(workdir / "results/benchmarks").parts
+        b = pd.read_csv(tsv, sep="\t")
+        rows.append({"rule": rel[0].removesuffix(".tsv"), "s": float(b["s"].iloc[0]),
+                     "max_rss_mb": pd.to_numeric(b["max_rss"], errors="coerce").iloc[0]})
+    df = pd.DataFrame(rows)
+    out = df.groupby("rule").agg(jobs=("s", "size"), total_s=("s", "sum"), mean_s=("s", "mean"),
+                                 max_s=("s", "max"), peak_rss_mb=("max_rss_mb", "max"))
+    return out.sort_values("total_s", ascending=False).reset_index()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True, type=Path)
+    p.add_argument("--subjects", type=int, default=10)
+    p.add_argument("--sites", type=int, default=10)
+    p.add_argument("--cores", type=int, default=2)
+    a = p.parse_args(argv)
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    configfile = build(a.workdir.resolve(), a.subjects, a.sites)
+    built = time.perf_counter() - t0
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    base = [snakemake, "-s", str(ROOT / "Snakefile"), "--directory", str(a.workdir.resolve()),
+            "--configfile", str(configfile)]
+    dry = subprocess.run([*base, "-n", "-p"], capture_output=True, text=True, check=True)
+    longest = max(len(line) for line in dry.stdout.splitlines() if line.startswith("Shell command:"))
+    t1 = time.perf_counter()
+    subprocess.run([*base, "--cores", str(a.cores), "--keep-going"], check=True,
+                   stdout=open(a.workdir / "snakemake.log", "w"), stderr=subprocess.STDOUT)
+    subprocess.run([*base, "--report", "results/report.html"], check=True, capture_output=True)
+    wall = time.perf_counter() - t1
+    from harmodiff.evaluate import markdown_table
+
+    costs = rule_costs(a.workdir)
+    sheet = pd.read_csv(a.workdir / "scans.tsv", sep="\t")
+    print(f"# SRPBS-scale run: {(sheet['cohort'] == 'test').sum()} traveling-subject scans "
+          f"({a.subjects} subjects x {a.sites} sites, 3 missing) + {(sheet['cohort'] == 'train').sum()} training "
+          f"scans, every rule\n")
+    print(f"`python benchmarks/scale_run.py --workdir {a.workdir} --subjects {a.subjects} --sites {a.sites} "
+          f"--cores {a.cores}` on {a.cores} CPU cores: cohort rendered in {built:.0f} s; the workflow (through the "
+          f"report) in **{wall / 60:.1f} min**, **{int(costs['jobs'].sum())} jobs**; longest shell command "
+          f"{longest:,} characters.\n")
+    print("Per rule, from Snakemake's benchmark files (s: wall seconds of one job; peak RSS of its process):\n")
+    print(markdown_table(costs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
