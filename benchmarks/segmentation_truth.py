@@ -32,7 +32,7 @@ def _preprocess(args):
 
     raw, out, mask = args
     set_threads(1)
-    preprocess(raw, out, mask, seed=0)
+    preprocess(raw, out, mask, seed=0, spacing=2.0, shape=(80, 96, 80))  # the demo grid
     return out
 
 

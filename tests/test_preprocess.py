@@ -139,3 +139,44 @@ def test_single_threaded_preprocessing_is_byte_identical(tiny_cohort, tmp_path):
                        check=True, capture_output=True, timeout=300)
         digests.append([(d / f).read_bytes() for f in ("t.mat", "p.nii.gz", "m.nii.gz")])
     assert digests[0] == digests[1]
+
+
+def test_self_checks_follow_their_formulas():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((20, 20, 20), bool)
+    mask[5:15, 5:15, 5:15] = True                      # 1,000 voxels
+    template = np.where(mask, rng.uniform(1, 2, mask.shape), 0)
+    measures, failed = pp.self_checks(mask, 1.5, 3 * template + 7, template)
+    assert measures == {"brain_volume_ml": 1500.0, "template_correlation": 1.0, "brain_at_border": 0.0}
+    assert failed == []
+    edge = mask.copy()
+    edge[0, 5:15, 5:15] = True                         # 100 of 1,100 voxels on the outer layer
+    measures, failed = pp.self_checks(edge, 0.5, -template, template)
+    assert measures["brain_volume_ml"] == 550.0 and measures["template_correlation"] == -1.0
+    assert measures["brain_at_border"] == round(100 / 1100, 5)
+    assert [f.split(" ")[0] for f in failed] == ["brain", "correlation", f"{100 / 1100:.1%}"]
+    assert "550 ml is outside 700-2500 ml" in failed[0]
+
+
+def test_a_scan_with_a_wrong_header_fails_preprocessing_naming_the_check(tiny_cohort, tmp_path, capsys):
+    """A raw scan whose header halves the voxel size (as a mis-stored 4 mm scan) gets a brain an
+    eighth of the size: preprocessing stops, names the scan and the check, and writes nothing."""
+    out, _ = tiny_cohort
+    raw = sorted((out / "raw" / "test").rglob("*.nii.gz"))[0]
+    img = nib.load(str(raw))
+    shrunk = img.affine.copy()
+    shrunk[:3, :3] *= 0.5
+    bad = tmp_path / "halved.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shrunk), str(bad))
+    grid = ["--spacing", "4", "--shape", "40", "48", "40", "--threads", "1"]
+    outs = ["--output", str(tmp_path / "p.nii.gz"), "--mask-output", str(tmp_path / "m.nii.gz"),
+            "--qc-output", str(tmp_path / "qc.png")]
+    assert pp.main(["--input", str(bad), *outs, *grid]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(bad) in err and "self-check" in err and "brain volume" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["halved.nii.gz"]
+    assert pp.main(["--input", str(raw), *outs, *grid]) == 0  # the scan itself passes, its measures recorded
+    import json
+
+    measures = json.loads((tmp_path / "p.json").read_text())
+    assert 700 < measures["brain_volume_ml"] < 2500 and measures["template_correlation"] > 0.6

@@ -278,6 +278,18 @@ class PreprocessConfig(Section):
     registration: str = setting("affine", "to MNI152: affine (the paper) | rigid", choices=("affine", "rigid"))
     seed: int = setting(0, "ANTs' random seed", minimum=0)
     threads: int = setting(1, "ANTs is reproducible only single-threaded: run scans in parallel", minimum=1)
+    # self-checks: a scan failing one stops at preprocessing, naming the scan and the check
+    brain_volume_ml: tuple[float, float] = setting((700.0, 2500.0), "plausible volume of the native brain mask "
+                                                   "(ml; adults ~1,100-1,900)", length=2, items_minimum=0)
+    min_template_correlation: float = setting(0.5, "correlation of the registered brain with the MNI152 brain "
+                                              "(a failed registration: ~0.2)", minimum=-1, maximum=1)
+    max_brain_at_border: float = setting(0.01, "largest fraction of the brain mask on the scan's outer voxel "
+                                         "layer (a brain cut by the field of view)", minimum=0, maximum=1)
+
+    def check(self):
+        lo, hi = self.brain_volume_ml
+        if lo > hi:
+            raise ConfigError(f"preprocess.brain_volume_ml must be [low, high] with low <= high, got {[lo, hi]}")
 
 
 @dataclass(frozen=True)

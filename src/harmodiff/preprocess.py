@@ -32,10 +32,12 @@ import numpy as np
 from scipy import ndimage
 
 from harmodiff.intensity import MEDIAN_TARGET, from_model_units, median_normalize, to_model_units  # noqa: F401
-from harmodiff.io import (InputError, _ants, atomic_path, load_image, outputs_together, refuse_overwriting_inputs,  # noqa: F401
-                          save_image, set_threads, to_ants, to_nib)
+from harmodiff.io import (InputError, _ants, atomic_path, json_sidecar, load_image, outputs_together,  # noqa: F401
+                          refuse_overwriting_inputs, save_image, set_threads, to_ants, to_nib, write_json)
+from harmodiff.config import GridConfig, PreprocessConfig
 from harmodiff.templates import mni_images, working_grid
 
+_GRID, _PRE = GridConfig(), PreprocessConfig()  # the defaults live in harmodiff.config
 SKULLSTRIP_BACKENDS = ("ants", "hdbet")
 REGISTRATIONS = ("affine", "rigid")
 
@@ -205,18 +207,50 @@ def qc_png(data: np.ndarray, mask: np.ndarray, path: Path, title: str = "") -> N
     plt.close(fig)
 
 
+def self_checks(native_mask: np.ndarray, voxel_ml: float, moved: np.ndarray, template: np.ndarray, *,
+                brain_volume_ml=_PRE.brain_volume_ml, min_template_correlation=_PRE.min_template_correlation,
+                max_brain_at_border=_PRE.max_brain_at_border) -> tuple[dict, list[str]]:
+    """The preprocessing's own QC: (measures, failed checks). Brain volume of the native mask;
+    Pearson correlation of the registered brain with the template inside the template's brain;
+    fraction of the native mask on the scan's outermost voxel layer."""
+    volume = float(native_mask.sum()) * voxel_ml
+    inside = template > 0
+    a, b = moved[inside].astype(np.float64), template[inside].astype(np.float64)
+    corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+    border = np.zeros(native_mask.shape, bool)
+    for axis in range(3):
+        border[(slice(None),) * axis + (0,)] = border[(slice(None),) * axis + (-1,)] = True
+    at_border = float((native_mask & border).sum() / max(native_mask.sum(), 1))
+    measures = {"brain_volume_ml": round(volume, 1), "template_correlation": round(corr, 4),
+                "brain_at_border": round(at_border, 5)}
+    failed = []
+    lo, hi = brain_volume_ml
+    if not lo <= volume <= hi:
+        failed.append(f"brain volume {volume:.0f} ml is outside {lo:g}-{hi:g} ml (preprocess.brain_volume_ml)")
+    if corr < min_template_correlation:
+        failed.append(f"correlation with the MNI152 brain after registration {corr:.2f} < "
+                      f"{min_template_correlation:g} (preprocess.min_template_correlation)")
+    if at_border > max_brain_at_border:
+        failed.append(f"{at_border:.1%} of the brain mask lies on the field of view's edge > "
+                      f"{max_brain_at_border:.1%} (preprocess.max_brain_at_border)")
+    return measures, failed
+
+
 # --------------------------------------------------------------------------------------------
 # the whole stage
 
 
 def preprocess(input_path, output, mask_output, *, transform_output=None, qc_output=None,
-               spacing: float = 2.0, shape=(80, 96, 80), skullstrip: str = "ants",
-               hdbet_weights=None, registration: str = "affine", seed: int = 0, device: str = "cpu"):
-    """Preprocess one raw scan; writes the outputs atomically and returns the median before scaling."""
+               spacing: float = _GRID.spacing, shape=tuple(_GRID.shape), skullstrip: str = _PRE.skullstrip,
+               hdbet_weights=None, registration: str = _PRE.registration, seed: int = _PRE.seed,
+               device: str = "cpu", checks: dict | None = None):
+    """Preprocess one raw scan; writes the outputs atomically (with `self_checks`' measures in a
+    JSON next to the image) and returns (image, mask, affine). A failed self-check (thresholds:
+    `checks`, else the config defaults) writes nothing and names the scan and the check."""
     if skullstrip not in SKULLSTRIP_BACKENDS:
         raise InputError(f"skull stripping backend must be one of {SKULLSTRIP_BACKENDS}, got {skullstrip!r}")
     input_path = Path(input_path)
-    outputs = [Path(p) for p in (output, mask_output, transform_output, qc_output) if p]
+    outputs = [Path(p) for p in (output, json_sidecar(output), mask_output, transform_output, qc_output) if p]
     refuse_overwriting_inputs([input_path], outputs)
     with outputs_together(outputs):  # folders checked first; all four outputs or none
         raw = load_image(input_path)
@@ -225,7 +259,7 @@ def preprocess(input_path, output, mask_output, *, transform_output=None, qc_out
         if skullstrip == "ants":
             brain_mask, initial = skullstrip_ants(image, seed=seed)
         else:
-            brain_mask = skullstrip_hdbet(input_path, hdbet_weights or "resources/hd-bet", device=device)
+            brain_mask = skullstrip_hdbet(input_path, hdbet_weights or _PRE.hdbet_weights, device=device)
         if brain_mask.numpy().sum() == 0:
             raise InputError(f"{input_path}: skull stripping found no brain")
         corrected = n4(image, brain_mask)
@@ -235,9 +269,16 @@ def preprocess(input_path, output, mask_output, *, transform_output=None, qc_out
         moved = resample_to_grid(brain, transform, reference).numpy()
         moved_mask = resample_to_grid(brain_mask, transform, reference).numpy() > 0.5
         moved_mask = _largest_component_filled(moved_mask)
+        template = _ants().resample_image_to_target(to_ants(mni_images()["t1"]), reference, interp_type="linear")
+        measures, failed = self_checks(brain_mask.numpy() > 0.5, float(np.prod(brain_mask.spacing)) / 1000.0, moved,
+                                       template.numpy(), **(checks or {}))
+        if failed:
+            raise InputError(f"{input_path}: preprocessing failed its self-check: {'; '.join(failed)}")
         normalized = median_normalize(moved, moved_mask)
         save_image(normalized, affine, output)
         save_image(moved_mask, affine, mask_output, dtype=np.uint8)
+        write_json({"source": str(input_path), "skullstrip": skullstrip, "registration": registration, **measures},
+                   json_sidecar(output))
         if transform_output:
             with atomic_path(transform_output) as tmp:
                 shutil.copyfile(transform, tmp)
@@ -253,20 +294,25 @@ def main(argv=None) -> int:
     p.add_argument("--mask-output", required=True, help="brain mask on the working grid (.nii.gz)")
     p.add_argument("--transform-output", help="ANTs affine scan->MNI (.mat)")
     p.add_argument("--qc-output", help="QC PNG")
-    p.add_argument("--spacing", type=float, default=2.0, help="working grid spacing in mm")
-    p.add_argument("--shape", type=int, nargs=3, default=(80, 96, 80), metavar=("X", "Y", "Z"))
-    p.add_argument("--skullstrip", choices=SKULLSTRIP_BACKENDS, default="ants")
-    p.add_argument("--hdbet-weights", default="resources/hd-bet")
-    p.add_argument("--registration", choices=REGISTRATIONS, default="affine")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--spacing", type=float, default=_GRID.spacing, help="working grid spacing in mm")
+    p.add_argument("--shape", type=int, nargs=3, default=tuple(_GRID.shape), metavar=("X", "Y", "Z"))
+    p.add_argument("--skullstrip", choices=SKULLSTRIP_BACKENDS, default=_PRE.skullstrip)
+    p.add_argument("--hdbet-weights", default=_PRE.hdbet_weights)
+    p.add_argument("--registration", choices=REGISTRATIONS, default=_PRE.registration)
+    p.add_argument("--seed", type=int, default=_PRE.seed)
+    p.add_argument("--threads", type=int, default=_PRE.threads)
     p.add_argument("--device", default="cpu", help="device for HD-BET")
+    p.add_argument("--brain-volume-ml", type=float, nargs=2, default=_PRE.brain_volume_ml, metavar=("LOW", "HIGH"))
+    p.add_argument("--min-template-correlation", type=float, default=_PRE.min_template_correlation)
+    p.add_argument("--max-brain-at-border", type=float, default=_PRE.max_brain_at_border)
     a = p.parse_args(argv)
     set_threads(a.threads)
     try:
         preprocess(a.input, a.output, a.mask_output, transform_output=a.transform_output, qc_output=a.qc_output,
                    spacing=a.spacing, shape=a.shape, skullstrip=a.skullstrip, hdbet_weights=a.hdbet_weights,
-                   registration=a.registration, seed=a.seed, device=a.device)
+                   registration=a.registration, seed=a.seed, device=a.device,
+                   checks={"brain_volume_ml": a.brain_volume_ml, "min_template_correlation": a.min_template_correlation,
+                           "max_brain_at_border": a.max_brain_at_border})
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

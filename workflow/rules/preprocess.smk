@@ -3,6 +3,7 @@ rule preprocess:
         raw=raw_scan,
     output:
         image="results/preprocessed/{cohort}/{site}/{scan}.nii.gz",
+        checks="results/preprocessed/{cohort}/{site}/{scan}.json",
         mask="results/preprocessed/{cohort}/{site}/{scan}_mask.nii.gz",
         transform="results/preprocessed/{cohort}/{site}/{scan}_to_mni.mat",
         qc="results/qc/{cohort}/{site}/{scan}_qc.png",
@@ -23,9 +24,13 @@ rule preprocess:
         weights=config["preprocess"]["hdbet_weights"],
         registration=config["preprocess"]["registration"],
         seed=config["preprocess"]["seed"],
+        volume=" ".join(str(v) for v in config["preprocess"]["brain_volume_ml"]),
+        correlation=config["preprocess"]["min_template_correlation"],
+        border=config["preprocess"]["max_brain_at_border"],
     shell:
         "python -m harmodiff.preprocess --input {input.raw} --output {output.image} "
         "--mask-output {output.mask} --transform-output {output.transform} --qc-output {output.qc} "
         "--spacing {params.spacing} --shape {params.shape} --skullstrip {params.skullstrip} "
         "--hdbet-weights {params.weights} --registration {params.registration} "
-        "--seed {params.seed} --threads {threads} > {log} 2>&1"
+        "--seed {params.seed} --brain-volume-ml {params.volume} --min-template-correlation {params.correlation} "
+        "--max-brain-at-border {params.border} --threads {threads} > {log} 2>&1"
