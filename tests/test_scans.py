@@ -164,3 +164,28 @@ def test_participants_and_srpbs_filters_pin_the_scan_set(tmp_path):
     config["cohort"] = {"source": "srpbs", "srpbs": {**srpbs, "sites": ["XYZ"]}}
     with pytest.raises(InputError, match=r"cohort.srpbs.sites: XYZ not found in .*srpbs \(has: ATV, KPM, KUS\)"):
         scan_table(config)
+
+
+def test_readable_reads_voxel_data_and_names_every_bad_scan(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from harmodiff import scans
+
+    good = np.ones((6, 6, 6), np.float32)
+    nan = good.copy()
+    nan[2, 2, 2] = np.nan
+    for name, data in (("good", good), ("nan", nan), ("zero", np.zeros_like(good))):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    report = scans.readable_report(["g", "n", "z"], [tmp_path / f"{n}.nii.gz" for n in ("good", "nan", "zero")])
+    assert list(report["shape"]) == ["6x6x6", "", ""]
+    assert report["problem"][0] == "" and "NaN" in report["problem"][1] and report["problem"][2] != ""
+    out = tmp_path / "report.tsv"
+    with pytest.raises(SystemExit) as info:
+        scans.main(["readable", "--scan-ids", "g", "n", "--images", str(tmp_path / "good.nii.gz"),
+                    str(tmp_path / "nan.nii.gz"), "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("error: 1 of 2 scans cannot be read:") and "nan.nii.gz" in err
+    assert not out.exists()
+    assert scans.main(["readable", "--scan-ids", "g", "--images", str(tmp_path / "good.nii.gz"), "--output", str(out)]) == 0
+    assert out.read_text().splitlines()[1].split("\t")[2] == "6x6x6"

@@ -69,6 +69,30 @@ def test_bad_scan_sheet_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()  # nothing ran
 
 
+def test_an_unreadable_scan_stops_the_run_before_any_preprocessing(tmp_path):
+    """The sheet check reads headers at parse time; the scans_readable job then reads every scan in
+    full (a truncated .gz passes the header check) and fails, naming it, before preprocessing."""
+    img = nib.Nifti1Image(np.random.default_rng(0).normal(100, 10, (16, 16, 16)).astype(np.float32), np.eye(4))
+    for name in ("a", "b"):
+        nib.save(img, str(tmp_path / f"{name}.nii.gz"))
+    data = (tmp_path / "b.nii.gz").read_bytes()
+    (tmp_path / "b.nii.gz").write_bytes(data[: len(data) // 2])  # truncated: header intact, voxels cut
+    sheet = tmp_path / "scans.tsv"
+    pd.DataFrame({"scan_id": ["a", "b"], "subject": ["s1", "s2"], "site": ["X", "Y"],
+                  "cohort": ["train", "test"], "path": ["a.nii.gz", "b.nii.gz"]}).to_csv(sheet, sep="\t", index=False)
+    cfg = yaml.safe_load((ROOT / "config/test.yaml").read_text())
+    cfg["cohort"] = {"source": "sheet", "sheet": str(sheet)}
+    cfg["target_sites"] = ["X"]
+    cfg["evaluation"]["reference_site"] = "Y"
+    cfg["evaluation"]["external"] = {}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "--cores", "1", "--configfile", str(tmp_path / "c.yaml"), check=False)
+    assert proc.returncode != 0
+    log = (tmp_path / "results/logs/scans_readable.log").read_text().strip()
+    assert log.startswith("error: 1 of 2 scans cannot be read:") and "b.nii.gz" in log and log.count("\n") == 0
+    assert not (tmp_path / "results/preprocessed").exists() and not (tmp_path / "results/qc/raw_scans.tsv").exists()
+
+
 def _truth_on_grid(truth_path, like):
     t = nib.load(truth_path)
     m = np.linalg.inv(t.affine) @ like.affine
@@ -214,7 +238,9 @@ def test_srpbs_config_builds_the_full_dag(tmp_path):
     # single argument over 128 KiB; before the manifests, the similarity command was 215 KB)
     commands = [line for line in proc.stdout.splitlines() if line.startswith("Shell command:")]
     assert len(commands) > 1500 and max(map(len, commands)) < 32 * 1024
-    assert counts["manifest"] == 7  # train, leakage, segmentations, similarity, figure2, sweep_subjects, histmatch-TRAIN0
+    assert counts["manifest"] == 8  # raw_scans, train, leakage, segmentations, similarity, figure2, sweep_subjects,
+    # histmatch-TRAIN0
+    assert counts["scans_readable"] == 1  # every scan read in full once, before any preprocessing
 
 
 @pytest.mark.e2e

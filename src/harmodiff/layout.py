@@ -257,7 +257,7 @@ class Layout:
 
     # the tables the evaluation reads (each becomes results/manifests/<name>.tsv)
     def manifest_names(self) -> list[str]:
-        names = ["train", "leakage", "segmentations", "similarity", "figure2", "sweep_subjects"]
+        names = ["raw_scans", "train", "leakage", "segmentations", "similarity", "figure2", "sweep_subjects"]
         names += [f"histmatch-{t}" for t in self.target_sites]
         if self.synthetic:
             names += ["truth_similarity", "truth_targets", "truth_preprocessing"]
@@ -274,7 +274,9 @@ class Layout:
     def manifest_table(self, name: str) -> pd.DataFrame:
         if name.startswith("histmatch-"):
             return self._scan_table(self.train[self.train["site"] == name.removeprefix("histmatch-")], "image", "mask")
-        builders = {"train": lambda: self._scan_table(self.train, "image", "mask", "site"),
+        builders = {"raw_scans": lambda: pd.DataFrame({"scan_id": list(self.scans.index),
+                                                       "image": list(self.scans["path"])}),
+                    "train": lambda: self._scan_table(self.train, "image", "mask", "site"),
                     "leakage": lambda: self._scan_table(self.scans, "image", "mask", "anatomy", "site"),
                     "segmentations": self._segmentations, "similarity": self._similarity,
                     "figure2": self._figure2, "truth_similarity": self._truth_similarity,

@@ -28,6 +28,7 @@ import pandas as pd
 import yaml
 
 from harmodiff.io import InputError, write_text
+from harmodiff.layout import add_list_options, resolve_lists
 
 COLUMNS = ["scan_id", "subject", "site", "cohort", "path"]
 
@@ -192,6 +193,22 @@ def combine(*sheets: pd.DataFrame, target_sites=()) -> pd.DataFrame:
     return validate_scan_sheet(df, source="combined scan sheet", target_sites=target_sites)
 
 
+def readable_report(scan_ids, paths) -> pd.DataFrame:
+    """Every scan read in full, as every tool reads it (`io.load_image`: header, voxel data, gzip
+    checksum, NaNs, empty image): one row per scan with its problem ('' when it is usable)."""
+    from harmodiff.io import load_image
+
+    rows = []
+    for scan_id, path in zip(scan_ids, paths):
+        try:
+            img = load_image(path)
+            problem, shape = "", "x".join(map(str, img.shape))
+        except InputError as exc:
+            problem, shape = str(exc).removeprefix(f"{path}: "), ""
+        rows.append({"scan_id": scan_id, "path": str(path), "shape": shape, "problem": problem})
+    return pd.DataFrame(rows, columns=["scan_id", "path", "shape", "problem"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.scans", description="Build or check a scan sheet.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -204,13 +221,26 @@ def main(argv=None) -> int:
     b.add_argument("root")
     b.add_argument("--site-column", default="site")
     b.add_argument("--cohort", choices=["train", "test"], default="train")
+    u = sub.add_parser("readable", help="read every scan in full before any job starts; exit 2 naming the bad ones")
+    add_list_options(u, ("scan_id", "image"))
+    u.add_argument("--output", required=True, help="TSV: scan_id path shape problem (written only when all pass)")
     r = sub.add_parser("srpbs", help="sheet of the SRPBS traveling-subject release")
     r.add_argument("root")
     r.add_argument("--cohort", choices=["train", "test"], default="test")
     for q in (s, b, r):
         q.add_argument("-o", "--output", required=True, help="TSV to write")
-    a = p.parse_args(argv)
+    a = resolve_lists(p, p.parse_args(argv))
     try:
+        if a.cmd == "readable":
+            report = readable_report(a.scan_ids, a.images)
+            bad = report[report["problem"] != ""]
+            if len(bad):
+                shown = "; ".join(f"{r.path}: {r.problem}" for r in bad.head(3).itertuples())
+                more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+                raise InputError(f"{len(bad)} of {len(report)} scans cannot be read: {shown}{more}")
+            write_text(report.to_csv(sep="\t", index=False), a.output)
+            print(f"{len(report)} scans read in full: OK")
+            return 0
         if a.cmd == "check":
             df = read_scan_sheet(a.sheet, target_sites=a.target_site)
             print(f"{a.sheet}: {len(df)} scans, sites {sorted(set(df['site']))}: OK")

@@ -1,6 +1,7 @@
 rule preprocess:
     input:
         raw=raw_scan,
+        readable="results/qc/raw_scans.tsv",
     output:
         image="results/preprocessed/{cohort}/{site}/{scan}.nii.gz",
         checks="results/preprocessed/{cohort}/{site}/{scan}.json",
@@ -34,3 +35,23 @@ rule preprocess:
         "--hdbet-weights {params.weights} --registration {params.registration} "
         "--seed {params.seed} --brain-volume-ml {params.volume} --min-template-correlation {params.correlation} "
         "--max-brain-at-border {params.border} --threads {threads} > {log} 2>&1"
+
+
+# every raw scan read in full (voxel data, gzip checksum, NaNs) before any preprocessing starts
+rule scans_readable:
+    input:
+        **manifest_inputs("raw_scans"),
+    output:
+        "results/qc/raw_scans.tsv",
+    log:
+        "results/logs/scans_readable.log",
+    benchmark:
+        "results/benchmarks/scans_readable.tsv"
+    conda:
+        "../../envs/preprocess.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "python -m harmodiff.scans readable --manifest {input.manifest} --output {output} > {log} 2>&1"
