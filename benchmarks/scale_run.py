@@ -32,7 +32,8 @@ def scale_config(sheet: Path, test_sites: list[str]) -> dict:
     cfg["cohort"] = {"source": "sheet", "sheet": str(sheet)}
     cfg["target_sites"] = ["TRA"]
     cfg["grid"] = {"spacing": 4.0, "shape": [40, 48, 40], "patch_shape": [20, 24, 20]}
-    cfg["preprocess"].update(skullstrip="ants", threads=1)
+    # 4 mm scans: the template-based skull strip grows the mask by a voxel or so (up to ~2,500 ml here)
+    cfg["preprocess"].update(skullstrip="ants", threads=1, brain_volume_ml=[500.0, 3500.0])
     cfg["model"] = {"channels": [8, 16, 16], "attention_levels": [False, False, True], "num_res_blocks": 1,
                     "num_head_channels": 8, "context_dim": 16, "norm_num_groups": 8, "use_flash_attention": True}
     cfg["train"].update(steps=4, batch_size=1, checkpoint_every=2, threads=1, workers=0, bf16=False, warmup_steps=1,
