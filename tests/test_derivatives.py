@@ -53,7 +53,7 @@ def test_export_writes_both_spaces_with_provenance(tmp_path, monkeypatch):
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(image))
     (tmp_path / "h.json").write_text(json.dumps({"target_site": "TRA", "checkpoint_sha256": "ab"}))
     calls = []
-    monkeypatch.setattr("harmodiff.harmonize.to_native", lambda *a: (calls.append(a), nib.save(
+    monkeypatch.setattr(derivatives, "to_native", lambda *a: (calls.append(a), nib.save(
         nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(a[3]))))
     mni, native = tmp_path / "out/x_space-S_T1w.nii.gz", tmp_path / "out/x_T1w.nii.gz"
     assert derivatives.main(["image", "--harmonized", str(image), "--raw", "raw.nii.gz", "--transform", "t.mat",

@@ -20,6 +20,9 @@ def _rules():
             m = re.match(r"rule (\w+):", block.strip())
             if not m:
                 continue
+            if "\n    run:" in block:  # runs inside Snakemake itself (writes a manifest): no env, kept local
+                assert "localrule: True" in block, f"rule {m.group(1)} has a run block but is not a local rule"
+                continue
             conda = re.search(r'conda:\s*\n\s*"([^"]+)"', block)
             module = re.search(r"python -m harmodiff\.(\w+)", block)
             rules[m.group(1)] = (smk, conda.group(1) if conda else None, module.group(1) if module else None)

@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from harmodiff import external
 from harmodiff.io import InputError
-from harmodiff.io import to_ants
+from harmodiff.antsio import to_ants
 from harmodiff.templates import working_grid
 
 SHAPE = (40, 48, 40)

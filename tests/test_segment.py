@@ -1,3 +1,5 @@
+import os
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -59,7 +61,8 @@ def test_spm_batch_structure():
     job = batch[0]["spm"]["spatial"]["preproc"]
     assert job["channel"]["vols"] == ["/data/scan.nii,1"]
     assert [t["tpm"][0] for t in job["tissue"]] == [f"/spm/tpm/TPM.nii,{k}" for k in range(1, 7)]
-    assert [t["native"] for t in job["tissue"]] == [[1, 0]] * 3 + [[0, 0]] * 3  # c1, c2, c3 written
+    assert [list(t["native"]) for t in job["tissue"]] == [[1, 0]] * 3 + [[0, 0]] * 3  # c1, c2, c3 written
+    assert all(isinstance(t["native"], np.ndarray) for t in job["tissue"])  # MATLAB numeric, not a cell
     assert [t["ngaus"] for t in job["tissue"]] == [1, 1, 2, 3, 4, 2]  # SPM's defaults
     assert job["warp"]["affreg"] == "mni"
 
@@ -129,3 +132,70 @@ def test_empty_tissue_class_is_a_clear_error():
     image = fractions["gm"] * 0.6 + fractions["wm"] * 0.9
     with pytest.raises(sg.InputError, match="'csf' is empty"):
         sg.tissue_fractions(image, np.ones(image.shape, bool), np.eye(4), probs, "unmix")
+
+
+class FakeSPM:
+    """Stands in for spm-python (no MATLAB Runtime here): records the calls and writes c1/c2/c3
+    exactly as SPM names and places them (c<k><name>.nii beside the .nii it read, same grid)."""
+
+    def __init__(self, root):
+        self.root, self.calls = root, []
+
+    def spm(self, *args):
+        self.calls.append(("spm", args))
+        return str(self.root) if args == ("Dir",) else None
+
+    def spm_jobman(self, command, batch=None, nargout=1):
+        self.calls.append(("spm_jobman", command))
+        if command != "run":
+            return
+        self.batch = batch
+        path = batch[0]["spm"]["spatial"]["preproc"]["channel"]["vols"][0].removesuffix(",1")
+        assert path.endswith(".nii"), "SPM reads uncompressed NIfTI only"
+        img = nib.load(path)
+        data = np.asarray(img.dataobj)
+        folder, name = os.path.split(path)
+        for k, level in ((1, 2.0), (2, 3.0), (3, 1.0)):
+            nib.save(nib.Nifti1Image((np.abs(data - level) < 0.5).astype(np.float32), img.affine),
+                     os.path.join(folder, f"c{k}{name}"))
+
+
+def test_run_spm_decompresses_runs_the_batch_and_reads_c1_c2_c3(tmp_path):
+    labels = np.ones((10, 10, 10), np.float32)
+    labels[3:7] = 2.0
+    labels[7:] = 3.0
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(labels * 100 / 100, np.diag([2.0, 2.0, 2.0, 1.0])), str(scan))
+    mask = np.ones(labels.shape, bool)
+    mask[0] = False
+    fake = FakeSPM(tmp_path / "spm25")
+    probs = sg.run_spm(scan, mask, spm=fake)
+    np.testing.assert_array_equal(probs["gm"], ((labels == 2) & mask).astype(np.float32))
+    np.testing.assert_array_equal(probs["wm"], ((labels == 3) & mask).astype(np.float32))
+    np.testing.assert_array_equal(probs["csf"], ((labels == 1) & mask).astype(np.float32))
+    job = fake.batch[0]["spm"]["spatial"]["preproc"]
+    assert job["tissue"][0]["tpm"] == [f"{tmp_path / 'spm25' / 'tpm' / 'TPM.nii'},1"]
+    assert [c for c in fake.calls if c[0] == "spm_jobman"] == [("spm_jobman", "initcfg"), ("spm_jobman", "run")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]  # nothing written beside the input
+    lazy = FakeSPM(tmp_path / "spm25")
+    lazy.spm_jobman = lambda command, batch=None, nargout=1: None  # SPM failed: writes nothing
+    with pytest.raises(sg.InputError, match=r"scan.nii.gz: SPM wrote no c1scan.nii"):
+        sg.run_spm(scan, mask, spm=lazy)
+
+
+def test_segment_cli_with_the_spm_backend(tmp_path, monkeypatch):
+    import json
+    import sys
+    import types
+
+    labels = np.ones((10, 10, 10), np.float32)
+    labels[4:] = 2.0
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(tmp_path / "scan.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.uint8), np.eye(4)), str(tmp_path / "mask.nii.gz"))
+    fake = FakeSPM(tmp_path / "spm25")
+    monkeypatch.setitem(sys.modules, "spm", types.SimpleNamespace(spm=fake.spm, spm_jobman=fake.spm_jobman))
+    assert sg.main(["--input", str(tmp_path / "scan.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz"),
+                    "--output-prefix", str(tmp_path / "seg"), "--backend", "spm"]) == 0
+    volumes = json.loads((tmp_path / "seg_volumes.json").read_text())
+    assert volumes["gm_ml"] == pytest.approx(0.6) and volumes["csf_ml"] == pytest.approx(0.4)
+    assert volumes["wm_ml"] == 0

@@ -16,24 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from harmodiff import __version__
+from harmodiff.antsio import to_native
 from harmodiff.io import InputError, atomic_path, json_sidecar, outputs_together, write_json
+from harmodiff.layout import DERIVATIVES, SPACE, bids_label  # noqa: F401 (the names are the layout's)
 
 BIDS_VERSION = "1.10.0"
-SPACE = "MNI152NLin2009aSym"  # nilearn's MNI152 2009a template, the working grid's space
-DATASET = "derivatives/harmodiff"
-
-
-def bids_label(name: str, prefix: str = "") -> str:
-    """A BIDS label from a subject, session or site name: the prefix (sub-, ses-) dropped and only
-    letters and digits kept (BIDS labels are alphanumeric)."""
-    label = re.sub(r"[^A-Za-z0-9]", "", str(name).removeprefix(prefix))
-    if not label:
-        raise InputError(f"{name!r}: has no letters or digits to make a BIDS label from")
-    return label
 
 
 def dataset_description() -> dict:
@@ -51,8 +41,6 @@ def image_sidecar(provenance: dict, space: str | None, sources: list[str]) -> di
 
 def export_image(harmonized, raw, transform, mni_output, native_output) -> None:
     """The working-grid image (copied) and its native-space version, each with its sidecar."""
-    from harmodiff.harmonize import to_native
-
     record = json_sidecar(harmonized)
     if not record.is_file():
         raise InputError(f"{record}: the provenance `harmonize` writes next to {harmonized} is missing")

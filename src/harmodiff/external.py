@@ -18,7 +18,8 @@ import sys
 import numpy as np
 
 from harmodiff.intensity import median_normalize
-from harmodiff.io import InputError, load_image, load_mask, save_image, to_ants
+from harmodiff.antsio import to_ants
+from harmodiff.io import InputError, load_image, load_mask, save_image
 
 SPACES = ("native", "mni")
 

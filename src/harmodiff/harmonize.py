@@ -29,6 +29,7 @@ from harmodiff import sample as smp
 from harmodiff.config import AnatomyConfig, HarmonizeConfig, TrainConfig
 from harmodiff.io import (InputError, file_sha256, json_sidecar, load_image, load_mask, outputs_together,
                           refuse_overwriting_inputs, save_image, write_json)
+from harmodiff.antsio import to_native
 from harmodiff.model import NULL_LABEL
 from harmodiff.patches import extract, fuse, grid_positions, hann_window
 from harmodiff.intensity import from_model_units, to_model_units
@@ -231,20 +232,6 @@ def scan_seed(seed: int, key: str) -> int:
 
     digest = hashlib.sha256(f"{int(seed)}:{key}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def to_native(harmonized_path, native_reference, transform, output) -> None:
-    """Bring a working-grid result (a file or an image in memory) back to the native scan through
-    the inverse of its affine."""
-    import ants
-
-    from harmodiff.io import to_ants, to_nib
-
-    ref = to_ants(load_image(native_reference))
-    moving = to_ants(harmonized_path if isinstance(harmonized_path, nib.Nifti1Image) else load_image(harmonized_path))
-    out = ants.apply_transforms(fixed=ref, moving=moving, transformlist=[str(transform)], whichtoinvert=[True])
-    img = to_nib(out)
-    save_image(np.asarray(img.dataobj), img.affine, output)
 
 
 def main(argv=None) -> int:

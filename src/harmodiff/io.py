@@ -232,26 +232,3 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-# ANTs <-> nibabel (antspyx is imported on first use: most modules never need it)
-
-def set_threads(n: int) -> None:
-    """ITK/ANTs and torch thread counts; must run before the first ANTs call to take effect."""
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(n))
-    os.environ["OMP_NUM_THREADS"] = str(int(n))
-
-
-def _ants():
-    import ants
-
-    return ants
-
-
-def to_ants(img: nib.Nifti1Image):
-    out = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
-    out.header.set_xyzt_units("mm", "sec")  # otherwise ITK warns on every conversion
-    return _ants().from_nibabel_nifti(out)
-
-
-def to_nib(image) -> nib.Nifti1Image:
-    return _ants().to_nibabel_nifti(image)

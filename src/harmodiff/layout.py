@@ -11,15 +11,25 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 from pathlib import Path
 
 import pandas as pd
 
-from harmodiff.derivatives import DATASET as DERIVATIVES
-from harmodiff.derivatives import SPACE, bids_label
 from harmodiff.io import InputError, write_text
 
 DEFAULT_METHODS = ["preprocessed", "diffusion", "histmatch", "combat"]
+DERIVATIVES = "derivatives/harmodiff"  # the BIDS-Derivatives dataset, under results/
+SPACE = "MNI152NLin2009aSym"  # nilearn's MNI152 2009a template: the working grid's space
+
+
+def bids_label(name: str, prefix: str = "") -> str:
+    """A BIDS label from a subject, session or site name: the prefix (sub-, ses-) dropped and only
+    letters and digits kept (BIDS labels are alphanumeric)."""
+    label = re.sub(r"[^A-Za-z0-9]", "", str(name).removeprefix(prefix))
+    if not label:
+        raise InputError(f"{name!r}: has no letters or digits to make a BIDS label from")
+    return label
 
 
 def sweep_method(guidance: str, scale: float) -> str:

@@ -32,8 +32,9 @@ import numpy as np
 from scipy import ndimage
 
 from harmodiff.intensity import MEDIAN_TARGET, from_model_units, median_normalize, to_model_units  # noqa: F401
-from harmodiff.io import (InputError, _ants, atomic_path, json_sidecar, load_image, outputs_together,  # noqa: F401
-                          refuse_overwriting_inputs, save_image, set_threads, to_ants, to_nib, write_json)
+from harmodiff.antsio import _ants, set_threads, to_ants, to_nib  # noqa: F401 (to_nib, set_threads: re-exported)
+from harmodiff.io import (InputError, atomic_path, json_sidecar, load_image, outputs_together, refuse_overwriting_inputs,
+                          save_image, write_json)
 from harmodiff.config import GridConfig, PreprocessConfig
 from harmodiff.templates import mni_images, working_grid
 

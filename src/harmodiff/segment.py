@@ -54,7 +54,7 @@ def segment_atropos(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, *, 
     """GM/WM/CSF posterior probabilities from Atropos with MNI priors (zero outside the mask)."""
     import ants
 
-    from harmodiff.io import to_ants
+    from harmodiff.antsio import to_ants
 
     priors = priors_on_grid(affine, image.shape)
     eps = 1e-3
@@ -135,31 +135,62 @@ def tissue_volumes(probs: dict[str, np.ndarray], voxel_ml: float) -> dict[str, f
 
 
 def spm_batch(image_path: str | Path, tpm_path: str | Path) -> list[dict]:
-    """SPM25 unified segmentation batch (spm.spatial.preproc) writing native c1/c2/c3 maps."""
+    """SPM25 unified segmentation batch (spm.spatial.preproc) writing native c1/c2/c3 maps.
+
+    As spm-python hands it to MATLAB: a list is a cell array (of file names here), a dict a struct,
+    a numpy array a numeric matrix (so numeric vectors are arrays, not lists)."""
+    vec = lambda *v: np.array(v, dtype=float)  # noqa: E731
     tissues = []
     for k in range(1, 7):
         tissues.append({"tpm": [f"{tpm_path},{k}"], "ngaus": [1, 1, 2, 3, 4, 2][k - 1],
-                        "native": [1, 0] if k <= 3 else [0, 0], "warped": [0, 0]})
+                        "native": vec(1, 0) if k <= 3 else vec(0, 0), "warped": vec(0, 0)})
     return [{"spm": {"spatial": {"preproc": {
-        "channel": {"vols": [f"{image_path},1"], "biasreg": 0.001, "biasfwhm": 60, "write": [0, 0]},
+        "channel": {"vols": [f"{image_path},1"], "biasreg": 0.001, "biasfwhm": 60, "write": vec(0, 0)},
         "tissue": tissues,
-        "warp": {"mrf": 1, "cleanup": 1, "reg": [0, 0.001, 0.5, 0.05, 0.2], "affreg": "mni",
-                 "fwhm": 0, "samp": 3, "write": [0, 0]},
+        "warp": {"mrf": 1, "cleanup": 1, "reg": vec(0, 0.001, 0.5, 0.05, 0.2), "affreg": "mni",
+                 "fwhm": 0, "samp": 3, "write": vec(0, 0)},
     }}}}]
 
 
-def run_spm(image_path: Path, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """Run the batch with spm-python (needs the MATLAB Runtime); read c1 (GM), c2 (WM), c3 (CSF)."""
+def _import_spm():
     try:
-        import spm  # spm-python
+        import spm  # spm-python: pip install '.[spm]' (its MATLAB Runtime installs on first use)
     except ImportError:
         raise InputError("segmentation backend 'spm' needs spm-python and the MATLAB Runtime "
-                         "(pip install spm-python); use backend 'atropos' otherwise") from None
-    tpm = Path(spm.__file__).parent / "tpm" / "TPM.nii"
-    spm.spm_jobman("run", spm_batch(image_path, tpm))
-    folder, stem = image_path.parent, image_path.name.split(".nii")[0]
-    return {t: np.where(mask, nib.load(str(folder / f"c{k}{stem}.nii")).get_fdata(), 0).astype(np.float32)
-            for k, t in ((1, "gm"), (2, "wm"), (3, "csf"))}
+                         "(pip install 'harmodiff[spm]' or envs/spm.yaml); use backend 'atropos' otherwise") from None
+    return spm
+
+
+def run_spm(image_path: Path, mask: np.ndarray, spm=None) -> dict[str, np.ndarray]:
+    """Segment with SPM through spm-python (needs the MATLAB Runtime): c1 (GM), c2 (WM), c3 (CSF).
+
+    SPM reads uncompressed .nii only and writes c<k><name>.nii next to the file it reads, so the
+    scan is decompressed into a temporary folder and segmented there (nothing is written beside
+    the input). `spm` is the spm-python module (a stand-in in the tests)."""
+    import tempfile
+
+    spm = spm or _import_spm()
+    image_path = Path(image_path)
+    stem = image_path.name.removesuffix(".gz").removesuffix(".nii")
+    source = load_image(image_path)
+    with tempfile.TemporaryDirectory(prefix="harmodiff-spm-") as tmp:
+        nii = Path(tmp) / f"{stem}.nii"
+        nib.save(nib.Nifti1Image(np.asarray(source.dataobj, np.float32), source.affine), str(nii))
+        spm.spm("Defaults", "fMRI")
+        spm.spm_jobman("initcfg", nargout=0)
+        tpm = Path(str(spm.spm("Dir"))) / "tpm" / "TPM.nii"
+        spm.spm_jobman("run", spm_batch(nii, tpm), nargout=0)
+        maps = {}
+        for k, tissue in ((1, "gm"), (2, "wm"), (3, "csf")):
+            written = Path(tmp) / f"c{k}{stem}.nii"
+            if not written.is_file():
+                raise InputError(f"{image_path}: SPM wrote no {written.name} (its segmentation failed; see its log)")
+            data = np.asarray(nib.load(str(written)).dataobj, np.float32)
+            if data.shape != source.shape:
+                raise InputError(f"{image_path}: SPM's {written.name} has shape {data.shape}, not the scan's "
+                                 f"{source.shape}")
+            maps[tissue] = np.where(mask, np.clip(data, 0, 1), 0).astype(np.float32)
+    return maps
 
 
 def main(argv=None) -> int:
@@ -172,7 +203,7 @@ def main(argv=None) -> int:
                    help="unmix: partial-volume fractions from local class means; posterior: summed posteriors")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
-    from harmodiff.io import set_threads
+    from harmodiff.antsio import set_threads
 
     set_threads(a.threads)
     try:

@@ -34,7 +34,7 @@ rule segment:
     benchmark:
         "results/benchmarks/segment/{method}/{target}/{site}/{scan}.tsv"
     conda:
-        "../../envs/preprocess.yaml"
+        "../../envs/spm.yaml" if config["evaluation"]["segmentation"] == "spm" else "../../envs/preprocess.yaml"
     threads: 2
     resources:
         mem_mb=4000,
@@ -193,7 +193,7 @@ rule segment_truth:
     benchmark:
         "results/benchmarks/segment/truth/{target}/{subject}.tsv"
     conda:
-        "../../envs/preprocess.yaml"
+        "../../envs/spm.yaml" if config["evaluation"]["segmentation"] == "spm" else "../../envs/preprocess.yaml"
     threads: 2
     resources:
         mem_mb=4000,

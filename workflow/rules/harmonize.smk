@@ -202,7 +202,7 @@ rule bids_description:
     benchmark:
         "results/benchmarks/derivatives/dataset_description.tsv"
     conda:
-        "../../envs/stats.yaml"
+        "../../envs/preprocess.yaml"
     threads: 1
     resources:
         mem_mb=500,
