@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: demo demo-model test lint dryrun clean
+.PHONY: demo demo-model scale test lint dryrun clean
 
 $(STAMP): pyproject.toml requirements-cluster.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ demo-model: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/python -m harmodiff.train export \
 		results/model/demo-model/checkpoint.pt resources/demo-model
 	@echo "set train.pretrained_sha256 in config/config.yaml to: $$(cut -d' ' -f1 resources/demo-model/checkpoint.pt.sha256)"
+
+# An SRPBS-shaped synthetic cohort (10 traveling subjects x 10 sites, 3 scans missing, + 20 training
+# scans) through every rule for real, on a 4 mm grid with a tiny model: job count, wall time and each
+# rule's cost in benchmarks/scale.md. SCALE_ARGS="--subjects 2 --sites 3" runs a smaller one.
+scale: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/python benchmarks/scale_run.py --workdir scale-run \
+		--cores $(CORES) $(SCALE_ARGS) > benchmarks/scale.md
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/python -m pytest -q
