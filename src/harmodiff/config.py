@@ -74,19 +74,19 @@ def _kind(hint) -> str:
     return str(hint)
 
 
-def _check(value, hint, rules: dict, where: str, kind: str | None = None):
+def _check(value, hint, rules: dict, where: str, nullable: bool = False):
     """value checked against hint and rules; lists come back as lists (tuples for tuple hints).
-    kind: how a type error names what was expected (default: from hint)."""
+    nullable: the setting may also be null (said in a type error)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
 
     def fail(extra=""):
-        raise ConfigError(f"{where} must be {kind or _kind(hint)}{extra}, got {value!r}")
+        raise ConfigError(f"{where} must be {_kind(hint)}{extra}{' or null' if nullable else ''}, got {value!r}")
 
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
         inner = [a for a in args if a is not type(None)][0]
-        return _check(value, inner, rules, where, kind=_kind(hint))
+        return _check(value, inner, rules, where, nullable=True)
     if dataclasses.is_dataclass(hint):
         return load_section(hint, value, where)
     if origin is dict:
