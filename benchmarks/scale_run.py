@@ -66,7 +66,11 @@ def rule_costs(workdir: Path) -> pd.DataFrame:
     for tsv in (workdir / "results/benchmarks").rglob("*.tsv"):
         rel = tsv.relative_to(workdir / "results/benchmarks").parts
         b = pd.read_csv(tsv, sep="\t")
-        rows.append({"rule": rel[0].removesuffix(".tsv"), "s": float(b["s"].iloc[0]),
+        rule = rel[0].removesuffix(".tsv")
+        if rule == "harmonize":  # harmonize/{diffusion,sweep,seeds,histmatch}/...
+            rule = {"diffusion": "harmonize", "sweep": "harmonize_sweep", "seeds": "harmonize_seed"}.get(
+                rel[1], "histmatch_reference" if rel[-1] == "reference.tsv" else rel[1])
+        rows.append({"rule": rule, "s": float(b["s"].iloc[0]),
                      "max_rss_mb": pd.to_numeric(b["max_rss"], errors="coerce").iloc[0]})
     df = pd.DataFrame(rows)
     out = df.groupby("rule").agg(jobs=("s", "size"), total_s=("s", "sum"), mean_s=("s", "mean"),
@@ -99,9 +103,10 @@ def main(argv=None) -> int:
 
     costs = rule_costs(a.workdir)
     sheet = pd.read_csv(a.workdir / "scans.tsv", sep="\t")
-    print(f"# SRPBS-scale run: {(sheet['cohort'] == 'test').sum()} traveling-subject scans "
-          f"({a.subjects} subjects x {a.sites} sites, 3 missing) + {(sheet['cohort'] == 'train').sum()} training "
-          f"scans, every rule\n")
+    n_test = int((sheet["cohort"] == "test").sum())
+    print(f"# SRPBS-shaped run: {n_test} traveling-subject scans ({a.subjects} subjects x {a.sites} sites, "
+          f"{a.subjects * a.sites - n_test} missing) + {(sheet['cohort'] == 'train').sum()} training scans, "
+          f"every rule\n")
     print(f"`python benchmarks/scale_run.py --workdir {a.workdir} --subjects {a.subjects} --sites {a.sites} "
           f"--cores {a.cores}` on {a.cores} CPU cores: cohort rendered in {built:.0f} s; the workflow (through the "
           f"report) in **{wall / 60:.1f} min**, **{int(costs['jobs'].sum())} jobs**; longest shell command "
