@@ -446,3 +446,57 @@ def test_resume_only_continues_the_same_settings_and_data(tmp_path):
     assert not (run / "stale-3").exists()
     steps = [int(r["step"]) for r in csv.DictReader(open(run / "loss.csv"))]
     assert steps == [1, 2, 3, 4]
+
+
+def test_a_sigkilled_training_resumes_bit_identically(tmp_path):
+    """The train CLI killed with SIGKILL at a random moment (mid-step or mid-checkpoint-write), then
+    rerun with --resume: the same final weights and the same complete loss.csv as a run never killed."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import nibabel as nib
+    import yaml
+
+    paths = []
+    for site, seed in (("A", 0), ("B", 1)):
+        v = phantom(site, seed)
+        nib.save(nib.Nifti1Image(v.image, np.eye(4)), str(tmp_path / f"{site}.nii.gz"))
+        nib.save(nib.Nifti1Image(v.mask.astype(np.uint8), np.eye(4)), str(tmp_path / f"{site}_m.nii.gz"))
+        paths.append((tmp_path / f"{site}.nii.gz", tmp_path / f"{site}_m.nii.gz", site))
+    config = {"model": TINY.to_dict(), "grid": {"patch_shape": [16, 16, 16]},
+              "train": {"steps": 40, "batch_size": 1, "checkpoint_every": 1, "contrast_levels": [0.0],
+                        "spatial_augmentation": False}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    args = [sys.executable, "-m", "harmodiff.train", "--config", str(tmp_path / "c.yaml"), "--threads", "1",
+            "--device", "cpu", "--images", *(str(p[0]) for p in paths), "--masks", *(str(p[1]) for p in paths),
+            "--sites", *(p[2] for p in paths), "--resume", "--output-dir"]
+    subprocess.run([*args, str(tmp_path / "straight")], check=True, capture_output=True, timeout=600)
+    killed_at = None
+    for attempt in range(5):  # until a kill lands while training runs
+        run = tmp_path / f"killed{attempt}"
+        proc = subprocess.Popen([*args, str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not (run / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(random.Random(attempt).uniform(0.0, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        step = _state(run)["step"]
+        if step < 40:
+            killed_at = step
+            break
+    assert killed_at is not None, "the training always finished before the kill"
+    subprocess.run([*args, str(run)], check=True, capture_output=True, timeout=600)
+    a, b = _state(tmp_path / "straight"), _state(run)
+    assert a["step"] == b["step"] == 40
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    rows_a = list(csv.DictReader(open(tmp_path / "straight/loss.csv")))
+    rows_b = list(csv.DictReader(open(run / "loss.csv")))
+    assert [int(r["step"]) for r in rows_b] == list(range(1, 41))
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    assert not list(run.glob(".checkpoint.*"))  # a killed write's temporary is cleaned up
