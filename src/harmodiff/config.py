@@ -282,7 +282,7 @@ class PreprocessConfig(Section):
     brain_volume_ml: tuple[float, float] = setting((700.0, 2500.0), "plausible volume of the native brain mask "
                                                    "(ml; adults ~1,100-1,900)", length=2, items_minimum=0)
     min_template_correlation: float = setting(0.5, "correlation of the registered brain with the MNI152 brain "
-                                              "(a failed registration: ~0.2)", minimum=-1, maximum=1)
+                                              "(the demo's scans: 0.67-0.81)", minimum=-1, maximum=1)
     max_brain_at_border: float = setting(0.01, "largest fraction of the brain mask on the scan's outer voxel "
                                          "layer (a brain cut by the field of view)", minimum=0, maximum=1)
 
