@@ -52,17 +52,23 @@ def test_wrong_config_type_names_the_key(tmp_path):
     assert "spacing" in out and "'two' is not of type 'number'" in out
 
 
-def test_bad_scan_sheet_fails_before_any_job(tmp_path):
-    good = tmp_path / "a.nii.gz"
-    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(good))
+def _sheet_run(tmp_path, paths, sites, **evaluation):
+    """config/test.yaml on a two-row scan sheet (a: train, b: test) at `sites`; the run's result."""
     sheet = tmp_path / "scans.tsv"
-    pd.DataFrame({"scan_id": ["a", "b"], "subject": ["s1", "s2"], "site": ["X", "X"],
-                  "cohort": ["train", "test"], "path": ["a.nii.gz", "missing.nii.gz"]}).to_csv(sheet, sep="\t", index=False)
+    pd.DataFrame({"scan_id": ["a", "b"], "subject": ["s1", "s2"], "site": sites,
+                  "cohort": ["train", "test"], "path": paths}).to_csv(sheet, sep="\t", index=False)
     cfg = yaml.safe_load((ROOT / "config/test.yaml").read_text())
     cfg["cohort"] = {"source": "sheet", "sheet": str(sheet)}
     cfg["target_sites"] = ["X"]
+    cfg["evaluation"].update(evaluation)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake(tmp_path, "--cores", "1", "--configfile", str(tmp_path / "c.yaml"), check=False)
+    return snakemake(tmp_path, "--cores", "1", "--configfile", str(tmp_path / "c.yaml"), check=False)
+
+
+def test_bad_scan_sheet_fails_before_any_job(tmp_path):
+    good = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(good))
+    proc = _sheet_run(tmp_path, ["a.nii.gz", "missing.nii.gz"], ["X", "X"])
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "row 3 (scan_id 'b'): file not found" in out and "missing.nii.gz" in out
@@ -77,16 +83,7 @@ def test_an_unreadable_scan_stops_the_run_before_any_preprocessing(tmp_path):
         nib.save(img, str(tmp_path / f"{name}.nii.gz"))
     data = (tmp_path / "b.nii.gz").read_bytes()
     (tmp_path / "b.nii.gz").write_bytes(data[: len(data) // 2])  # truncated: header intact, voxels cut
-    sheet = tmp_path / "scans.tsv"
-    pd.DataFrame({"scan_id": ["a", "b"], "subject": ["s1", "s2"], "site": ["X", "Y"],
-                  "cohort": ["train", "test"], "path": ["a.nii.gz", "b.nii.gz"]}).to_csv(sheet, sep="\t", index=False)
-    cfg = yaml.safe_load((ROOT / "config/test.yaml").read_text())
-    cfg["cohort"] = {"source": "sheet", "sheet": str(sheet)}
-    cfg["target_sites"] = ["X"]
-    cfg["evaluation"]["reference_site"] = "Y"
-    cfg["evaluation"]["external"] = {}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake(tmp_path, "--cores", "1", "--configfile", str(tmp_path / "c.yaml"), check=False)
+    proc = _sheet_run(tmp_path, ["a.nii.gz", "b.nii.gz"], ["X", "Y"], reference_site="Y", external={})
     assert proc.returncode != 0
     log = (tmp_path / "results/logs/scans_readable.log").read_text().strip()
     assert log.startswith("error: 1 of 2 scans cannot be read:") and "b.nii.gz" in log and log.count("\n") == 0

@@ -212,7 +212,7 @@ def to_dict(obj) -> dict:
 
 @dataclass(frozen=True)
 class SyntheticCohort(Section):
-    where: typing.ClassVar[str] = 'cohort.synthetic'
+    where: typing.ClassVar[str] = "cohort.synthetic"
     train_sites: int = setting(3, "sites of the training cohort (TRA, TRB, ...)", minimum=1)
     train_subjects_per_site: int = setting(2, "training subjects scanned at each training site", minimum=1)
     test_sites: int = setting(3, "sites every traveling subject is scanned at (TSA, TSB, ...)", minimum=1)
@@ -231,7 +231,7 @@ class SyntheticCohort(Section):
 
 @dataclass(frozen=True)
 class BidsCohort(Section):
-    where: typing.ClassVar[str] = 'cohort.bids'
+    where: typing.ClassVar[str] = "cohort.bids"
     root: str | None = setting(None, "the BIDS dataset's root folder")
     site_column: str = setting("site", "column of sub-*_sessions.tsv or participants.tsv naming the site")
     cohort: str = setting("train", "what the dataset's scans are used for", choices=("train", "test"))
@@ -239,7 +239,7 @@ class BidsCohort(Section):
 
 @dataclass(frozen=True)
 class SrpbsCohort(Section):
-    where: typing.ClassVar[str] = 'cohort.srpbs'
+    where: typing.ClassVar[str] = "cohort.srpbs"
     root: str | None = setting(None, "the traveling-subject release: sub-XX/ses-site<CODE>/anat/*_T1w.nii.gz")
     training_sheet: str | None = setting(None, "scan sheet TSV of the training cohort (cohort = train)")
     sites: list[str] | None = setting(None, "keep only these traveling-subject sites (null: all)")
@@ -248,7 +248,7 @@ class SrpbsCohort(Section):
 
 @dataclass(frozen=True)
 class CohortConfig(Section):
-    where: typing.ClassVar[str] = 'cohort'
+    where: typing.ClassVar[str] = "cohort"
     source: str = setting("synthetic", "where the scans come from: synthetic (rendered from MNI152, no data needed), "
                           "sheet (a scan sheet TSV), bids (a BIDS dataset), srpbs (the SRPBS release layout)",
                           choices=("synthetic", "sheet", "bids", "srpbs"))
@@ -262,7 +262,7 @@ class CohortConfig(Section):
 
 @dataclass(frozen=True)
 class GridConfig(Section):
-    where: typing.ClassVar[str] = 'grid'
+    where: typing.ClassVar[str] = "grid"
     spacing: float = setting(1.0, "mm; the working grid's voxel size (the paper: 1 mm)", exclusive_minimum=0)
     shape: list[int] = setting([160, 192, 160], "voxels of the working grid in MNI space", length=3, items_minimum=2)
     patch_shape: list[int] = setting([80, 96, 80], "the diffusion model's patch (half of each side, as the paper); "
@@ -271,7 +271,7 @@ class GridConfig(Section):
 
 @dataclass(frozen=True)
 class PreprocessConfig(Section):
-    where: typing.ClassVar[str] = 'preprocess'
+    where: typing.ClassVar[str] = "preprocess"
     skullstrip: str = setting("ants", "ants (template-based, runs everywhere) | hdbet (needs weights at "
                               "hdbet_weights; the paper's)", choices=("ants", "hdbet"))
     hdbet_weights: str = setting("resources/hd-bet", "folder of HD-BET's weights (never downloaded)")
@@ -294,7 +294,7 @@ class PreprocessConfig(Section):
 
 @dataclass(frozen=True)
 class AnatomyConfig(Section):
-    where: typing.ClassVar[str] = 'anatomy'
+    where: typing.ClassVar[str] = "anatomy"
     alpha: float = setting(0.5, "A = alpha |grad I| + (1 - alpha) |I - Gauss_sigma(I)|", minimum=0, maximum=1)
     sigma: float = setting(1.0, "voxels; the Gaussian of the high-pass term", exclusive_minimum=0)
     coarse_factor: int = setting(2, "A_coarse is A downsampled by this factor", minimum=1)
@@ -306,7 +306,7 @@ class AnatomyConfig(Section):
 
 @dataclass(frozen=True)
 class ModelConfig(Section):
-    where: typing.ClassVar[str] = 'model'
+    where: typing.ClassVar[str] = "model"
     """MONAI DiffusionModelUNet; the defaults are the authors' released widths."""
     channels: tuple[int, ...] = setting((64, 128, 256, 256), "channels per level", min_items=2, items_minimum=1)
     attention_levels: tuple[bool, ...] = setting((False, True, True, False), "self-attention at each level")
@@ -330,7 +330,7 @@ WORKFLOW_ONLY = ("run", "threads", "pretrained", "pretrained_sha256")  # train k
 
 @dataclass(frozen=True)
 class TrainConfig(Section):
-    where: typing.ClassVar[str] = 'train'
+    where: typing.ClassVar[str] = "train"
     run: str = setting("diffusion", "name of the run: results/model/<run>/")
     steps: int = setting(100000, "optimizer steps (the paper: 411,600, config/srpbs.yaml)",
                          exclusive_minimum=0)
@@ -380,7 +380,7 @@ class TrainConfig(Section):
 
 @dataclass(frozen=True)
 class HarmonizeConfig(Section):
-    where: typing.ClassVar[str] = 'harmonize'
+    where: typing.ClassVar[str] = "harmonize"
     guidance: str = setting("cfgpp", "none | cfg | cfgpp (the paper)", choices=GUIDANCES)
     scale: float = setting(0.6, "CFG w or CFG++ lambda (the paper: lambda 0.6)", minimum=0)
     steps: int = setting(50, "DDIM steps of the schedule (the paper: 50)", exclusive_minimum=0)
@@ -400,7 +400,7 @@ class HarmonizeConfig(Section):
 
 @dataclass(frozen=True)
 class ExternalMethod(Section):
-    where: typing.ClassVar[str] = 'evaluation.external'
+    where: typing.ClassVar[str] = "evaluation.external"
     pattern: str = required("path of one scan's output; {scan_id}, {site}, {subject} are filled in")
     space: str = required("native (the raw scan's grid) | mni", choices=("native", "mni"))
     target: str = required("the site it harmonized to ('none' if not site-targeted)")
@@ -408,7 +408,7 @@ class ExternalMethod(Section):
 
 @dataclass(frozen=True)
 class GuidanceSweep(Section):
-    where: typing.ClassVar[str] = 'evaluation.guidance_sweep'
+    where: typing.ClassVar[str] = "evaluation.guidance_sweep"
     cfg: list[float] = setting([0.5, 1.0, 2.0, 4.0, 7.0], "CFG w values (Table 1)", items_minimum=0)
     cfgpp: list[float] = setting([0.2, 0.4, 0.6, 0.8, 1.0], "CFG++ lambda values (Table 1); the main setting "
                                  "is reused, not rerun", items_minimum=0)
@@ -419,7 +419,7 @@ class GuidanceSweep(Section):
 
 @dataclass(frozen=True)
 class EvaluationConfig(Section):
-    where: typing.ClassVar[str] = 'evaluation'
+    where: typing.ClassVar[str] = "evaluation"
     segmentation: str = setting("atropos", "atropos (runs everywhere) | spm (the paper's; needs the MATLAB Runtime)",
                                 choices=("atropos", "spm"))
     tissue_fractions: str = setting("posterior", "posterior (summed posteriors, as the paper) | unmix "
@@ -440,7 +440,7 @@ class EvaluationConfig(Section):
 
 @dataclass(frozen=True)
 class WorkflowConfig(Section):
-    where: typing.ClassVar[str] = ''
+    where: typing.ClassVar[str] = ""
     target_sites: list[str] = required("sites the test scans are harmonized to; each needs training scans",
                                        min_items=1)
     cohort: CohortConfig = section(CohortConfig, "where the scans come from")

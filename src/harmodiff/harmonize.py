@@ -147,13 +147,12 @@ class GuidedDenoiser:
         return eps_fn
 
 
-def sample_volume(denoiser: GuidedDenoiser, cond: Conditioning, image: np.ndarray, mask: np.ndarray, *,
+def sample_volume(denoiser: GuidedDenoiser, cond: Conditioning, image: np.ndarray, mask: np.ndarray, positions, *,
                   guidance: str, scale: float, timesteps, start_from: str, seed: int, batch_size: int,
-                  min_overlap: float = 0.5, match_stats: bool = False, progress=None) -> np.ndarray:
-    """Sample every patch of a dense grid (batch_size at a time) and fuse them with a Hann window;
+                  match_stats: bool = False, progress=None) -> np.ndarray:
+    """Sample the patches at `positions` (batch_size at a time) and fuse them with a Hann window;
     in model units. One noise field for the volume, so overlapping patches start alike."""
     patch_shape = cond.patch_shape
-    positions = grid_positions(image.shape, patch_shape, min_overlap)
     noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(int(seed)))
     source = torch.from_numpy(to_model_units(image, mask))
     dev = denoiser.device
@@ -199,13 +198,13 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
     if start_from == "source":
         timesteps = smp.start_timesteps(timesteps, strength)
     denoiser = GuidedDenoiser(model, config, guidance, device, bf16, channels_last, compile)
-    patches = len(grid_positions(image.shape, cond.patch_shape, min_overlap))
-    passes = patches * len(timesteps)
+    positions = grid_positions(image.shape, cond.patch_shape, min_overlap)
+    passes = len(positions) * len(timesteps)
     with tqdm(total=passes, desc=f"harmonize -> {target_site}", disable=not progress) as bar:
-        fused = sample_volume(denoiser, cond, image, mask, guidance=guidance, scale=scale, timesteps=timesteps,
-                              start_from=start_from, seed=seed, batch_size=batch_size, min_overlap=min_overlap,
+        fused = sample_volume(denoiser, cond, image, mask, positions, guidance=guidance, scale=scale,
+                              timesteps=timesteps, start_from=start_from, seed=seed, batch_size=batch_size,
                               match_stats=match_stats, progress=bar.update)
-    stats = {"patches": patches, "steps": len(timesteps), "unet_passes": passes * denoiser.branches,
+    stats = {"patches": len(positions), "steps": len(timesteps), "unet_passes": passes * denoiser.branches,
              "unet_seconds": denoiser.seconds, "total_seconds": time.perf_counter() - t_all}
     return from_model_units(fused, mask), stats
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from harmodiff.config import EvaluationConfig
 from harmodiff.io import InputError, write_text
 
-DEFAULT_METHODS = ["preprocessed", "diffusion", "histmatch", "combat"]
 DERIVATIVES = "derivatives/harmodiff"  # the BIDS-Derivatives dataset, under results/
 SPACE = "MNI152NLin2009aSym"  # nilearn's MNI152 2009a template: the working grid's space
 
@@ -134,19 +134,20 @@ class Layout:
     config is the workflow config (a dict), scans the scan table (`workflow_support.scan_table`)."""
 
     def __init__(self, config: dict, scans: pd.DataFrame, results: str = "results"):
-        self.config, self.scans, self.results = config, scans, results
-        evaluation = config.get("evaluation") or {}
-        self.methods = list(evaluation.get("methods") or DEFAULT_METHODS)
-        self.external = dict(evaluation.get("external") or {})
-        self.sweep = dict(evaluation.get("guidance_sweep") or {})
+        self.scans, self.results = scans, results
+        # the typed section: its defaults are harmodiff.config's, not restated here
+        self.evaluation = evaluation = EvaluationConfig.of(config.get("evaluation"))
+        self.methods = list(evaluation.methods)
+        self.external = {name: m.to_dict() for name, m in evaluation.external.items()}
+        self.sweep = evaluation.guidance_sweep
         self.synthetic = config["cohort"]["source"] == "synthetic"
         self.target_sites = list(config["target_sites"])
         self.test = scans[scans["cohort"] == "test"]
         self.train = scans[scans["cohort"] == "train"]
         self.test_subjects = list(dict.fromkeys(self.test["subject"]))
         # paired t-tests against this site (evaluation.reference_site; else the first test site)
-        self.reference_site = evaluation.get("reference_site") or sorted(set(self.test["site"]))[0]
-        self.sweep_subjects = self.test_subjects[: self.sweep.get("subjects") or len(self.test_subjects)]
+        self.reference_site = evaluation.reference_site or sorted(set(self.test["site"]))[0]
+        self.sweep_subjects = self.test_subjects[: self.sweep.subjects or len(self.test_subjects)]
         self.main_setting = (config["harmonize"]["guidance"], float(config["harmonize"]["scale"]))
         # one scan per subject: the grid its truth is resampled onto (a dict: O(1) per job at 10,000 scans)
         self.subject_reference = {}
@@ -238,11 +239,11 @@ class Layout:
 
     def sweep_settings(self) -> list[tuple[str, float, str]]:
         """(guidance, scale, method name) of the Table 1 guidance sweep."""
-        return [(g, float(s), sweep_method(g, s)) for g in ("cfg", "cfgpp") for s in self.sweep.get(g) or []]
+        return [(g, s, sweep_method(g, s)) for g in ("cfg", "cfgpp") for s in getattr(self.sweep, g)]
 
     def seed_replicates(self) -> list[tuple[int, str]]:
         """(run seed, method name) of the main setting's extra seeds on the sweep subjects."""
-        return [(int(seed), f"diffusion_seed{int(seed)}") for seed in self.sweep.get("seeds") or []]
+        return [(seed, f"diffusion_seed{seed}") for seed in self.sweep.seeds]
 
     def harmonized_files(self, method: str = "diffusion") -> list[str]:
         return [self.method_image(method, t, r.site, r.Index)
@@ -348,7 +349,7 @@ class Layout:
         return pd.DataFrame(rows)
 
     def figure_subject(self) -> str:
-        subject = (self.config.get("evaluation") or {}).get("figure_subject") or self.test_subjects[0]
+        subject = self.evaluation.figure_subject or self.test_subjects[0]
         if subject not in self.test_subjects:
             raise InputError(f"config evaluation.figure_subject: {subject!r} is not a test subject "
                              f"({', '.join(self.test_subjects)})")
@@ -358,7 +359,7 @@ class Layout:
         """Figure 2's columns: evaluation.figure_sites, or every site the subject was scanned at."""
         subject = self.figure_subject()
         scanned = sorted(self.test.loc[self.test["subject"] == subject, "site"])
-        chosen = (self.config.get("evaluation") or {}).get("figure_sites") or scanned
+        chosen = self.evaluation.figure_sites or scanned
         unknown = [s for s in chosen if s not in scanned]
         if unknown:
             raise InputError(f"config evaluation.figure_sites: {subject} has no test scan at "

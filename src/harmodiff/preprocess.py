@@ -270,7 +270,7 @@ def preprocess(input_path, output, mask_output, *, transform_output=None, qc_out
         moved = resample_to_grid(brain, transform, reference).numpy()
         moved_mask = resample_to_grid(brain_mask, transform, reference).numpy() > 0.5
         moved_mask = _largest_component_filled(moved_mask)
-        template = _ants().resample_image_to_target(to_ants(mni_images()["t1"]), reference, interp_type="linear")
+        template = _ants().resample_image_to_target(_template("t1"), reference, interp_type="linear")
         measures, failed = self_checks(brain_mask.numpy() > 0.5, float(np.prod(brain_mask.spacing)) / 1000.0, moved,
                                        template.numpy(), **(checks or {}))
         if failed:

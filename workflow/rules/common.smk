@@ -7,7 +7,7 @@ from snakemake.utils import validate
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
 from harmodiff.config import ConfigError, WorkflowConfig  # noqa: E402
-from harmodiff.io import write_text  # noqa: E402
+from harmodiff.io import json_sidecar, write_text  # noqa: E402
 from harmodiff.layout import Layout, manifest_text, sweep_method  # noqa: E402
 from harmodiff.workflow_support import scan_table, synthetic_config  # noqa: E402
 
@@ -95,7 +95,7 @@ def bids_source(wildcards):
     image = LAYOUT.method_image("diffusion", target, site, scan)
     return {
         "harmonized": image,
-        "provenance": image.removesuffix(".nii.gz") + ".json",
+        "provenance": str(json_sidecar(image)),
         "raw": SCANS.loc[scan, "path"],
         "transform": f"results/preprocessed/test/{site}/{scan}_to_mni.mat",
     }
