@@ -91,10 +91,13 @@ def skullstrip_ants(image, *, seed: int = 0):
     dilated = ndimage.binary_dilation(mask.numpy() > 0.5, iterations=max(1, int(round(6.0 / spacing))))
     metric_mask = mask.new_image_like(dilated.astype(np.float32))
     # Rigid first: an affine started from the centres of mass can scale the template brain up
-    # onto the whole head when the scan's GM/WM contrast is low.
+    # onto the whole head when the scan's GM/WM contrast is low. Its metric samples every voxel:
+    # at 6x shrink a 4 mm scan has only a few hundred voxels in the metric mask, and ANTs' default
+    # 20% random sample of them left one synthetic 4 mm scan rotated into a wrong minimum
+    # (template correlation 0.14; 0.72 with every voxel, and the same for three seeds).
     rigid = ants.registration(fixed=template, moving=image, type_of_transform="Rigid", mask=metric_mask,
                               aff_iterations=(500, 250, 100, 0), aff_shrink_factors=(6, 4, 2, 1),
-                              aff_smoothing_sigmas=(3, 2, 1, 0))
+                              aff_smoothing_sigmas=(3, 2, 1, 0), aff_random_sampling_rate=1.0)
     aff = ants.registration(fixed=template, moving=image, type_of_transform="Affine", mask=metric_mask,
                             initial_transform=rigid["fwdtransforms"], aff_iterations=(250, 100, 50),
                             aff_shrink_factors=(4, 2, 1), aff_smoothing_sigmas=(2, 1, 0))
