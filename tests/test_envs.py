@@ -8,8 +8,8 @@ import yaml
 
 from conftest import ROOT
 
-PIP_NAME = {"ants": "antspyx", "skimage": "scikit-image", "sklearn": "scikit-learn", "yaml": "pyyaml"}
-OPTIONAL = {"HD_BET", "spm"}  # optional backends, imported only when chosen
+PIP_NAME = {"HD_BET": "hd-bet", "ants": "antspyx", "skimage": "scikit-image", "sklearn": "scikit-learn", "yaml": "pyyaml"}
+OPTIONAL = {"spm"}  # optional backend (needs the MATLAB Runtime), imported only when chosen
 STDLIB = set(sys.stdlib_module_names)
 
 

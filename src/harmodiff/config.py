@@ -269,12 +269,17 @@ class GridConfig(Section):
                                      "each side divisible by 2^(levels - 1)", length=3, items_minimum=2)
 
 
+# HD-BET 2's model folder (release_2.0.0): the files its loader reads
+HDBET_FILES = ("dataset.json", "plans.json", "fold_all/checkpoint_final.pth")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig(Section):
     where: typing.ClassVar[str] = "preprocess"
     skullstrip: str = setting("ants", "ants (template-based, runs everywhere) | hdbet (needs weights at "
                               "hdbet_weights; the paper's)", choices=("ants", "hdbet"))
-    hdbet_weights: str = setting("resources/hd-bet", "folder of HD-BET's weights (never downloaded)")
+    hdbet_weights: str = setting("resources/hd-bet", "HD-BET 2 model folder (dataset.json, plans.json, "
+                                 "fold_all/checkpoint_final.pth); never downloaded")
     registration: str = setting("affine", "to MNI152: affine (the paper) | rigid", choices=("affine", "rigid"))
     seed: int = setting(0, "ANTs' random seed", minimum=0)
     threads: int = setting(1, "ANTs is reproducible only single-threaded: run scans in parallel", minimum=1)

@@ -16,6 +16,7 @@ intermediate step (`strength` of the schedule), which needs proportionally fewer
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -220,7 +221,17 @@ def provenance(args, noise_seed: int, stats: dict) -> dict:
             "strength": args.strength if args.start_from == "source" else None,
             "seed": args.seed, "noise_seed": noise_seed, "seed_key": args.seed_key,
             "unet_passes": stats["unet_passes"], "ema": not args.no_ema, "bf16": args.bf16,
-            "match_source_stats": args.match_source_stats}
+            "match_source_stats": args.match_source_stats, "preprocessing": _preprocessing_record(args.input)}
+
+
+def _preprocessing_record(image) -> dict | None:
+    """The preprocessing's own record of the input (skull stripper, weights' sha256, self-check
+    measures), from the JSON next to it, so a harmonized image names everything it came from."""
+    sidecar = json_sidecar(image)
+    try:
+        return json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    except json.JSONDecodeError:
+        raise InputError(f"{sidecar}: not valid JSON (the preprocessing record of {image})") from None
 
 
 def scan_seed(seed: int, key: str) -> int:

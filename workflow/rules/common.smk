@@ -6,7 +6,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
-from harmodiff.config import ConfigError, WorkflowConfig  # noqa: E402
+from harmodiff.config import HDBET_FILES, ConfigError, WorkflowConfig  # noqa: E402
 from harmodiff.io import json_sidecar, write_text  # noqa: E402
 from harmodiff.layout import Layout, manifest_text, sweep_method  # noqa: E402
 from harmodiff.workflow_support import scan_table, synthetic_config  # noqa: E402
@@ -45,6 +45,14 @@ test_mask = LAYOUT.test_mask
 
 def raw_scan(wildcards):
     return SCANS.loc[wildcards.scan, "path"]
+
+
+def hdbet_weight_files():
+    """With skullstrip: hdbet, the model folder's files are the skull strip's inputs: missing
+    weights stop the run before any job, and changed weights rerun it."""
+    if config["preprocess"]["skullstrip"] != "hdbet":
+        return []
+    return [os.path.join(config["preprocess"]["hdbet_weights"], name) for name in HDBET_FILES]
 
 
 def manifest_inputs(name):

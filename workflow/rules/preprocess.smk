@@ -2,6 +2,7 @@ rule preprocess:
     input:
         raw=raw_scan,
         readable="results/qc/raw_scans.tsv",
+        hdbet_weights=hdbet_weight_files(),
     output:
         image="results/preprocessed/{cohort}/{site}/{scan}.nii.gz",
         checks="results/preprocessed/{cohort}/{site}/{scan}.json",
