@@ -232,3 +232,27 @@ def test_an_input_off_the_training_grid_is_a_one_line_error(scan):
         hz.harmonize_array(_model(), labels, {**CONFIG, "volume_shape": [40, 48, 40]}, image, mask, "A", steps=1)
     with pytest.raises(InputError, match=r"input grid \(8, 40, 32\) is smaller than the model's patch"):
         hz.harmonize_array(_model(), labels, CONFIG, image[:8], mask[:8], "A", steps=1)
+
+
+def test_an_input_at_another_voxel_size_is_refused_naming_both(tmp_path, scan, capsys):
+    """Same shape, other spacing: the shape check passes, the recorded training voxel size does not."""
+    from harmodiff.train import save_checkpoint
+
+    image, mask = scan
+    model = _model()
+    save_checkpoint(tmp_path / "ckpt.pt", {
+        "model": model.state_dict(), "step": 1, "site_labels": SiteLabels(["A", "B"], [0.0]).to_dict(),
+        "config": {**CONFIG, "model": TINY.to_dict()}, "volume_shape": list(image.shape), "voxel_mm": [2.0, 2.0, 2.0]})
+    for mm in (2.0, 3.0):
+        aff = np.diag([mm, mm, mm, 1.0])
+        nib.save(nib.Nifti1Image(image, aff), str(tmp_path / f"in{mm:g}.nii.gz"))
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), aff), str(tmp_path / f"mask{mm:g}.nii.gz"))
+    args = ["--checkpoint", str(tmp_path / "ckpt.pt"), "--target-site", "A", "--steps", "1", "--device", "cpu"]
+    assert hz.main([*args, "--input", str(tmp_path / "in2.nii.gz"), "--mask", str(tmp_path / "mask2.nii.gz"),
+                    "--output", str(tmp_path / "ok.nii.gz")]) == 0
+    capsys.readouterr()
+    assert hz.main([*args, "--input", str(tmp_path / "in3.nii.gz"), "--mask", str(tmp_path / "mask3.nii.gz"),
+                    "--output", str(tmp_path / "no.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "in3.nii.gz: voxels of 3x3x3 mm, but" in err and "trained on 2x2x2 mm" in err and "\n" not in err
+    assert not (tmp_path / "no.nii.gz").exists()

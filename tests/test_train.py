@@ -2,6 +2,7 @@ import csv
 import os
 import socket
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -500,3 +501,24 @@ def test_a_sigkilled_training_resumes_bit_identically(tmp_path):
     assert [int(r["step"]) for r in rows_b] == list(range(1, 41))
     assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
     assert not list(run.glob(".checkpoint.*"))  # a killed write's temporary is cleaned up
+
+
+def test_training_records_its_voxel_size_and_refuses_mixed_grids(tmp_path):
+    vols = [phantom("A", 0), phantom("B", 1)]
+    paths = []
+    for i, (v, mm) in enumerate(zip(vols, (2.0, 2.0))):
+        aff = np.diag([mm, mm, mm, 1.0])
+        nib.save(nib.Nifti1Image(v.image, aff), str(tmp_path / f"i{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(v.mask.astype(np.uint8), aff), str(tmp_path / f"m{i}.nii.gz"))
+        paths.append((tmp_path / f"i{i}.nii.gz", tmp_path / f"m{i}.nii.gz"))
+    loaded = tr.load_volumes([p for p, _ in paths], [m for _, m in paths], ["A", "B"])
+    assert loaded[0].voxel_mm == (2.0, 2.0, 2.0)
+    run = tmp_path / "run"
+    tr.train(loaded, run, cfg=tr.TrainConfig(steps=1, batch_size=1, checkpoint_every=1, contrast_levels=[0.0],
+                                             spatial_augmentation=False),
+             model_cfg=TINY, patch_shape=(16, 16, 16), progress=False)
+    assert _state(run)["voxel_mm"] == [2.0, 2.0, 2.0]
+    nib.save(nib.Nifti1Image(vols[1].image, np.diag([3.0, 3.0, 3.0, 1.0])), str(paths[1][0]))
+    nib.save(nib.Nifti1Image(vols[1].mask.astype(np.uint8), np.diag([3.0, 3.0, 3.0, 1.0])), str(paths[1][1]))
+    with pytest.raises(tr.InputError, match="training scans are on 2 different grids"):
+        tr.load_volumes([p for p, _ in paths], [m for _, m in paths], ["A", "B"])

@@ -210,6 +210,17 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
     return from_model_units(fused, mask), stats
 
 
+def check_voxel_size(path, img, trained_mm, checkpoint) -> None:
+    """The input's voxels must be the training grid's (a same-shaped grid at another spacing would
+    pass the shape check and be harmonized at the wrong scale)."""
+    if not trained_mm:
+        return  # checkpoints from before the voxel size was recorded
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    if not np.allclose(zooms, trained_mm, atol=1e-3):
+        raise InputError(f"{path}: voxels of {'x'.join(f'{z:g}' for z in zooms)} mm, but {checkpoint} was trained "
+                         f"on {'x'.join(f'{z:g}' for z in trained_mm)} mm (preprocess it with the training grid)")
+
+
 def provenance(args, noise_seed: int, stats: dict) -> dict:
     """What a harmonized image was made from and with (the BIDS sidecar's content)."""
     from harmodiff import __version__
@@ -293,6 +304,7 @@ def main(argv=None) -> int:
                 maps = {"anatomy": np.asarray(load_image(a.anatomy).dataobj, np.float32),
                         "coarse": np.asarray(load_image(a.coarse).dataobj, np.float32)}
             model, labels, config = load_model_for_inference(a.checkpoint, a.device, use_ema=not a.no_ema)
+            check_voxel_size(a.input, img, config.get("voxel_mm"), a.checkpoint)
             if a.anatomy:
                 anat.check_settings(a.anatomy, config.get("anatomy"), a.checkpoint)
             out, stats = harmonize_array(

@@ -186,6 +186,5 @@ def load_model_for_inference(path, device="cpu", use_ema: bool = True):
         raise InputError(f"{path}: its weights do not fit the model its config describes "
                          f"({str(exc).splitlines()[0]})") from None
     config = dict(ckpt["config"])
-    if "volume_shape" in ckpt:
-        config["volume_shape"] = list(ckpt["volume_shape"])
+    config.update({k: list(ckpt[k]) for k in ("volume_shape", "voxel_mm") if k in ckpt})
     return model.to(device).eval(), labels, config

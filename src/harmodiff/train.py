@@ -98,6 +98,7 @@ class Volume:
     mask: np.ndarray
     site: str
     name: str = ""
+    voxel_mm: tuple[float, float, float] | None = None  # the working grid's voxel size
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def spatial_augment(vol: Volume, rng: np.random.Generator) -> Volume:
     out = transform(subject)
     mask = out["mask"].data[0].numpy() > 0
     image = np.where(mask, np.clip(out["image"].data[0].numpy(), 0, None), 0.0).astype(np.float32)
-    return Volume(image, mask, vol.site, vol.name)
+    return Volume(image, mask, vol.site, vol.name, vol.voxel_mm)
 
 
 def contrast_augment(image: np.ndarray, mask: np.ndarray, log_gamma: float) -> np.ndarray:
@@ -337,7 +338,7 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
             "model": model.state_dict(), "ema": _ema_weights(ema), "ema_state": ema.state_dict(),
             "optimizer": optimizer.state_dict(), "step": step, "config": record,
             "site_labels": labels.to_dict(), "torch_rng": torch.get_rng_state(), "data": data,
-            "volume_shape": [int(n) for n in volumes[0].image.shape],
+            "volume_shape": [int(n) for n in volumes[0].image.shape], **_voxel_record(volumes[0]),
             "loss_rows": [dict(r) for r in rows],
         })
         with atomic_path(loss_csv) as tmp, open(tmp, "w", newline="") as f:
@@ -470,8 +471,7 @@ def export_model(checkpoint, output_dir) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     lean = {"model": ckpt.get("ema") or ckpt["model"], "config": ckpt["config"],
             "site_labels": ckpt["site_labels"], "step": ckpt["step"]}
-    if "volume_shape" in ckpt:
-        lean["volume_shape"] = ckpt["volume_shape"]
+    lean.update({k: ckpt[k] for k in ("volume_shape", "voxel_mm") if k in ckpt})
     save_checkpoint(out / CHECKPOINT, lean)
     _copy_files([n for n in ("loss.csv", "loss.png") if (Path(checkpoint).parent / n).is_file()],
                 Path(checkpoint).parent, out)
@@ -486,6 +486,10 @@ def export_model(checkpoint, output_dir) -> dict:
 # CLI
 
 
+def _voxel_record(volume: Volume) -> dict:
+    return {"voxel_mm": list(volume.voxel_mm)} if volume.voxel_mm else {}
+
+
 def load_volumes(images, masks, sites) -> list[Volume]:
     vols = []
     for img_p, mask_p, site in zip(images, masks, sites, strict=True):
@@ -493,7 +497,12 @@ def load_volumes(images, masks, sites) -> list[Volume]:
         mask = load_mask(mask_p, like=img)
         if not mask.any():
             raise InputError(f"{mask_p}: brain mask is empty")
-        vols.append(Volume(np.asarray(img.dataobj, np.float32), mask, str(site), str(img_p)))
+        vols.append(Volume(np.asarray(img.dataobj, np.float32), mask, str(site), str(img_p),
+                           tuple(round(float(z), 6) for z in img.header.get_zooms()[:3])))
+    grids = {(v.image.shape, v.voxel_mm) for v in vols}
+    if len(grids) > 1:
+        raise InputError(f"training scans are on {len(grids)} different grids (shape, voxel mm): "
+                         f"{sorted(grids)[:3]}; preprocess them all with one grid config")
     return vols
 
 
