@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from harmodiff.config import HDBET_FILES
+
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ["ATV", "COI", "HKH", "HUH", "KPM", "KUS", "KUT", "SWA", "UTO", "YC2"]
 MISSING = {("sub-03", "UTO"), ("sub-07", "HKH"), ("sub-09", "SWA")}  # 3 scans missing, as in SRPBS
@@ -55,6 +57,10 @@ def fake_srpbs(root: Path, test_scans: int = 97, train_scans: int = 20, sweep_su
     cfg["cohort"]["srpbs"] = {"root": str(release), "training_sheet": str(root / "train.tsv")}
     cfg["target_sites"] = ["TRAIN0"]
     cfg["evaluation"]["guidance_sweep"]["subjects"] = sweep_subjects
+    for name in HDBET_FILES:  # skullstrip: hdbet makes the weights the skull strip's inputs
+        (root / "hd-bet" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "hd-bet" / name).touch()
+    cfg["preprocess"]["hdbet_weights"] = str(root / "hd-bet")
     (root / "srpbs.yaml").write_text(yaml.safe_dump(cfg))
     return root / "srpbs.yaml"
 

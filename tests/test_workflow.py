@@ -207,6 +207,11 @@ def test_srpbs_config_builds_the_full_dag(tmp_path):
         nib.save(img, str(f))
         train_rows.append({"scan_id": f"t{k}", "subject": f"t{k}", "site": f"TRAIN{k % 10}", "cohort": "train", "path": str(f)})
     pd.DataFrame(train_rows).to_csv(tmp_path / "train.tsv", sep="\t", index=False)
+    from harmodiff.config import HDBET_FILES
+
+    for name in HDBET_FILES:  # skullstrip: hdbet makes the weights the skull strip's inputs
+        (tmp_path / "resources/hd-bet" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "resources/hd-bet" / name).touch()
     cfg = yaml.safe_load((ROOT / "config/srpbs.yaml").read_text())
     cfg["cohort"]["srpbs"] = {"root": str(root), "training_sheet": str(tmp_path / "train.tsv")}
     cfg["target_sites"] = ["TRAIN0"]
