@@ -1,7 +1,7 @@
 """An SRPBS-shaped cohort through every rule, for real (not a dry run): wall time, job count and
 each rule's cost from Snakemake's benchmark files.
 
-    python benchmarks/scale_run.py --workdir scale-run [--subjects 10 --sites 10] > benchmarks/scale.md
+    python benchmarks/scale_run.py --workdir scale-run [--subjects 10 --sites 10] > scale-run/scale.md
     (make scale)
 
 The cohort is synthetic and shaped like SRPBS's traveling subjects: `--subjects` subjects at
