@@ -12,13 +12,11 @@ import pytest
 
 from conftest import ROOT
 
-pytest.importorskip("HD_BET")
-
-from harmodiff import hdbet_weights as hw  # noqa: E402
-from harmodiff import preprocess as pp  # noqa: E402
-from harmodiff.config import HDBET_FILES  # noqa: E402
-from harmodiff.io import InputError  # noqa: E402
-from harmodiff.synth import SynthConfig, generate  # noqa: E402
+from harmodiff import hdbet_weights as hw
+from harmodiff import preprocess as pp
+from harmodiff.config import HDBET_FILES
+from harmodiff.io import InputError
+from harmodiff.synth import SynthConfig, generate
 
 TINY = ROOT / "tests/data/hd-bet-tiny"
 # the cohort the tiny model was trained on (Makefile: hdbet-tiny); its 9 training scans were seen
