@@ -16,7 +16,7 @@ from harmodiff import hdbet_weights as hw
 from harmodiff import preprocess as pp
 from harmodiff.config import HDBET_FILES
 from harmodiff.io import InputError
-from harmodiff.synth import SynthConfig, generate
+from harmodiff.synth import SynthConfig, generate, native_brain_mask
 
 TINY = ROOT / "tests/data/hd-bet-tiny"
 # the cohort the tiny model was trained on (Makefile: hdbet-tiny); its 9 training scans were seen
@@ -39,7 +39,7 @@ def _dice(a, b):
 def _held_out(cohort):
     out, sheet = cohort
     rows = sheet[sheet["cohort"] == "test"]
-    return [(out / r.path, out / "truth/scans" / f"{r.scan_id}_brainmask.nii.gz") for r in rows.itertuples()]
+    return [(out / r.path, native_brain_mask(out, r.scan_id)) for r in rows.itertuples()]
 
 
 def test_unseen_scans_masks_match_the_truth(cohort):

@@ -160,13 +160,15 @@ def cohort_pairs(cohort: Path, n: int | None = None) -> tuple[list[Path], list[P
     """(raw scans, native truth brain masks) of a synthetic cohort folder (harmodiff.synth's layout)."""
     import pandas as pd
 
+    from harmodiff.synth import native_brain_mask
+
     sheet = Path(cohort) / "scans.tsv"
     if not sheet.is_file():
         raise InputError(f"{cohort}: not a synthetic cohort folder (no scans.tsv)")
     rows = pd.read_csv(sheet, sep="\t")
     rows = rows.head(n) if n else rows
     scans = [Path(cohort) / p for p in rows["path"]]
-    masks = [Path(cohort) / "truth" / "scans" / f"{s}_brainmask.nii.gz" for s in rows["scan_id"]]
+    masks = [native_brain_mask(cohort, s) for s in rows["scan_id"]]
     return scans, masks
 
 

@@ -174,6 +174,10 @@ def require_harmodiff_checkpoint(ckpt, path) -> dict:
     return ckpt
 
 
+# the training grid a checkpoint records beside its config (harmonize checks inputs against them)
+GRID_KEYS = ("volume_shape", "voxel_mm")
+
+
 def load_model_for_inference(path, device="cpu", use_ema: bool = True):
     """(model in eval mode, SiteLabels, checkpoint config) from a checkpoint."""
     ckpt = require_harmodiff_checkpoint(load_checkpoint(path, map_location=device), path)
@@ -186,5 +190,5 @@ def load_model_for_inference(path, device="cpu", use_ema: bool = True):
         raise InputError(f"{path}: its weights do not fit the model its config describes "
                          f"({str(exc).splitlines()[0]})") from None
     config = dict(ckpt["config"])
-    config.update({k: list(ckpt[k]) for k in ("volume_shape", "voxel_mm") if k in ckpt})
+    config.update({k: list(ckpt[k]) for k in GRID_KEYS if k in ckpt})
     return model.to(device).eval(), labels, config

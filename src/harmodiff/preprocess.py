@@ -34,8 +34,7 @@ from scipy import ndimage
 from harmodiff.intensity import MEDIAN_TARGET, from_model_units, median_normalize, to_model_units  # noqa: F401
 from harmodiff.antsio import _ants, set_threads, to_ants, to_nib  # noqa: F401 (to_nib, set_threads: re-exported)
 from harmodiff.io import (InputError, atomic_path, file_sha256, json_sidecar, load_image, outputs_together,
-                          refuse_overwriting_inputs,
-                          save_image, write_json)
+                          refuse_overwriting_inputs, save_image, write_json)
 from harmodiff.config import HDBET_FILES, GridConfig, PreprocessConfig
 from harmodiff.templates import mni_images, working_grid
 

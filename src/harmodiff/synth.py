@@ -345,6 +345,11 @@ def render_scan(cfg: SynthConfig, subject: dict, site: dict, scan_index: int):
 # the whole cohort
 
 
+def native_brain_mask(outdir: str | Path, scan_id: str) -> Path:
+    """The true brain mask of one scan on its own (native) grid, in a cohort written by `generate`."""
+    return Path(outdir) / "truth" / "scans" / f"{scan_id}_brainmask.nii.gz"
+
+
 def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.DataFrame:
     """Render the cohort into `outdir`; returns the scan sheet (also written as scans.tsv).
 
@@ -384,7 +389,7 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
             save_image(image, vox, out / row.path)
             # what the preprocessed scan should look like: the noise-free brain in MNI space
             save_image(mni_img * subject["brain_mask"], aff, out / "truth" / "rendered" / f"{row.scan_id}.nii.gz")
-            save_image(brain, vox, out / "truth" / "scans" / f"{row.scan_id}_brainmask.nii.gz", dtype=np.uint8)
+            save_image(brain, vox, native_brain_mask(out, row.scan_id), dtype=np.uint8)
             scan_rows.append({
                 "scan_id": row.scan_id, "subject": subject_id, "site": row.site, "cohort": row.cohort,
                 "shape": json.dumps(list(image.shape)),

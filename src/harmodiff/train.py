@@ -49,7 +49,7 @@ from harmodiff.config import PREDICTIONS, WORKFLOW_ONLY, AnatomyConfig, GridConf
 from harmodiff.io import InputError, atomic_path, file_sha256, load_image, load_mask, write_text
 from harmodiff.layout import add_list_options, resolve_lists
 from harmodiff.plotting import plot_loss
-from harmodiff.model import (HASHED, NULL_LABEL, ModelConfig, SiteLabels, build_model, load_checkpoint,  # noqa: F401
+from harmodiff.model import (GRID_KEYS, HASHED, NULL_LABEL, ModelConfig, SiteLabels, build_model, load_checkpoint,  # noqa: F401
                              load_model_for_inference, require_harmodiff_checkpoint, save_checkpoint,
                              weights_sha256)
 from harmodiff.patches import brain_bbox, extract, random_patch
@@ -471,7 +471,7 @@ def export_model(checkpoint, output_dir) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     lean = {"model": ckpt.get("ema") or ckpt["model"], "config": ckpt["config"],
             "site_labels": ckpt["site_labels"], "step": ckpt["step"]}
-    lean.update({k: ckpt[k] for k in ("volume_shape", "voxel_mm") if k in ckpt})
+    lean.update({k: ckpt[k] for k in GRID_KEYS if k in ckpt})
     save_checkpoint(out / CHECKPOINT, lean)
     _copy_files([n for n in ("loss.csv", "loss.png") if (Path(checkpoint).parent / n).is_file()],
                 Path(checkpoint).parent, out)
