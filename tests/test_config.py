@@ -124,3 +124,43 @@ def test_each_setting_default_is_written_only_in_the_config_classes():
             if fallback.search(line) or restated.search(line):
                 offenders.append(f"{path.name}:{n}: {line.strip()}")
     assert not offenders
+
+
+def test_a_stage_reads_its_settings_file_with_the_command_line_on_top(tmp_path):
+    """The file the workflow writes for a stage (settings_text) gives the module back the config's
+    sections; an option given on the command line wins; per-job keys are not in the file."""
+    import typing
+
+    classes = typing.get_type_hints(hc.WorkflowConfig)
+    cfg = hc.WorkflowConfig.from_dict(yaml.safe_load((ROOT / "config/srpbs.yaml").read_text())).to_dict()
+    for stage, sections in hc.STAGE_SECTIONS.items():
+        path = tmp_path / f"{stage}.yaml"
+        path.write_text(hc.settings_text(cfg, stage))
+        written = yaml.safe_load(path.read_text())
+        assert list(written) == list(sections)
+        for name in sections:
+            loaded = hc.load_settings(classes[name], path).to_dict()
+            if stage == "train":
+                assert loaded == cfg[name]
+            else:
+                assert "threads" not in written[name]
+                assert loaded == {**cfg[name], **{k: v for k, v in classes[name]().to_dict().items()
+                                                  if k in hc.PER_JOB}}
+    harmonize = tmp_path / "harmonize.yaml"
+    given = hc.load_settings(hc.HarmonizeConfig, harmonize, {"scale": 2.0, "guidance": None})
+    assert (given.scale, given.guidance, given.steps) == (2.0, cfg["harmonize"]["guidance"], cfg["harmonize"]["steps"])
+    assert hc.load_settings(hc.HarmonizeConfig).to_dict() == hc.HarmonizeConfig().to_dict()  # no file: the defaults
+
+
+def test_a_bad_settings_file_or_option_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "harmonize.yaml"
+    bad.write_text("harmonize:\n  scael: 1.0\n")
+    with pytest.raises(hc.ConfigError, match=rf"^{re.escape(str(bad))}: harmonize: unknown key 'scael'"):
+        hc.load_settings(hc.HarmonizeConfig, bad)
+    with pytest.raises(hc.ConfigError, match=r"harmonize\.steps"):
+        hc.load_settings(hc.HarmonizeConfig, None, {"steps": 0})
+    with pytest.raises(hc.ConfigError, match="config file not found"):
+        hc.load_settings(hc.HarmonizeConfig, tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(hc.ConfigError, match="a config file is a mapping of sections, got list"):
+        hc.read_config_file(tmp_path / "list.yaml")

@@ -128,6 +128,37 @@ def test_cli_writes_input_header_and_start_from_source_uses_fewer_passes(tmp_pat
     err = capsys.readouterr().err
     assert "A2.nii.gz was made with anatomy alpha 0.3 (the model: 0.5)" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "z.nii.gz").exists()
+    # the settings as the workflow passes them, in a --config file; an option given beside it wins
+    import json
+
+    import yaml
+
+    (tmp_path / "anatomy.yaml").write_text(yaml.safe_dump({"grid": {"patch_shape": list(PATCH)},
+                                                           "anatomy": {"alpha": 0.3}}))
+    assert anatomy.main(["--config", str(tmp_path / "anatomy.yaml"), "--input", str(tmp_path / "in.nii.gz"),
+                         "--mask", str(tmp_path / "mask.nii.gz"), "--output", str(tmp_path / "A3.nii.gz"),
+                         "--coarse-output", str(tmp_path / "Ac3.nii.gz")]) == 0
+    np.testing.assert_array_equal(nib.load(str(tmp_path / "A3.nii.gz")).get_fdata(),
+                                  nib.load(str(tmp_path / "A2.nii.gz")).get_fdata())
+    assert json.loads((tmp_path / "A3.json").read_text())["anatomy"]["alpha"] == 0.3
+    settings = tmp_path / "harmonize.yaml"
+    settings.write_text(yaml.safe_dump({"harmonize": {"guidance": "cfg", "scale": 1.5, "steps": 2, "batch_size": 12,
+                                                      "start_from": "source", "strength": 0.5}}))
+    job = [*args[:8], "--device", "cpu", "--config", str(settings), *maps]  # no --steps, --batch-size
+    capsys.readouterr()
+    assert hz.main([*job, "--output", str(tmp_path / "c1.nii.gz")]) == 0
+    assert "'unet_passes': 72" in capsys.readouterr().out  # 36 patches x 1 step (2 x 0.5) x 2 branches
+    made = json.loads((tmp_path / "c1.json").read_text())
+    assert (made["guidance"], made["guidance_scale"], made["steps"], made["start_from"]) == ("cfg", 1.5, 2, "source")
+    assert hz.main([*job, "--scale", "2.5", "--output", str(tmp_path / "c2.nii.gz")]) == 0
+    made = json.loads((tmp_path / "c2.json").read_text())
+    assert (made["guidance"], made["guidance_scale"]) == ("cfg", 2.5)
+    settings.write_text("harmonize:\n  scael: 1.0\n")
+    capsys.readouterr()
+    assert hz.main([*job, "--output", str(tmp_path / "c3.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {settings}: harmonize: unknown key 'scael' (known: " + err.split("(known: ")[1]
+    assert not (tmp_path / "c3.nii.gz").exists()
 
 
 def test_native_output_follows_the_inverse_of_the_saved_transform(tmp_path):

@@ -180,3 +180,16 @@ def test_a_scan_with_a_wrong_header_fails_preprocessing_naming_the_check(tiny_co
 
     measures = json.loads((tmp_path / "p.json").read_text())
     assert 700 < measures["brain_volume_ml"] < 2500 and measures["template_correlation"] > 0.6
+
+
+def test_a_settings_file_with_a_wrong_key_stops_preprocessing_before_any_work(tmp_path, capsys):
+    settings = tmp_path / "preprocess.yaml"
+    settings.write_text("grid:\n  spacing: 2.0\npreprocess:\n  skulstrip: ants\n")
+    outs = ["--output", str(tmp_path / "p.nii.gz"), "--mask-output", str(tmp_path / "m.nii.gz")]
+    assert pp.main(["--config", str(settings), "--input", str(tmp_path / "raw.nii.gz"), *outs]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {settings}: preprocess: unknown key 'skulstrip'") and "\n" not in err
+    settings.write_text("grid:\n  spacing: -2.0\n")
+    assert pp.main(["--config", str(settings), "--input", str(tmp_path / "raw.nii.gz"), *outs]) == 2
+    assert "grid.spacing" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preprocess.yaml"]

@@ -230,9 +230,16 @@ def test_srpbs_config_builds_the_full_dag(tmp_path):
     assert counts["histmatch_reference"] == 1  # the target's pool is built once, not per scan
     assert counts["segment"] == 97 * 3       # preprocessed, diffusion, histmatch
     assert counts["train"] == 1
-    # harmonize.bf16 reaches every harmonization command, and nothing else
-    assert proc.stdout.count(" --bf16") == 97 * 12
+    # every harmonization reads the stage's settings file, which carries harmonize.bf16 (the file
+    # is what settings_text makes of the config: tests/test_config.py)
+    from harmodiff.config import WorkflowConfig, settings_text
+
+    assert proc.stdout.count("python -m harmodiff.harmonize --config results/config/harmonize.yaml ") == 97 * 12
     assert proc.stdout.count("python -m harmodiff.harmonize ") == 97 * 12
+    assert counts["stage_settings"] == 3  # preprocess, anatomy, harmonize
+    assert yaml.safe_load(settings_text(WorkflowConfig.from_dict(cfg).to_dict(), "harmonize"))["harmonize"]["bf16"]
+    assert proc.stdout.count(" --bf16") == 0  # the command adds only what is the job's own
+    assert proc.stdout.count(" --guidance cfg --scale ") == 97 * 5  # the sweep's own settings
     # every harmonization draws its scan's own noise field and reads the anatomy stage's maps
     assert proc.stdout.count(" --seed-key sub-") == 97 * 12
     assert proc.stdout.count(" --anatomy results/anatomy/test/") == 97 * 12

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from harmodiff.config import AnatomyConfig
+from harmodiff.config import AnatomyConfig, ConfigError, GridConfig, load_settings
 from harmodiff.io import (InputError, json_sidecar, load_image, load_mask, outputs_together, refuse_overwriting_inputs,
                           save_image, write_json)
 
@@ -164,36 +164,39 @@ def main(argv=None) -> int:
     p.add_argument("--mask", required=True, help="its brain mask")
     p.add_argument("--output", required=True, help="A (.nii.gz)")
     p.add_argument("--coarse-output", required=True, help="A_coarse (.nii.gz)")
-    p.add_argument("--alpha", type=float, default=_DEFAULT.alpha)
-    p.add_argument("--sigma", type=float, default=_DEFAULT.sigma, help="voxels")
+    p.add_argument("--config", help="settings file (its grid and anatomy sections: the workflow's "
+                   "results/config/anatomy.yaml, or a workflow config); the options below override it")
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--sigma", type=float, help="voxels")
     p.add_argument("--log-gamma", type=float, default=0.0)
-    p.add_argument("--normalize-erosion", type=int, default=NORMALIZE_EROSION,
-                   help="voxels of the brain rim left out of the normalizing percentiles")
-    p.add_argument("--coarse-factor", type=int, default=_DEFAULT.coarse_factor)
-    p.add_argument("--coarse-mode", choices=["local", "global"], default=_DEFAULT.coarse_mode)
-    p.add_argument("--patch-shape", type=int, nargs=3, default=None)
+    p.add_argument("--normalize-erosion", type=int, help="voxels of the brain rim left out of the normalizing "
+                   "percentiles")
+    p.add_argument("--coarse-factor", type=int)
+    p.add_argument("--coarse-mode", choices=["local", "global"])
+    p.add_argument("--patch-shape", type=int, nargs=3, help="the model's patch (coarse mode global)")
     a = p.parse_args(argv)
     try:
         refuse_overwriting_inputs([a.input, a.mask], [a.output, a.coarse_output])
-        settings = AnatomyConfig(alpha=a.alpha, sigma=a.sigma, coarse_factor=a.coarse_factor, coarse_mode=a.coarse_mode,
-                                 normalize_erosion=a.normalize_erosion)
+        settings = load_settings(AnatomyConfig, a.config, {
+            key: getattr(a, key) for key in ("alpha", "sigma", "normalize_erosion", "coarse_factor", "coarse_mode")})
+        patch_shape = load_settings(GridConfig, a.config, {"patch_shape": a.patch_shape}).patch_shape
         with outputs_together([a.output, a.coarse_output, json_sidecar(a.output)]):
             img = load_image(a.input)
             mask = load_mask(a.mask, like=img)
             if not mask.any():
                 raise InputError(f"{a.mask}: brain mask is empty")
-            A = anatomy_map(np.asarray(img.dataobj, np.float32), mask, alpha=a.alpha, sigma=a.sigma,
-                            log_gamma=a.log_gamma, erosion=a.normalize_erosion)
-            coarse = coarse_map(A, a.coarse_factor, a.coarse_mode, a.patch_shape)
+            A = anatomy_map(np.asarray(img.dataobj, np.float32), mask, alpha=settings.alpha, sigma=settings.sigma,
+                            log_gamma=a.log_gamma, erosion=settings.normalize_erosion)
+            coarse = coarse_map(A, settings.coarse_factor, settings.coarse_mode, patch_shape)
             save_image(A, img.affine, a.output)
             coarse_affine = img.affine
-            if a.coarse_mode == "global":  # the whole field of view at patch shape
+            if settings.coarse_mode == "global":  # the whole field of view at patch shape
                 coarse_affine = img.affine.copy()
                 coarse_affine[:3, :3] = img.affine[:3, :3] @ np.diag(np.array(img.shape) / np.array(coarse.shape))
             save_image(coarse, coarse_affine, a.coarse_output)
             write_json({"anatomy": settings.to_dict(), "log_gamma": a.log_gamma, "input": str(a.input)},
                        json_sidecar(a.output))
-    except InputError as exc:
+    except (InputError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

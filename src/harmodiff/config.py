@@ -469,6 +469,51 @@ class WorkflowConfig(Section):
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
+# --- settings files: what one stage's jobs read ------------------------------------------------
+
+# the sections each stage's module reads from its --config file (the workflow writes them as
+# results/config/<stage>.yaml; a workflow config file works too)
+STAGE_SECTIONS = {"preprocess": ("grid", "preprocess"), "anatomy": ("grid", "anatomy"),
+                  "harmonize": ("harmonize",), "train": ("grid", "anatomy", "model", "train")}
+# keys a job takes from its rule (threads: {threads}), left out of the settings files so that
+# changing them reruns nothing
+PER_JOB = ("threads",)
+
+
+def read_config_file(path) -> dict:
+    """The sections of a config file: a workflow config or a stage's settings file. Each section
+    is validated by its class when it is read."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file is a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_settings(cls, path=None, given: dict | None = None):
+    """`cls`'s section of the config file at `path` (the class defaults without a file), with the
+    values `given` on a command line on top (None: not given), validated once by `cls`."""
+    data = dict(read_config_file(path).get(cls.where) or {}) if path else {}
+    data.update({k: v for k, v in (given or {}).items() if v is not None})
+    try:
+        return cls.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def settings_text(config: dict, stage: str) -> str:
+    """The settings file of one stage (STAGE_SECTIONS) from a validated workflow config."""
+    sections = {name: config[name] for name in STAGE_SECTIONS[stage]}
+    if stage != "train":  # train-<run>.yaml keeps its keys as they were (its checkpoints record them)
+        sections = {name: {k: v for k, v in sec.items() if k not in PER_JOB} for name, sec in sections.items()}
+    return yaml.safe_dump(sections, sort_keys=False)
+
+
 # --- generated documents ----------------------------------------------------------------------
 
 def _schema(hint, rules: dict) -> dict:

@@ -16,6 +16,7 @@ intermediate step (`strength` of the schedule), which needs proportionally fewer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -27,7 +28,7 @@ import torch
 
 from harmodiff import anatomy as anat
 from harmodiff import sample as smp
-from harmodiff.config import AnatomyConfig, HarmonizeConfig, TrainConfig
+from harmodiff.config import PER_JOB, AnatomyConfig, ConfigError, HarmonizeConfig, TrainConfig, load_settings
 from harmodiff.io import (InputError, file_sha256, json_sidecar, load_image, load_mask, outputs_together,
                           refuse_overwriting_inputs, save_image, write_json)
 from harmodiff.antsio import to_native
@@ -262,21 +263,26 @@ def main(argv=None) -> int:
     p.add_argument("--mask", required=True)
     p.add_argument("--target-site", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--guidance", choices=smp.GUIDANCES, default=_H.guidance)
-    p.add_argument("--scale", type=float, default=_H.scale, help="CFG w or CFG++ lambda")
-    p.add_argument("--steps", type=int, default=_H.steps)
-    p.add_argument("--batch-size", type=int, default=_H.batch_size, help="patches per forward pass (doubled for guidance)")
-    p.add_argument("--seed", type=int, default=_H.seed)
+    p.add_argument("--config", help="settings file (its harmonize section: the workflow's "
+                   "results/config/harmonize.yaml, or a workflow config); the options below override it")
+    p.add_argument("--guidance", choices=smp.GUIDANCES)
+    p.add_argument("--scale", type=float, help="CFG w or CFG++ lambda")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, help="patches per forward pass (doubled for guidance)")
+    p.add_argument("--seed", type=int)
     p.add_argument("--seed-key", help="a scan id: the noise seed becomes scan_seed(seed, key), one per scan")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--start-from", choices=["noise", "source"], default=_H.start_from)
-    p.add_argument("--strength", type=float, default=_H.strength, help="with --start-from source: fraction of the schedule")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU speed; same result within rounding)")
-    p.add_argument("--channels-last", action="store_true", help="channels-last 3-D memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (pays off on long GPU runs)")
+    p.add_argument("--start-from", choices=["noise", "source"])
+    p.add_argument("--strength", type=float, help="with --start-from source: fraction of the schedule")
+    # switches default to None (not given), so that a settings file's true is not overridden
+    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast (GPU speed; same result "
+                   "within rounding)")
+    p.add_argument("--channels-last", action="store_true", default=None, help="channels-last 3-D memory format")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the U-Net (pays off on long "
+                   "GPU runs)")
     p.add_argument("--anatomy", help="A of the input as the anatomy stage wrote it (else computed here)")
     p.add_argument("--coarse", help="A_coarse of the input as the anatomy stage wrote it (with --anatomy)")
-    p.add_argument("--match-source-stats", action="store_true",
+    p.add_argument("--match-source-stats", action="store_true", default=None,
                    help="give each sampled patch the source patch's brain mean/sd and range (the authors' code)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA copy")
     p.add_argument("--native", action="store_true", help="also write the result in the scan's native space")
@@ -285,11 +291,16 @@ def main(argv=None) -> int:
     p.add_argument("--native-output", help="with --native")
     p.add_argument("--threads", type=int)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     from harmodiff.model import load_model_for_inference
 
     try:
+        # the settings in force (file, then options), as the rest and the provenance read them; threads
+        # only when given (else torch's default)
+        keys = [f.name for f in dataclasses.fields(HarmonizeConfig) if f.name not in PER_JOB]
+        settings = load_settings(HarmonizeConfig, a.config, {key: getattr(a, key) for key in keys})
+        vars(a).update({key: getattr(settings, key) for key in keys})
+        if a.threads:
+            torch.set_num_threads(a.threads)
         refuse_overwriting_inputs([a.checkpoint, a.input, a.mask, a.anatomy, a.coarse, a.native_reference, a.transform],
                                   [a.output, a.native_output])
         if a.native and not (a.native_reference and a.transform and a.native_output):
@@ -320,7 +331,7 @@ def main(argv=None) -> int:
             if a.native:
                 to_native(nib.Nifti1Image(out, img.affine, img.header), a.native_reference, a.transform,
                           a.native_output)
-    except InputError as exc:
+    except (InputError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print({k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})

@@ -35,7 +35,7 @@ from harmodiff.intensity import MEDIAN_TARGET, from_model_units, median_normaliz
 from harmodiff.antsio import _ants, set_threads, to_ants, to_nib  # noqa: F401 (to_nib, set_threads: re-exported)
 from harmodiff.io import (InputError, atomic_path, file_sha256, json_sidecar, load_image, outputs_together,
                           refuse_overwriting_inputs, save_image, write_json)
-from harmodiff.config import HDBET_FILES, GridConfig, PreprocessConfig
+from harmodiff.config import HDBET_FILES, ConfigError, GridConfig, PreprocessConfig, load_settings
 from harmodiff.templates import mni_images, working_grid
 
 _GRID, _PRE = GridConfig(), PreprocessConfig()  # the defaults live in harmodiff.config
@@ -327,26 +327,33 @@ def main(argv=None) -> int:
     p.add_argument("--mask-output", required=True, help="brain mask on the working grid (.nii.gz)")
     p.add_argument("--transform-output", help="ANTs affine scan->MNI (.mat)")
     p.add_argument("--qc-output", help="QC PNG")
-    p.add_argument("--spacing", type=float, default=_GRID.spacing, help="working grid spacing in mm")
-    p.add_argument("--shape", type=int, nargs=3, default=tuple(_GRID.shape), metavar=("X", "Y", "Z"))
-    p.add_argument("--skullstrip", choices=SKULLSTRIP_BACKENDS, default=_PRE.skullstrip)
-    p.add_argument("--hdbet-weights", default=_PRE.hdbet_weights)
-    p.add_argument("--registration", choices=REGISTRATIONS, default=_PRE.registration)
-    p.add_argument("--seed", type=int, default=_PRE.seed)
-    p.add_argument("--threads", type=int, default=_PRE.threads)
+    p.add_argument("--config", help="settings file (its grid and preprocess sections: the workflow's "
+                   "results/config/preprocess.yaml, or a workflow config); the options below override it")
+    p.add_argument("--spacing", type=float, help=f"working grid spacing in mm (default {_GRID.spacing})")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"))
+    p.add_argument("--skullstrip", choices=SKULLSTRIP_BACKENDS)
+    p.add_argument("--hdbet-weights")
+    p.add_argument("--registration", choices=REGISTRATIONS)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
     p.add_argument("--device", default="cpu", help="device for HD-BET")
-    p.add_argument("--brain-volume-ml", type=float, nargs=2, default=_PRE.brain_volume_ml, metavar=("LOW", "HIGH"))
-    p.add_argument("--min-template-correlation", type=float, default=_PRE.min_template_correlation)
-    p.add_argument("--max-brain-at-border", type=float, default=_PRE.max_brain_at_border)
+    p.add_argument("--brain-volume-ml", type=float, nargs=2, metavar=("LOW", "HIGH"))
+    p.add_argument("--min-template-correlation", type=float)
+    p.add_argument("--max-brain-at-border", type=float)
     a = p.parse_args(argv)
-    set_threads(a.threads)
     try:
+        grid = load_settings(GridConfig, a.config, {"spacing": a.spacing, "shape": a.shape})
+        pre = load_settings(PreprocessConfig, a.config, {
+            key: getattr(a, key) for key in ("skullstrip", "hdbet_weights", "registration", "seed", "threads",
+                                             "brain_volume_ml", "min_template_correlation", "max_brain_at_border")})
+        set_threads(pre.threads)
         preprocess(a.input, a.output, a.mask_output, transform_output=a.transform_output, qc_output=a.qc_output,
-                   spacing=a.spacing, shape=a.shape, skullstrip=a.skullstrip, hdbet_weights=a.hdbet_weights,
-                   registration=a.registration, seed=a.seed, device=a.device, threads=a.threads,
-                   checks={"brain_volume_ml": a.brain_volume_ml, "min_template_correlation": a.min_template_correlation,
-                           "max_brain_at_border": a.max_brain_at_border})
-    except InputError as exc:
+                   spacing=grid.spacing, shape=grid.shape, skullstrip=pre.skullstrip, hdbet_weights=pre.hdbet_weights,
+                   registration=pre.registration, seed=pre.seed, device=a.device, threads=pre.threads,
+                   checks={"brain_volume_ml": pre.brain_volume_ml,
+                           "min_template_correlation": pre.min_template_correlation,
+                           "max_brain_at_border": pre.max_brain_at_border})
+    except (InputError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -42,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from harmodiff import anatomy as anat
-from harmodiff.config import PREDICTIONS, WORKFLOW_ONLY, AnatomyConfig, GridConfig, TrainConfig  # noqa: F401
+from harmodiff.config import (PREDICTIONS, WORKFLOW_ONLY, AnatomyConfig, GridConfig, TrainConfig,  # noqa: F401
+                              read_config_file)
 from harmodiff.io import InputError, atomic_path, file_sha256, load_image, load_mask, write_text
 from harmodiff.layout import add_list_options, resolve_lists
 from harmodiff.plotting import plot_loss
@@ -506,23 +506,6 @@ def load_volumes(images, masks, sites) -> list[Volume]:
     return vols
 
 
-def _read_config(path: str | None) -> dict:
-    """The sections of a config file (a workflow config, or the workflow's train-<run>.yaml);
-    each is validated by its class when it is used."""
-    if not path:
-        return {}
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: a config file is a mapping of sections, got {type(data).__name__}")
-    return data
-
-
 def export_main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.train export",
                                 description="Write the inference part of a training checkpoint (e.g. the demo model).")
@@ -574,7 +557,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        config = _read_config(a.config)
+        config = read_config_file(a.config) if a.config else {}
         if a.scans:
             from harmodiff.scans import read_scan_sheet
 

@@ -2,6 +2,7 @@ rule anatomy:
     input:
         image="results/preprocessed/{cohort}/{site}/{scan}.nii.gz",
         mask="results/preprocessed/{cohort}/{site}/{scan}_mask.nii.gz",
+        settings="results/config/anatomy.yaml",
     output:
         anatomy="results/anatomy/{cohort}/{site}/{scan}_A.nii.gz",
         coarse="results/anatomy/{cohort}/{site}/{scan}_Acoarse.nii.gz",
@@ -16,15 +17,6 @@ rule anatomy:
     resources:
         mem_mb=2000,
         runtime=10,
-    params:
-        alpha=config["anatomy"]["alpha"],
-        sigma=config["anatomy"]["sigma"],
-        erosion=config["anatomy"]["normalize_erosion"],
-        factor=config["anatomy"]["coarse_factor"],
-        mode=config["anatomy"]["coarse_mode"],
-        patch=" ".join(str(s) for s in config["grid"]["patch_shape"]),
     shell:
-        "python -m harmodiff.anatomy --input {input.image} --mask {input.mask} "
-        "--output {output.anatomy} --coarse-output {output.coarse} --alpha {params.alpha} "
-        "--sigma {params.sigma} --normalize-erosion {params.erosion} --coarse-factor {params.factor} --coarse-mode {params.mode} "
-        "--patch-shape {params.patch} > {log} 2>&1"
+        "python -m harmodiff.anatomy --config {input.settings} --input {input.image} --mask {input.mask} "
+        "--output {output.anatomy} --coarse-output {output.coarse} > {log} 2>&1"

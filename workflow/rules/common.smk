@@ -6,7 +6,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
-from harmodiff.config import HDBET_FILES, ConfigError, WorkflowConfig  # noqa: E402
+from harmodiff.config import HDBET_FILES, ConfigError, WorkflowConfig, settings_text  # noqa: E402
 from harmodiff.io import json_sidecar, write_text  # noqa: E402
 from harmodiff.layout import Layout, manifest_text, sweep_method  # noqa: E402
 from harmodiff.workflow_support import scan_table, synthetic_config  # noqa: E402
@@ -73,14 +73,6 @@ def subject_grid_reference(wildcards):
 
 def segment_input_image(wildcards):
     return LAYOUT.method_image(wildcards.method, wildcards.target, wildcards.site, wildcards.scan)
-
-
-def training_settings_text():
-    """The config sections that shape the trained model (what harmodiff.train --config reads)."""
-    import yaml
-
-    sections = {key: config[key] for key in ("grid", "anatomy", "model", "train")}
-    return yaml.safe_dump(sections, sort_keys=False)
 
 
 def pretrained_model():

@@ -42,3 +42,25 @@ rule manifest:
         table=lambda wildcards: manifest_text(LAYOUT.manifest_table(wildcards.name)),
     run:
         write_text(params.table, output[0])
+
+
+# the settings a stage's jobs read (harmodiff.config.STAGE_SECTIONS), as the file their --config
+# takes; rewritten, and the stage's jobs rerun, only when one of those sections changes
+rule stage_settings:
+    output:
+        "results/config/{stage}.yaml",
+    log:
+        "results/logs/stage_settings/{stage}.log",
+    benchmark:
+        "results/benchmarks/stage_settings/{stage}.tsv"
+    wildcard_constraints:
+        stage="preprocess|anatomy|harmonize",
+    localrule: True
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        text=lambda wildcards: settings_text(config, wildcards.stage),
+    run:
+        write_text(params.text, output[0])

@@ -1,16 +1,11 @@
 HARMONIZE = config["harmonize"]
-# GPU speed options (config harmonize.bf16 / channels_last / compile): same images within rounding;
-# match_source_stats: the authors' per-patch post-processing
-HARMONIZE_SPEED = " ".join(
-    f"--{key.replace('_', '-')}" for key in ("bf16", "channels_last", "compile", "match_source_stats") if HARMONIZE[key]
-)
+# the settings come from results/config/harmonize.yaml; a job adds only what is its own (params.job:
+# the sweep's guidance and scale, the seed rule's seed)
 HARMONIZE_SHELL = (
-    "python -m harmodiff.harmonize --checkpoint {input.checkpoint} --input {input.image} "
-    "--mask {input.mask} --anatomy {input.anatomy} --coarse {input.coarse} --target-site {wildcards.target} "
-    "--output {output.image} "
-    "--guidance {params.guidance} --scale {params.scale} --steps {params.steps} "
-    "--start-from {params.start} --strength {params.strength} --batch-size {params.batch} "
-    "--seed {params.seed} --seed-key {wildcards.scan} --threads {threads} {params.speed} > {log} 2>&1"
+    "python -m harmodiff.harmonize --config {input.settings} --checkpoint {input.checkpoint} "
+    "--input {input.image} --mask {input.mask} --anatomy {input.anatomy} --coarse {input.coarse} "
+    "--target-site {wildcards.target} --output {output.image} {params.job} --seed-key {wildcards.scan} "
+    "--threads {threads} > {log} 2>&1"
 )
 
 # every harmonization reads the model, the scan, its mask and its anatomy maps (with the settings
@@ -22,6 +17,7 @@ HARMONIZE_INPUT = {
     "anatomy": "results/anatomy/test/{site}/{scan}_A.nii.gz",
     "coarse": "results/anatomy/test/{site}/{scan}_Acoarse.nii.gz",
     "anatomy_settings": "results/anatomy/test/{site}/{scan}_A.json",
+    "settings": "results/config/harmonize.yaml",
 }
 
 
@@ -43,14 +39,7 @@ rule harmonize:
         runtime=120,
         gpu=1,
     params:
-        guidance=HARMONIZE["guidance"],
-        scale=HARMONIZE["scale"],
-        steps=HARMONIZE["steps"],
-        start=HARMONIZE["start_from"],
-        strength=HARMONIZE["strength"],
-        batch=HARMONIZE["batch_size"],
-        seed=HARMONIZE["seed"],
-        speed=HARMONIZE_SPEED,
+        job="",
     shell:
         HARMONIZE_SHELL
 
@@ -77,14 +66,7 @@ rule harmonize_sweep:
         runtime=120,
         gpu=1,
     params:
-        guidance=lambda wildcards: wildcards.guidance,
-        scale=lambda wildcards: wildcards.scale,
-        steps=HARMONIZE["steps"],
-        start=HARMONIZE["start_from"],
-        strength=HARMONIZE["strength"],
-        batch=HARMONIZE["batch_size"],
-        seed=HARMONIZE["seed"],
-        speed=HARMONIZE_SPEED,
+        job=lambda wildcards: f"--guidance {wildcards.guidance} --scale {wildcards.scale}",
     shell:
         HARMONIZE_SHELL
 
@@ -111,14 +93,7 @@ rule harmonize_seed:
         runtime=120,
         gpu=1,
     params:
-        guidance=HARMONIZE["guidance"],
-        scale=HARMONIZE["scale"],
-        steps=HARMONIZE["steps"],
-        start=HARMONIZE["start_from"],
-        strength=HARMONIZE["strength"],
-        batch=HARMONIZE["batch_size"],
-        seed=lambda wildcards: wildcards.seed,
-        speed=HARMONIZE_SPEED,
+        job=lambda wildcards: f"--seed {wildcards.seed}",
     shell:
         HARMONIZE_SHELL
 

@@ -1,6 +1,7 @@
 rule preprocess:
     input:
         raw=raw_scan,
+        settings="results/config/preprocess.yaml",
         readable="results/qc/raw_scans.tsv",
         hdbet_weights=hdbet_weight_files(),
     output:
@@ -19,23 +20,10 @@ rule preprocess:
     resources:
         mem_mb=4000,
         runtime=30,
-    params:
-        spacing=config["grid"]["spacing"],
-        shape=" ".join(str(s) for s in config["grid"]["shape"]),
-        skullstrip=config["preprocess"]["skullstrip"],
-        weights=config["preprocess"]["hdbet_weights"],
-        registration=config["preprocess"]["registration"],
-        seed=config["preprocess"]["seed"],
-        volume=" ".join(str(v) for v in config["preprocess"]["brain_volume_ml"]),
-        correlation=config["preprocess"]["min_template_correlation"],
-        border=config["preprocess"]["max_brain_at_border"],
     shell:
-        "python -m harmodiff.preprocess --input {input.raw} --output {output.image} "
+        "python -m harmodiff.preprocess --config {input.settings} --input {input.raw} --output {output.image} "
         "--mask-output {output.mask} --transform-output {output.transform} --qc-output {output.qc} "
-        "--spacing {params.spacing} --shape {params.shape} --skullstrip {params.skullstrip} "
-        "--hdbet-weights {params.weights} --registration {params.registration} "
-        "--seed {params.seed} --brain-volume-ml {params.volume} --min-template-correlation {params.correlation} "
-        "--max-brain-at-border {params.border} --threads {threads} > {log} 2>&1"
+        "--threads {threads} > {log} 2>&1"
 
 
 # every raw scan read in full (voxel data, gzip checksum, NaNs) before any preprocessing starts

@@ -16,7 +16,7 @@ rule training_settings:
         mem_mb=1000,
         runtime=5,
     params:
-        text=training_settings_text(),
+        text=settings_text(config, "train"),
     run:
         write_text(params.text, output[0])
 
