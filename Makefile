@@ -39,7 +39,7 @@ hdbet-tiny: $(STAMP)
 # An SRPBS-shaped synthetic cohort (10 traveling subjects x 10 sites, 3 scans missing, + 20 training
 # scans) through every rule for real, on a 4 mm grid with a tiny model: job count, wall time and each
 # rule's cost in scale-run/scale.md (benchmarks/scale.md keeps the measured runs).
-# SCALE_ARGS="--subjects 2 --sites 3" runs a smaller one.
+# SCALE_ARGS="--subjects 2 --sites 3" runs a smaller one; SCALE_ARGS=--resume continues a stopped run.
 scale: $(STAMP)
 	mkdir -p scale-run
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/python benchmarks/scale_run.py --workdir scale-run \

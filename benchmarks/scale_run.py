@@ -3,6 +3,8 @@ each rule's cost from Snakemake's benchmark files.
 
     python benchmarks/scale_run.py --workdir scale-run [--subjects 10 --sites 10] > scale-run/scale.md
     (make scale)
+    python benchmarks/scale_run.py --workdir scale-run --resume        # continue a stopped run
+
 
 The cohort is synthetic and shaped like SRPBS's traveling subjects: `--subjects` subjects at
 `--sites` test sites with 3 scans missing (sub-ts03 at the 9th site, sub-ts07 at the 3rd,
@@ -84,21 +86,33 @@ def main(argv=None) -> int:
     p.add_argument("--subjects", type=int, default=10)
     p.add_argument("--sites", type=int, default=10)
     p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its finished jobs "
+                   "(the cohort is not rendered again: new files would rerun everything)")
     a = p.parse_args(argv)
     a.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    configfile = build(a.workdir.resolve(), a.subjects, a.sites)
+    configfile = a.workdir.resolve() / "scale.yaml"
+    if not (a.resume and configfile.is_file() and (a.workdir / "scans.tsv").is_file()):
+        configfile = build(a.workdir.resolve(), a.subjects, a.sites)
     built = time.perf_counter() - t0
     snakemake = str(Path(sys.executable).with_name("snakemake"))
     base = [snakemake, "-s", str(ROOT / "Snakefile"), "--directory", str(a.workdir.resolve()),
             "--configfile", str(configfile)]
-    dry = subprocess.run([*base, "-n", "-p"], capture_output=True, text=True, check=True)
+    if a.resume:  # a stopped run leaves its lock and its half-written outputs
+        subprocess.run([*base, "--unlock"], capture_output=True, check=True)
+        base.append("--rerun-incomplete")
+    dry = subprocess.run([*base, "-n", "-p", "--forceall"], capture_output=True, text=True, check=True)  # every job
     longest = max(len(line) for line in dry.stdout.splitlines() if line.startswith("Shell command:"))
     t1 = time.perf_counter()
-    subprocess.run([*base, "--cores", str(a.cores), "--keep-going"], check=True,
-                   stdout=open(a.workdir / "snakemake.log", "w"), stderr=subprocess.STDOUT)
+    # a stopped run's wall time so far is kept in wall_s.txt, one line per part
+    parts = a.workdir / "wall_s.txt"
+    earlier = [float(x) for x in parts.read_text().split()] if a.resume and parts.is_file() else []
+    with open(a.workdir / "snakemake.log", "a" if a.resume else "w") as log:
+        run = subprocess.run([*base, "--cores", str(a.cores), "--keep-going"], stdout=log, stderr=subprocess.STDOUT)
+    parts.write_text("".join(f"{x:.1f}\n" for x in [*earlier, time.perf_counter() - t1]))
+    run.check_returncode()
     subprocess.run([*base, "--report", "results/report.html"], check=True, capture_output=True)
-    wall = time.perf_counter() - t1
+    wall = sum(earlier) + time.perf_counter() - t1
     from harmodiff.evaluate import markdown_table
 
     costs = rule_costs(a.workdir)
