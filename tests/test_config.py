@@ -147,18 +147,22 @@ def test_a_stage_reads_its_settings_file_with_the_command_line_on_top(tmp_path):
                 assert loaded == {**cfg[name], **{k: v for k, v in classes[name]().to_dict().items()
                                                   if k in hc.PER_JOB}}
     harmonize = tmp_path / "harmonize.yaml"
-    given = hc.load_settings(hc.HarmonizeConfig, harmonize, {"scale": 2.0, "guidance": None})
+    import argparse
+
+    given = hc.load_settings(hc.HarmonizeConfig, harmonize, argparse.Namespace(scale=2.0, guidance=None))
     assert (given.scale, given.guidance, given.steps) == (2.0, cfg["harmonize"]["guidance"], cfg["harmonize"]["steps"])
     assert hc.load_settings(hc.HarmonizeConfig).to_dict() == hc.HarmonizeConfig().to_dict()  # no file: the defaults
 
 
 def test_a_bad_settings_file_or_option_is_one_line_naming_it(tmp_path):
+    import argparse
+
     bad = tmp_path / "harmonize.yaml"
     bad.write_text("harmonize:\n  scael: 1.0\n")
     with pytest.raises(hc.ConfigError, match=rf"^{re.escape(str(bad))}: harmonize: unknown key 'scael'"):
         hc.load_settings(hc.HarmonizeConfig, bad)
     with pytest.raises(hc.ConfigError, match=r"harmonize\.steps"):
-        hc.load_settings(hc.HarmonizeConfig, None, {"steps": 0})
+        hc.load_settings(hc.HarmonizeConfig, None, argparse.Namespace(steps=0))
     with pytest.raises(hc.ConfigError, match="config file not found"):
         hc.load_settings(hc.HarmonizeConfig, tmp_path / "missing.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n")

@@ -177,9 +177,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         refuse_overwriting_inputs([a.input, a.mask], [a.output, a.coarse_output])
-        settings = load_settings(AnatomyConfig, a.config, {
-            key: getattr(a, key) for key in ("alpha", "sigma", "normalize_erosion", "coarse_factor", "coarse_mode")})
-        patch_shape = load_settings(GridConfig, a.config, {"patch_shape": a.patch_shape}).patch_shape
+        settings = load_settings(AnatomyConfig, a.config, a)
+        patch_shape = load_settings(GridConfig, a.config, a).patch_shape
         with outputs_together([a.output, a.coarse_output, json_sidecar(a.output)]):
             img = load_image(a.input)
             mask = load_mask(a.mask, like=img)

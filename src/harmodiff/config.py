@@ -459,13 +459,9 @@ class WorkflowConfig(Section):
 
     @classmethod
     def from_file(cls, path) -> "WorkflowConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+        data = read_config_file(path)
         try:
-            return cls.from_dict(yaml.safe_load(path.read_text()) or {})
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not YAML ({str(exc).splitlines()[0]})") from None
+            return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
@@ -495,11 +491,14 @@ def read_config_file(path) -> dict:
     return data
 
 
-def load_settings(cls, path=None, given: dict | None = None):
+def load_settings(cls, path=None, given=None):
     """`cls`'s section of the config file at `path` (the class defaults without a file), with the
-    values `given` on a command line on top (None: not given), validated once by `cls`."""
+    options given on a command line on top: `given` is the parsed arguments, read by field name
+    (an option left out is None), validated once by `cls`."""
     data = dict(read_config_file(path).get(cls.where) or {}) if path else {}
-    data.update({k: v for k, v in (given or {}).items() if v is not None})
+    for f in dataclasses.fields(cls):
+        if getattr(given, f.name, None) is not None:
+            data[f.name] = getattr(given, f.name)
     try:
         return cls.from_dict(data)
     except ConfigError as exc:

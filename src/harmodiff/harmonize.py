@@ -16,7 +16,6 @@ intermediate step (`strength` of the schedule), which needs proportionally fewer
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -296,9 +295,8 @@ def main(argv=None) -> int:
     try:
         # the settings in force (file, then options), as the rest and the provenance read them; threads
         # only when given (else torch's default)
-        keys = [f.name for f in dataclasses.fields(HarmonizeConfig) if f.name not in PER_JOB]
-        settings = load_settings(HarmonizeConfig, a.config, {key: getattr(a, key) for key in keys})
-        vars(a).update({key: getattr(settings, key) for key in keys})
+        settings = load_settings(HarmonizeConfig, a.config, a)
+        vars(a).update({k: v for k, v in settings.to_dict().items() if k not in PER_JOB})
         if a.threads:
             torch.set_num_threads(a.threads)
         refuse_overwriting_inputs([a.checkpoint, a.input, a.mask, a.anatomy, a.coarse, a.native_reference, a.transform],

@@ -342,10 +342,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-brain-at-border", type=float)
     a = p.parse_args(argv)
     try:
-        grid = load_settings(GridConfig, a.config, {"spacing": a.spacing, "shape": a.shape})
-        pre = load_settings(PreprocessConfig, a.config, {
-            key: getattr(a, key) for key in ("skullstrip", "hdbet_weights", "registration", "seed", "threads",
-                                             "brain_volume_ml", "min_template_correlation", "max_brain_at_border")})
+        grid, pre = load_settings(GridConfig, a.config, a), load_settings(PreprocessConfig, a.config, a)
         set_threads(pre.threads)
         preprocess(a.input, a.output, a.mask_output, transform_output=a.transform_output, qc_output=a.qc_output,
                    spacing=grid.spacing, shape=grid.shape, skullstrip=pre.skullstrip, hdbet_weights=pre.hdbet_weights,
