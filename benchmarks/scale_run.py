@@ -80,6 +80,22 @@ def rule_costs(workdir: Path) -> pd.DataFrame:
     return out.sort_values("total_s", ascending=False).reset_index()
 
 
+def snakemake_cpu_seconds(run: subprocess.Popen, every_s: float = 2.0) -> float:
+    """Wait for `run`; the CPU seconds of its own process (user + system, without the jobs it
+    starts), as last sampled before it exited."""
+    import psutil
+
+    proc, cpu = psutil.Process(run.pid), 0.0
+    while run.poll() is None:
+        try:
+            times = proc.cpu_times()
+            cpu = times.user + times.system
+        except psutil.Error:
+            pass
+        time.sleep(every_s)
+    return cpu
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, type=Path)
@@ -107,12 +123,18 @@ def main(argv=None) -> int:
     # a stopped run's wall time so far is kept in wall_s.txt, one line per part
     parts = a.workdir / "wall_s.txt"
     earlier = [float(x) for x in parts.read_text().split()] if a.resume and parts.is_file() else []
+    cpu_parts = a.workdir / "snakemake_cpu_s.txt"  # Snakemake's own process, without its jobs
+    earlier_cpu = [float(x) for x in cpu_parts.read_text().split()] if a.resume and cpu_parts.is_file() else []
     with open(a.workdir / "snakemake.log", "a" if a.resume else "w") as log:
-        run = subprocess.run([*base, "--cores", str(a.cores), "--keep-going"], stdout=log, stderr=subprocess.STDOUT)
+        run = subprocess.Popen([*base, "--cores", str(a.cores), "--keep-going"], stdout=log, stderr=subprocess.STDOUT)
+        own_cpu = snakemake_cpu_seconds(run)
     parts.write_text("".join(f"{x:.1f}\n" for x in [*earlier, time.perf_counter() - t1]))
-    run.check_returncode()
+    cpu_parts.write_text("".join(f"{x:.1f}\n" for x in [*earlier_cpu, own_cpu]))
+    if run.returncode:
+        raise subprocess.CalledProcessError(run.returncode, run.args)
     subprocess.run([*base, "--report", "results/report.html"], check=True, capture_output=True)
     wall = sum(earlier) + time.perf_counter() - t1
+    own_cpu = sum(earlier_cpu) + own_cpu
     from harmodiff.evaluate import markdown_table
 
     costs = rule_costs(a.workdir)
@@ -124,7 +146,8 @@ def main(argv=None) -> int:
     print(f"`python benchmarks/scale_run.py --workdir {a.workdir} --subjects {a.subjects} --sites {a.sites} "
           f"--cores {a.cores}` on {a.cores} CPU cores: cohort rendered in {built:.0f} s; the workflow (through the "
           f"report) in **{wall / 60:.1f} min**, **{int(costs['jobs'].sum())} jobs**; longest shell command "
-          f"{longest:,} characters.\n")
+          f"{longest:,} characters. Snakemake's own process: {own_cpu / 60:.1f} CPU-min "
+          f"({own_cpu / max(int(costs['jobs'].sum()), 1):.2f} CPU-s a job).\n")
     print("Per rule, from Snakemake's benchmark files (s: wall seconds of one job; peak RSS of its process):\n")
     print(markdown_table(costs))
     return 0

@@ -10,6 +10,11 @@ from harmodiff.config import HDBET_FILES, ConfigError, WorkflowConfig, settings_
 from harmodiff.io import json_sidecar, write_text  # noqa: E402
 from harmodiff.layout import Layout, manifest_text, sweep_method  # noqa: E402
 from harmodiff.workflow_support import scan_table, synthetic_config  # noqa: E402
+from harmodiff.snakemake_patches import coalesce_reevaluation_timers  # noqa: E402
+
+# Snakemake's scheduler otherwise wakes itself once more per second for every finished job
+# (harmodiff.snakemake_patches): on the SRPBS-sized DAG that took a whole core
+coalesce_reevaluation_timers()
 
 validate(config, "../schemas/config.schema.yaml")  # generated from harmodiff.config
 try:
