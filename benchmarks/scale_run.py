@@ -80,6 +80,11 @@ def rule_costs(workdir: Path) -> pd.DataFrame:
     return out.sort_values("total_s", ascending=False).reset_index()
 
 
+def earlier_parts(path: Path, resume: bool) -> list[float]:
+    """The numbers a stopped run kept in `path`, one line per part (none for a fresh run)."""
+    return [float(x) for x in path.read_text().split()] if resume and path.is_file() else []
+
+
 def snakemake_cpu_seconds(run: subprocess.Popen, every_s: float = 2.0) -> float:
     """Wait for `run`; the CPU seconds of its own process (user + system, without the jobs it
     starts), as last sampled before it exited."""
@@ -121,15 +126,13 @@ def main(argv=None) -> int:
     longest = max(len(line) for line in dry.stdout.splitlines() if line.startswith("Shell command:"))
     t1 = time.perf_counter()
     # a stopped run's wall time so far is kept in wall_s.txt, one line per part
-    parts = a.workdir / "wall_s.txt"
-    earlier = [float(x) for x in parts.read_text().split()] if a.resume and parts.is_file() else []
-    cpu_parts = a.workdir / "snakemake_cpu_s.txt"  # Snakemake's own process, without its jobs
-    earlier_cpu = [float(x) for x in cpu_parts.read_text().split()] if a.resume and cpu_parts.is_file() else []
+    parts, cpu_parts = a.workdir / "wall_s.txt", a.workdir / "snakemake_cpu_s.txt"  # cpu: Snakemake's own
+    earlier, earlier_cpu = (earlier_parts(f, a.resume) for f in (parts, cpu_parts))
     with open(a.workdir / "snakemake.log", "a" if a.resume else "w") as log:
         run = subprocess.Popen([*base, "--cores", str(a.cores), "--keep-going"], stdout=log, stderr=subprocess.STDOUT)
         own_cpu = snakemake_cpu_seconds(run)
-    parts.write_text("".join(f"{x:.1f}\n" for x in [*earlier, time.perf_counter() - t1]))
-    cpu_parts.write_text("".join(f"{x:.1f}\n" for x in [*earlier_cpu, own_cpu]))
+    for f, values in ((parts, [*earlier, time.perf_counter() - t1]), (cpu_parts, [*earlier_cpu, own_cpu])):
+        f.write_text("".join(f"{x:.1f}\n" for x in values))
     if run.returncode:
         raise subprocess.CalledProcessError(run.returncode, run.args)
     subprocess.run([*base, "--report", "results/report.html"], check=True, capture_output=True)

@@ -6,7 +6,7 @@ default 100/1s), and `JobScheduler.schedule` ends every selection round by start
 finished job starts a timer too, so every finished job adds one more timer chain that never ends:
 after k finished jobs the scheduler is woken k times a second, and each round checks the inputs of
 every ready job. On the SRPBS-shaped run (1,909 jobs, ~1,100 ready at once) Snakemake's own process
-took one of the two cores, about 2.6 CPU-s per finished job (benchmarks/snakemake_scheduler.md).
+took 3.4 CPU-s per finished job, 0.40 with this patch (benchmarks/scale.md, snakemake_scheduler.md).
 
 `coalesce_reevaluation_timers` replaces that method with one that keeps at most one wake-up
 pending per scheduler. The limiter still gets its re-evaluation after its timespan (the pending
@@ -18,9 +18,6 @@ exit. It touches nothing else, and nothing when the method is not there (another
 from __future__ import annotations
 
 import threading
-
-PATCHED = "_harmodiff_coalesced"
-
 
 def coalesced_reevaluation(self, delay: float) -> None:
     """Wake the scheduler after `delay` seconds unless a wake-up is already pending."""
@@ -40,9 +37,6 @@ def coalesced_reevaluation(self, delay: float) -> None:
     timer.start()
 
 
-setattr(coalesced_reevaluation, PATCHED, True)
-
-
 def coalesce_reevaluation_timers(scheduler_class=None) -> bool:
     """Patch `scheduler_class` (default: Snakemake's JobScheduler); True if it is patched now."""
     if scheduler_class is None:
@@ -50,9 +44,7 @@ def coalesce_reevaluation_timers(scheduler_class=None) -> bool:
             from snakemake.scheduling.job_scheduler import JobScheduler as scheduler_class
         except ImportError:
             return False
-    method = getattr(scheduler_class, "_schedule_reevalutation", None)  # sic, Snakemake's spelling
-    if method is None:
+    if not hasattr(scheduler_class, "_schedule_reevalutation"):  # sic, Snakemake's spelling
         return False
-    if not getattr(method, PATCHED, False):
-        scheduler_class._schedule_reevalutation = coalesced_reevaluation
+    scheduler_class._schedule_reevalutation = coalesced_reevaluation
     return True
