@@ -28,7 +28,7 @@ def run(spacing: float, threads: int, workdir: Path) -> dict:
     t = {}
     t0 = time.perf_counter()
     image = pp.to_ants(raw)
-    mask, initial = pp.skullstrip_ants(image)
+    mask, initial, _ = pp.skullstrip_ants(image)
     t["skull strip (ants)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     corrected = pp.n4(image, mask)

@@ -1,3 +1,5 @@
+import os
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -6,6 +8,7 @@ from scipy import ndimage
 from harmodiff import preprocess as pp
 from harmodiff.io import InputError
 from harmodiff.templates import mni_images, working_grid
+from conftest import dice
 
 
 def test_median_normalize_hits_target_and_zeroes_background():
@@ -93,6 +96,49 @@ def test_registration_recovers_a_known_rotation_within_one_voxel():
         want = (pose @ np.r_[p, 1.0])[:3]
         errors.append(np.linalg.norm(got - want))
     assert np.max(errors) < 2.0  # one voxel of the 2 mm image
+
+
+_RIGID_CASE = """
+import json, sys
+import nibabel as nib
+from harmodiff.antsio import set_threads, to_ants, to_nib
+from harmodiff.io import load_image, save_image
+set_threads(1)  # before the first ANTs call: multi-threaded Mattes MI varies run to run
+from harmodiff import preprocess as pp
+from harmodiff.synth import SynthConfig, cohort_plan, render_scan, render_subject, site_names, site_params
+from conftest import dice
+
+cfg = SynthConfig(train_sites=10, train_subjects_per_site=2, test_sites=10, test_subjects=10, seed=0,
+                  render_spacing=4.0, native_spacing=(3.6, 4.4))
+plan = cohort_plan(cfg)
+row = plan.index[plan["scan_id"] == "sub-ts01_ses-TSG"][0]
+sites = [s for group in site_names(cfg) for s in group]
+subject = render_subject(cfg, list(dict.fromkeys(plan["subject"])).index("sub-ts01"))
+image, vox, truth, *_ = render_scan(cfg, subject, site_params(cfg, "TSG", sites.index("TSG")), row)
+save_image(image, vox, sys.argv[1])  # through the file, as the workflow reads it: the header's rounding matters
+mask, _, stage = pp.skullstrip_ants(to_ants(load_image(sys.argv[1])))
+print(json.dumps({"stage": stage, "dice": dice(to_nib(mask).get_fdata() > 0.5, truth)}))
+"""
+
+
+def test_skull_strip_keeps_the_rigid_fit_where_the_affine_grows_onto_the_scalp(tmp_path):
+    """Scan sub-ts01_ses-TSG of `make scale`'s cohort (4 mm): from a good rigid fit (template correlation
+    0.76) the affine stage scaled the template brain by 1.18-1.28 onto the scalp (0.34), and the
+    scan then failed the preprocessing's self-check. The rigid fit must be kept, and the mask must
+    match the scan's true brain. Single-threaded, as the workflow runs it, so the result is exact."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    scan = tmp_path / "sub-ts01_ses-TSG.nii.gz"
+    proc = subprocess.run([sys.executable, "-c", _RIGID_CASE, str(scan)], capture_output=True, text=True, cwd=tests,
+                          env={**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["stage"] == "rigid"
+    assert result["dice"] > 0.9, result
 
 
 def test_bad_input_one_line_error_and_no_output(tmp_path, capsys):
