@@ -105,16 +105,12 @@ from harmodiff.antsio import set_threads, to_ants, to_nib
 from harmodiff.io import load_image, save_image
 set_threads(1)  # before the first ANTs call: multi-threaded Mattes MI varies run to run
 from harmodiff import preprocess as pp
-from harmodiff.synth import SynthConfig, cohort_plan, render_scan, render_subject, site_names, site_params
+from harmodiff.synth import SynthConfig, render_one_scan
 from conftest import dice
 
 cfg = SynthConfig(train_sites=10, train_subjects_per_site=2, test_sites=10, test_subjects=10, seed=0,
                   render_spacing=4.0, native_spacing=(3.6, 4.4))
-plan = cohort_plan(cfg)
-row = plan.index[plan["scan_id"] == "sub-ts01_ses-TSG"][0]
-sites = [s for group in site_names(cfg) for s in group]
-subject = render_subject(cfg, list(dict.fromkeys(plan["subject"])).index("sub-ts01"))
-image, vox, truth, *_ = render_scan(cfg, subject, site_params(cfg, "TSG", sites.index("TSG")), row)
+image, vox, truth, *_ = render_one_scan(cfg, "sub-ts01_ses-TSG")
 save_image(image, vox, sys.argv[1])  # through the file, as the workflow reads it: the header's rounding matters
 mask, _, stage = pp.skullstrip_ants(to_ants(load_image(sys.argv[1])))
 print(json.dumps({"stage": stage, "dice": dice(to_nib(mask).get_fdata() > 0.5, truth)}))

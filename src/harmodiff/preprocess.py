@@ -107,12 +107,13 @@ def skullstrip_ants(image, *, seed: int = 0):
     # synthetic 4 mm scan: scales 1.18-1.28, template correlation 0.76 -> 0.34, and the run's
     # self-check then failed). Keep it only where it fits the template brain at least as well.
     template_brain = mask.numpy() > 0.5
+    stages = {"rigid": rigid, "affine": aff}
     fit = {name: template_correlation(ants.apply_transforms(fixed=template, moving=image,
                                                              transformlist=reg["fwdtransforms"]).numpy(),
                                       template.numpy(), template_brain)
-           for name, reg in (("rigid", rigid), ("affine", aff))}
+           for name, reg in stages.items()}
     linear_stage = "affine" if fit["affine"] >= fit["rigid"] else "rigid"
-    linear = aff if linear_stage == "affine" else rigid
+    linear = stages[linear_stage]
     syn = ants.registration(fixed=template, moving=image, type_of_transform="SyNOnly", mask=metric_mask,
                             initial_transform=linear["fwdtransforms"], reg_iterations=(40, 20, 0))
     warped = ants.apply_transforms(fixed=image, moving=mask, transformlist=syn["invtransforms"],

@@ -350,6 +350,26 @@ def native_brain_mask(outdir: str | Path, scan_id: str) -> Path:
     return Path(outdir) / "truth" / "scans" / f"{scan_id}_brainmask.nii.gz"
 
 
+def all_site_params(cfg: SynthConfig) -> dict:
+    """Every site's parameters, seeded by its place among the training then the test sites."""
+    train_sites, test_sites = site_names(cfg)
+    return {name: site_params(cfg, name, i) for i, name in enumerate(train_sites + test_sites)}
+
+
+def plan_subjects(plan: pd.DataFrame) -> list[str]:
+    """The plan's subjects in order of first appearance (a subject is seeded by its place here)."""
+    return list(dict.fromkeys(plan["subject"]))
+
+
+def render_one_scan(cfg: SynthConfig, scan_id: str):
+    """One scan of the cohort exactly as `generate` renders it (same seeds), without the rest:
+    `render_scan`'s tuple."""
+    plan = cohort_plan(cfg)
+    row = plan.index[plan["scan_id"] == scan_id][0]
+    subject = render_subject(cfg, plan_subjects(plan).index(plan.at[row, "subject"]))
+    return render_scan(cfg, subject, all_site_params(cfg)[plan.at[row, "site"]], row)
+
+
 def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.DataFrame:
     """Render the cohort into `outdir`; returns the scan sheet (also written as scans.tsv).
 
@@ -364,9 +384,8 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
 
     out = Path(outdir)
     plan = cohort_plan(cfg)
-    train_sites, test_sites = site_names(cfg)
-    sites = {name: site_params(cfg, name, i) for i, name in enumerate(train_sites + test_sites)}
-    subjects = list(dict.fromkeys(plan["subject"]))
+    train_sites, _ = site_names(cfg)
+    sites, subjects = all_site_params(cfg), plan_subjects(plan)
     subj_rows, scan_rows = [], []
     voxel_ml = cfg.render_spacing ** 3 / 1000.0
     bar = tqdm(total=len(plan), desc="synthetic scans", disable=not progress)
