@@ -79,7 +79,8 @@ def test_unknown_target_site_lists_known_ones(scan):
         hz.harmonize_array(_model(), labels, CONFIG, image, mask, "Z", steps=1)
 
 
-def test_cli_writes_input_header_and_start_from_source_uses_fewer_passes(tmp_path, scan, capsys):
+def _saved_case(tmp_path, scan):
+    """A checkpoint of the tiny model and the scan with its mask as files; the CLI arguments."""
     from harmodiff.train import save_checkpoint
 
     image, mask = scan
@@ -94,6 +95,12 @@ def test_cli_writes_input_header_and_start_from_source_uses_fewer_passes(tmp_pat
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), aff), str(tmp_path / "mask.nii.gz"))
     args = ["--checkpoint", str(tmp_path / "ckpt.pt"), "--input", str(tmp_path / "in.nii.gz"), "--mask",
             str(tmp_path / "mask.nii.gz"), "--target-site", "A", "--steps", "4", "--batch-size", "12", "--device", "cpu"]
+    return args, aff
+
+
+def test_cli_writes_input_header_and_start_from_source_uses_fewer_passes(tmp_path, scan, capsys):
+    image, mask = scan
+    args, aff = _saved_case(tmp_path, scan)
     assert hz.main([*args, "--output", str(tmp_path / "out.nii.gz")]) == 0
     out = nib.load(str(tmp_path / "out.nii.gz"))
     np.testing.assert_allclose(out.affine, aff)
@@ -159,6 +166,41 @@ def test_cli_writes_input_header_and_start_from_source_uses_fewer_passes(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err == f"error: {settings}: harmonize: unknown key 'scael' (known: " + err.split("(known: ")[1]
     assert not (tmp_path / "c3.nii.gz").exists()
+
+
+def test_one_job_with_runs_writes_what_a_job_per_setting_writes(tmp_path, scan):
+    """The workflow's sweep subjects: the main setting plus --run settings in one process equal
+    one process per setting, file for file, and each sidecar records its own setting."""
+    import json
+
+    args, _ = _saved_case(tmp_path, scan)
+    # from the noised source (an untrained model's output from pure noise is not finite)
+    job = [*args, "--steps", "4", "--start-from", "source", "--strength", "0.5", "--seed-key", "scan-1"]
+    assert hz.main([*job, "--output", str(tmp_path / "main.nii.gz"),
+                    "--run", str(tmp_path / "cfg.nii.gz"), "cfg", "2", "-",
+                    "--run", str(tmp_path / "seed3.nii.gz"), "-", "-", "3"]) == 0
+    alone = {"main": [], "cfg": ["--guidance", "cfg", "--scale", "2"], "seed3": ["--seed", "3"]}
+    for name, options in alone.items():
+        assert hz.main([*job, *options, "--output", str(tmp_path / f"{name}_alone.nii.gz")]) == 0
+        together, single = (np.asarray(nib.load(str(tmp_path / f)).dataobj) for f in (f"{name}.nii.gz",
+                                                                                       f"{name}_alone.nii.gz"))
+        np.testing.assert_array_equal(together, single)
+        made, made_alone = (json.loads((tmp_path / f).read_text()) for f in (f"{name}.json", f"{name}_alone.json"))
+        assert made == made_alone | {"source": made["source"]}
+    made = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in alone}
+    assert [(m["guidance"], m["guidance_scale"], m["seed"]) for m in made.values()] == [
+        ("cfgpp", 0.6, 0), ("cfg", 2.0, 0), ("cfgpp", 0.6, 3)]
+    assert made["seed3"]["noise_seed"] == hz.scan_seed(3, "scan-1") != made["main"]["noise_seed"]
+    # another seed, another image (MONAI zero-initialises the transformers' output projections, so
+    # an untrained U-Net ignores the site label, and with it the guidance setting)
+    main, seed3 = (nib.load(str(tmp_path / f"{n}.nii.gz")).get_fdata() for n in ("main", "seed3"))
+    assert np.isfinite(main).all() and main.max() > 100 and np.abs(main - seed3).max() > 1
+    # a bad run is refused before anything is written
+    assert hz.main([*job, "--output", str(tmp_path / "m2.nii.gz"), "--run", str(tmp_path / "r.nii.gz"),
+                    "cfg+", "1", "-"]) == 2
+    assert hz.main([*job, "--output", str(tmp_path / "m2.nii.gz"), "--run", str(tmp_path / "m2.nii.gz"),
+                    "cfg", "1", "-"]) == 2
+    assert not list(tmp_path.glob("m2*")) and not list(tmp_path.glob("r.*"))
 
 
 def test_native_output_follows_the_inverse_of_the_saved_transform(tmp_path):

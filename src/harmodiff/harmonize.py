@@ -255,6 +255,28 @@ def scan_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def extra_runs(a: argparse.Namespace) -> list[argparse.Namespace]:
+    """The job's harmonizations: its own (a), then one per --run, each a copy of a with that run's
+    output, guidance, scale and seed ('-' keeps a's)."""
+    runs = [a]
+    for output, guidance, scale, seed in a.run:
+        run = argparse.Namespace(**{**vars(a), "output": output})
+        if guidance != "-":
+            if guidance not in smp.GUIDANCES:
+                raise InputError(f"--run {output}: guidance {guidance!r} is not one of {', '.join(smp.GUIDANCES)}")
+            run.guidance = guidance
+        try:
+            run.scale = a.scale if scale == "-" else float(scale)
+            run.seed = a.seed if seed == "-" else int(seed)
+        except ValueError:
+            raise InputError(f"--run {output}: scale {scale!r} must be a number and seed {seed!r} an integer") from None
+        runs.append(run)
+    outputs = [r.output for r in runs]
+    if len(set(outputs)) < len(outputs):
+        raise InputError(f"two harmonizations would write one file: {sorted(o for o in outputs if outputs.count(o) > 1)[0]}")
+    return runs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.harmonize", description="Harmonize a scan to a target site.")
     p.add_argument("--checkpoint", required=True)
@@ -288,6 +310,9 @@ def main(argv=None) -> int:
     p.add_argument("--native-reference", help="the raw scan (native grid), with --native")
     p.add_argument("--transform", help="the preprocessing's *_to_mni.mat, with --native")
     p.add_argument("--native-output", help="with --native")
+    p.add_argument("--run", nargs=4, action="append", default=[], metavar=("OUTPUT", "GUIDANCE", "SCALE", "SEED"),
+                   help="one more harmonization of the scan under one model load (the guidance sweep, other run "
+                   "seeds): its output, guidance, scale and run seed, '-' for this job's; repeatable")
     p.add_argument("--threads", type=int)
     a = p.parse_args(argv)
     from harmodiff.model import load_model_for_inference
@@ -299,11 +324,14 @@ def main(argv=None) -> int:
         vars(a).update({k: v for k, v in settings.to_dict().items() if k not in PER_JOB})
         if a.threads:
             torch.set_num_threads(a.threads)
+        runs = extra_runs(a)
+        outputs = [r.output for r in runs]
         refuse_overwriting_inputs([a.checkpoint, a.input, a.mask, a.anatomy, a.coarse, a.native_reference, a.transform],
-                                  [a.output, a.native_output])
+                                  [*outputs, a.native_output])
         if a.native and not (a.native_reference and a.transform and a.native_output):
             raise InputError("--native needs --native-reference, --transform and --native-output")
-        with outputs_together([a.output, json_sidecar(a.output), a.native_output if a.native else None]):
+        sidecars = [json_sidecar(o) for o in outputs]
+        with outputs_together([*outputs, *sidecars, a.native_output if a.native else None]):
             img = load_image(a.input)
             mask = load_mask(a.mask, like=img)
             if bool(a.anatomy) != bool(a.coarse):
@@ -316,23 +344,24 @@ def main(argv=None) -> int:
             check_voxel_size(a.input, img, config.get("voxel_mm"), a.checkpoint)
             if a.anatomy:
                 anat.check_settings(a.anatomy, config.get("anatomy"), a.checkpoint)
-            out, stats = harmonize_array(
-                model, labels, config, np.asarray(img.dataobj, np.float32), mask, a.target_site,
-                guidance=a.guidance, scale=a.scale, steps=a.steps, batch_size=a.batch_size,
-                seed=a.seed if a.seed_key is None else scan_seed(a.seed, a.seed_key),
-                device=a.device, start_from=a.start_from, strength=a.strength, bf16=a.bf16,
-                channels_last=a.channels_last, compile=a.compile, match_stats=a.match_source_stats, progress=True,
-                **maps)
-            save_image(out, img.affine, a.output, header=img.header)
-            seed = a.seed if a.seed_key is None else scan_seed(a.seed, a.seed_key)
-            write_json(provenance(a, seed, stats), json_sidecar(a.output))
-            if a.native:
-                to_native(nib.Nifti1Image(out, img.affine, img.header), a.native_reference, a.transform,
-                          a.native_output)
+            image = np.asarray(img.dataobj, np.float32)
+            for run in runs:
+                seed = run.seed if run.seed_key is None else scan_seed(run.seed, run.seed_key)
+                out, stats = harmonize_array(
+                    model, labels, config, image, mask, a.target_site,
+                    guidance=run.guidance, scale=run.scale, steps=a.steps, batch_size=a.batch_size, seed=seed,
+                    device=a.device, start_from=a.start_from, strength=a.strength, bf16=a.bf16,
+                    channels_last=a.channels_last, compile=a.compile, match_stats=a.match_source_stats,
+                    progress=True, **maps)
+                save_image(out, img.affine, run.output, header=img.header)
+                write_json(provenance(run, seed, stats), json_sidecar(run.output))
+                print(run.output, {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})
+                if run is a and a.native:  # the main run only
+                    to_native(nib.Nifti1Image(out, img.affine, img.header), a.native_reference, a.transform,
+                              a.native_output)
     except (InputError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print({k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})
     return 0
 
 

@@ -245,6 +245,20 @@ class Layout:
         """(run seed, method name) of the main setting's extra seeds on the sweep subjects."""
         return [(seed, f"diffusion_seed{seed}") for seed in self.sweep.seeds]
 
+    def sweep_scans(self) -> list[str]:
+        """Ids of the sweep subjects' test scans."""
+        return list(self.test.index[self.test["subject"].isin(self.sweep_subjects)])
+
+    def extra_runs(self) -> list[tuple[str, str, str, str]]:
+        """What a sweep subject's scan is harmonized with beyond the main setting, in the job that
+        runs the main one (one model load): the sweep's other settings, then the main setting
+        under each run seed. (output pattern with {target}, {site}, {scan}; guidance; scale;
+        seed), '-' where the main setting's value holds."""
+        w = ("{target}", "{site}", "{scan}")
+        runs = [(self.sweep_image(g, s, *w), g, f"{float(s):g}", "-")
+                for g, s, _ in self.sweep_settings() if (g, float(s)) != self.main_setting]
+        return runs + [(self.seed_image(seed, *w), "-", "-", str(seed)) for seed, _ in self.seed_replicates()]
+
     def harmonized_files(self, method: str = "diffusion") -> list[str]:
         return [self.method_image(method, t, r.site, r.Index)
                 for t in self.method_targets(method) for r in self.test.itertuples()]

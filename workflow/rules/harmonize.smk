@@ -1,10 +1,10 @@
 HARMONIZE = config["harmonize"]
-# the settings come from results/config/harmonize.yaml; a job adds only what is its own (params.job:
-# the sweep's guidance and scale, the seed rule's seed)
+# the settings come from results/config/harmonize.yaml; a job adds only what is its own (params.runs:
+# the further settings it harmonizes the scan with)
 HARMONIZE_SHELL = (
     "python -m harmodiff.harmonize --config {input.settings} --checkpoint {input.checkpoint} "
     "--input {input.image} --mask {input.mask} --anatomy {input.anatomy} --coarse {input.coarse} "
-    "--target-site {wildcards.target} --output {output.image} {params.job} --seed-key {wildcards.scan} "
+    "--target-site {wildcards.target} --output {output.image} {params.runs} --seed-key {wildcards.scan} "
     "--threads {threads} > {log} 2>&1"
 )
 
@@ -21,12 +21,18 @@ HARMONIZE_INPUT = {
 }
 
 
+HARMONIZE_OUTPUT = {
+    "image": "results/harmonized/diffusion/{target}/{site}/{scan}.nii.gz",
+    "provenance": "results/harmonized/diffusion/{target}/{site}/{scan}.json",
+}
+
+
+# the scans of subjects outside the guidance sweep: the main setting only
 rule harmonize:
     input:
         **HARMONIZE_INPUT,
     output:
-        image="results/harmonized/diffusion/{target}/{site}/{scan}.nii.gz",
-        provenance="results/harmonized/diffusion/{target}/{site}/{scan}.json",
+        **HARMONIZE_OUTPUT,
     log:
         "results/logs/harmonize/diffusion/{target}/{site}/{scan}.log",
     benchmark:
@@ -39,61 +45,46 @@ rule harmonize:
         runtime=120,
         gpu=1,
     params:
-        job="",
+        runs="",
     shell:
         HARMONIZE_SHELL
 
 
-# Table 1: the same harmonization under other guidance settings (config evaluation.guidance_sweep)
-rule harmonize_sweep:
+# a sweep subject's scan: the main setting, Table 1's other guidance settings and the main setting
+# under other run seeds (config evaluation.guidance_sweep), in one job with one model load (a
+# job per image spent ~9 of its ~13 s starting torch and MONAI)
+EXTRA_RUNS = LAYOUT.extra_runs()
+SWEEP_SCANS = LAYOUT.sweep_scans()
+
+
+ruleorder: harmonize_all_settings > harmonize
+
+
+rule harmonize_all_settings:
     input:
         **HARMONIZE_INPUT,
     output:
-        image="results/sweep/{guidance}_{scale}/{target}/{site}/{scan}.nii.gz",
-        provenance="results/sweep/{guidance}_{scale}/{target}/{site}/{scan}.json",
+        **HARMONIZE_OUTPUT,
+        **{f"run{i}": path for i, (path, *_) in enumerate(EXTRA_RUNS)},
+        **{f"run{i}_provenance": str(json_sidecar(path)) for i, (path, *_) in enumerate(EXTRA_RUNS)},
     log:
-        "results/logs/harmonize/sweep/{guidance}_{scale}/{target}/{site}/{scan}.log",
+        "results/logs/harmonize/all_settings/{target}/{site}/{scan}.log",
     benchmark:
-        "results/benchmarks/harmonize/sweep/{guidance}_{scale}/{target}/{site}/{scan}.tsv"
+        "results/benchmarks/harmonize/all_settings/{target}/{site}/{scan}.tsv"
     wildcard_constraints:
-        guidance="cfg|cfgpp",
-        scale="[0-9]+(\\.[0-9]+)?",
+        scan="|".join(re.escape(scan) for scan in SWEEP_SCANS) if EXTRA_RUNS and SWEEP_SCANS else "(?!)",
     conda:
         "../../envs/torch.yaml"
     threads: HARMONIZE["threads"]
     resources:
         mem_mb=8000,
-        runtime=120,
+        runtime=120 * (1 + len(EXTRA_RUNS)),
         gpu=1,
     params:
-        job=lambda wildcards: f"--guidance {wildcards.guidance} --scale {wildcards.scale}",
-    shell:
-        HARMONIZE_SHELL
-
-
-# the main harmonization again under other run seeds (config evaluation.guidance_sweep.seeds):
-# the spread of the truth scores over seeds, on the sweep subjects
-rule harmonize_seed:
-    input:
-        **HARMONIZE_INPUT,
-    output:
-        image="results/seeds/{seed}/{target}/{site}/{scan}.nii.gz",
-        provenance="results/seeds/{seed}/{target}/{site}/{scan}.json",
-    log:
-        "results/logs/harmonize/seeds/{seed}/{target}/{site}/{scan}.log",
-    benchmark:
-        "results/benchmarks/harmonize/seeds/{seed}/{target}/{site}/{scan}.tsv"
-    wildcard_constraints:
-        seed="[0-9]+",
-    conda:
-        "../../envs/torch.yaml"
-    threads: HARMONIZE["threads"]
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=1,
-    params:
-        job=lambda wildcards: f"--seed {wildcards.seed}",
+        runs=lambda wildcards, output: " ".join(
+            f"--run {output[f'run{i}']} {guidance} {scale} {seed}"
+            for i, (_, guidance, scale, seed) in enumerate(EXTRA_RUNS)
+        ),
     shell:
         HARMONIZE_SHELL
 
