@@ -69,8 +69,8 @@ def rule_costs(workdir: Path) -> pd.DataFrame:
         rel = tsv.relative_to(workdir / "results/benchmarks").parts
         b = pd.read_csv(tsv, sep="\t")
         rule = rel[0].removesuffix(".tsv")
-        if rule == "harmonize":  # harmonize/{diffusion,sweep,seeds,histmatch}/...
-            rule = {"diffusion": "harmonize", "sweep": "harmonize_sweep", "seeds": "harmonize_seed"}.get(
+        if rule == "harmonize":  # harmonize/{diffusion,all_settings,histmatch}/...
+            rule = {"diffusion": "harmonize", "all_settings": "harmonize_all_settings"}.get(
                 rel[1], "histmatch_reference" if rel[-1] == "reference.tsv" else rel[1])
         rows.append({"rule": rule, "s": float(b["s"].iloc[0]),
                      "max_rss_mb": pd.to_numeric(b["max_rss"], errors="coerce").iloc[0]})

@@ -84,6 +84,6 @@ def test_every_rule_has_a_valid_env_listing_its_imports():
 def test_slurm_profile_routes_gpu_rules():
     prof = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
     assert prof["executor"] == "slurm"
-    for rule in ("train", "harmonize"):
+    for rule in ("train", "harmonize", "harmonize_all_settings"):
         assert prof["set-resources"][rule]["gpu"] == 1
     assert "gpu" not in prof["default-resources"]

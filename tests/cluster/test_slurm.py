@@ -25,7 +25,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-GPU_RULES = {"train", "harmonize", "harmonize_sweep", "harmonize_seed"}
+GPU_RULES = {"train", "harmonize", "harmonize_all_settings"}
 
 pytestmark = pytest.mark.cluster
 
