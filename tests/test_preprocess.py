@@ -104,6 +104,7 @@ import nibabel as nib
 from harmodiff.antsio import set_threads, to_ants, to_nib
 from harmodiff.io import load_image, save_image
 set_threads(1)  # before the first ANTs call: multi-threaded Mattes MI varies run to run
+import ants
 from harmodiff import preprocess as pp
 from harmodiff.synth import SynthConfig, render_one_scan
 from conftest import dice
@@ -112,16 +113,38 @@ cfg = SynthConfig(train_sites=10, train_subjects_per_site=2, test_sites=10, test
                   render_spacing=4.0, native_spacing=(3.6, 4.4))
 image, vox, truth, *_ = render_one_scan(cfg, "sub-ts01_ses-TSG")
 save_image(image, vox, sys.argv[1])  # through the file, as the workflow reads it: the header's rounding matters
-mask, _, stage = pp.skullstrip_ants(to_ants(load_image(sys.argv[1])))
-print(json.dumps({"stage": stage, "dice": dice(to_nib(mask).get_fdata() > 0.5, truth)}))
+scan = to_ants(load_image(sys.argv[1]))
+result = {}
+mask, _, stage = pp.skullstrip_ants(scan)
+result["as_fitted"] = {"stage": stage, "dice": dice(to_nib(mask).get_fdata() > 0.5, truth)}
+
+# The failure as a known case: the affine stage's fit scaled by 1.25 about its centre, so the
+# template brain is pulled back onto the scalp (what one machine's affine did to this scan).
+register = ants.registration
+def grown_affine(*args, **kwargs):
+    reg = register(*args, **kwargs)
+    if kwargs.get("type_of_transform") == "Affine":
+        tx = ants.read_transform(reg["fwdtransforms"][0])
+        params = tx.parameters.copy()
+        params[:9] *= 1.25
+        tx.set_parameters(params)
+        ants.write_transform(tx, sys.argv[1] + "_grown.mat")
+        reg = {**reg, "fwdtransforms": [sys.argv[1] + "_grown.mat"]}
+    return reg
+ants.registration = grown_affine
+mask, _, stage = pp.skullstrip_ants(scan)
+result["affine_grown"] = {"stage": stage, "dice": dice(to_nib(mask).get_fdata() > 0.5, truth)}
+print(json.dumps(result))
 """
 
 
 def test_skull_strip_keeps_the_rigid_fit_where_the_affine_grows_onto_the_scalp(tmp_path):
-    """Scan sub-ts01_ses-TSG of `make scale`'s cohort (4 mm): from a good rigid fit (template correlation
-    0.76) the affine stage scaled the template brain by 1.18-1.28 onto the scalp (0.34), and the
-    scan then failed the preprocessing's self-check. The rigid fit must be kept, and the mask must
-    match the scan's true brain. Single-threaded, as the workflow runs it, so the result is exact."""
+    """Scan sub-ts01_ses-TSG of `make scale`'s cohort (4 mm). On one machine the affine stage scaled
+    the template brain by 1.18-1.28 onto the scalp from a good rigid fit (template correlation 0.76
+    -> 0.34) and the scan failed the self-check; on others the affine fits (ANTs' optimiser is that
+    close to the edge, and its path differs between CPUs). So: as fitted here, whichever stage is
+    kept, the mask matches the true brain; with the affine made to grow by 1.25, the rigid fit is
+    kept and the mask still matches. Single-threaded, as the workflow runs it."""
     import json
     import subprocess
     import sys
@@ -133,8 +156,9 @@ def test_skull_strip_keeps_the_rigid_fit_where_the_affine_grows_onto_the_scalp(t
                           env={**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["stage"] == "rigid"
-    assert result["dice"] > 0.9, result
+    assert result["as_fitted"]["dice"] > 0.9, result  # measured 0.97 (affine kept) and 0.98 (rigid kept)
+    assert result["affine_grown"]["stage"] == "rigid", result
+    assert result["affine_grown"]["dice"] > 0.9, result
 
 
 def test_bad_input_one_line_error_and_no_output(tmp_path, capsys):
