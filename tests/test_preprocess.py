@@ -114,9 +114,12 @@ cfg = SynthConfig(train_sites=10, train_subjects_per_site=2, test_sites=10, test
 image, vox, truth, *_ = render_one_scan(cfg, "sub-ts01_ses-TSG")
 save_image(image, vox, sys.argv[1])  # through the file, as the workflow reads it: the header's rounding matters
 scan = to_ants(load_image(sys.argv[1]))
-result = {}
-mask, _, stage = pp.skullstrip_ants(scan)
-result["as_fitted"] = {"stage": stage, "dice": dice(to_nib(mask).get_fdata() > 0.5, truth)}
+
+def strip():
+    mask, _, stage = pp.skullstrip_ants(scan)
+    return {"stage": stage, "dice": dice(to_nib(mask).get_fdata() > 0.5, truth)}
+
+result = {"as_fitted": strip()}
 
 # The failure as a known case: the affine stage's fit scaled by 1.25 about its centre, so the
 # template brain is pulled back onto the scalp (what one machine's affine did to this scan).
@@ -132,8 +135,7 @@ def grown_affine(*args, **kwargs):
         reg = {**reg, "fwdtransforms": [sys.argv[1] + "_grown.mat"]}
     return reg
 ants.registration = grown_affine
-mask, _, stage = pp.skullstrip_ants(scan)
-result["affine_grown"] = {"stage": stage, "dice": dice(to_nib(mask).get_fdata() > 0.5, truth)}
+result["affine_grown"] = strip()
 print(json.dumps(result))
 """
 
