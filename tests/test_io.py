@@ -144,3 +144,72 @@ def test_an_unwritable_output_folder_fails_before_any_work(tmp_path, capsys):
                          "--output", str(tmp_path / "blocked/A.nii.gz"), "--coarse-output", str(tmp_path / "c.nii.gz")])
     err = capsys.readouterr().err
     assert code == 2 and "blocked/A.nii.gz: cannot write there" in err and "missing" not in err
+
+
+def test_an_input_images_sidecar_is_an_input_too(tmp_path, capsys):
+    """A BIDS scan's JSON (scanner metadata) and a preprocessed scan's record are inputs: an output
+    whose own sidecar would land on them is refused before any work, and they are left as they were."""
+    from harmodiff import harmonize, preprocess
+
+    bids = tmp_path / "bids"
+    save_image(np.ones((8, 8, 8)), np.eye(4), bids / "sub-01_T1w.nii")
+    (bids / "sub-01_T1w.json").write_text('{"MagneticFieldStrength": 3}')
+    code = preprocess.main(["--input", str(bids / "sub-01_T1w.nii"), "--output", str(bids / "sub-01_T1w.nii.gz"),
+                            "--mask-output", str(tmp_path / "m.nii.gz")])
+    err = capsys.readouterr().err
+    assert code == 2 and "sub-01_T1w.json: refusing to overwrite the input" in err
+    assert (bids / "sub-01_T1w.json").read_text() == '{"MagneticFieldStrength": 3}'
+    assert not (bids / "sub-01_T1w.nii.gz").exists() and not (tmp_path / "m.nii.gz").exists()
+
+    save_image(np.ones((8, 8, 8)), np.eye(4), tmp_path / "in/X.nii.gz")
+    (tmp_path / "in/X.json").write_text('{"skullstrip": "ants"}')
+    code = harmonize.main(["--checkpoint", str(tmp_path / "none.pt"), "--input", str(tmp_path / "in/X.nii.gz"),
+                           "--mask", str(tmp_path / "in/X.nii.gz"), "--target-site", "A",
+                           "--output", str(tmp_path / "in/X.nii")])
+    assert code == 2 and "X.json: refusing to overwrite the input" in capsys.readouterr().err
+    assert (tmp_path / "in/X.json").read_text() == '{"skullstrip": "ants"}'
+
+
+def _special_targets(tmp_path):
+    """(path, what) of outputs that are no regular file: a folder, a FIFO, a device node when this
+    user may make one (a copy of /dev/null: character device 1, 3)."""
+    import os
+
+    targets = [(tmp_path / "folder.png", "a directory"), (tmp_path / "pipe.mat", "a FIFO")]
+    (tmp_path / "folder.png").mkdir()
+    os.mkfifo(tmp_path / "pipe.mat")
+    try:
+        os.mknod(tmp_path / "null.tsv", 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+        targets.append((tmp_path / "null.tsv", "a character device"))
+    except PermissionError:
+        pass
+    return targets
+
+
+def test_an_output_that_is_no_regular_file_is_refused_before_any_work(tmp_path, capsys):
+    """--qc-output, --transform-output or a sheet builder's -o at a device node, FIFO or folder: one
+    line naming it, before the input is even read (here: a missing input, never reported), and
+    the node is still what it was (an atomic rename would have made /dev/null a plain file)."""
+    import stat
+
+    from harmodiff import preprocess, scans
+
+    targets = _special_targets(tmp_path)
+    for target, what in targets:
+        for flag in ("--qc-output", "--transform-output"):
+            code = preprocess.main(["--input", str(tmp_path / "missing.nii.gz"), "--output", str(tmp_path / "p.nii.gz"),
+                                    "--mask-output", str(tmp_path / "m.nii.gz"), flag, str(target)])
+            err = capsys.readouterr().err
+            assert code == 2 and f"{target}: refusing to write there: the path holds {what}" in err, err
+            assert "missing" not in err
+    _nii = save_image(np.ones((4, 4, 4)), np.eye(4), tmp_path / "ds/sub-01/anat/sub-01_T1w.nii.gz")
+    (tmp_path / "ds/participants.tsv").write_text("participant_id\tsite\nsub-01\tA\n")
+    for target, what in targets:
+        with pytest.raises(SystemExit):
+            scans.main(["bids", str(tmp_path / "ds"), "-o", str(target)])
+        assert f"the path holds {what}" in capsys.readouterr().err
+    kinds = {what: target for target, what in targets}
+    assert stat.S_ISFIFO((tmp_path / "pipe.mat").stat().st_mode) and (tmp_path / "folder.png").is_dir()
+    if "a character device" in kinds:
+        assert stat.S_ISCHR(kinds["a character device"].stat().st_mode)
+    assert not (tmp_path / "p.nii.gz").exists()

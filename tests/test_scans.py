@@ -185,7 +185,80 @@ def test_readable_reads_voxel_data_and_names_every_bad_scan(tmp_path, capsys):
         scans.main(["readable", "--scan-ids", "g", "n", "--images", str(tmp_path / "good.nii.gz"),
                     str(tmp_path / "nan.nii.gz"), "--output", str(out)])
     err = capsys.readouterr().err.strip()
-    assert info.value.code == 2 and err.startswith("error: 1 of 2 scans cannot be read:") and "nan.nii.gz" in err
+    assert info.value.code == 2 and err.startswith("error: 1 of 2 scans cannot be used:") and "nan.nii.gz" in err
     assert not out.exists()
     assert scans.main(["readable", "--scan-ids", "g", "--images", str(tmp_path / "good.nii.gz"), "--output", str(out)]) == 0
     assert out.read_text().splitlines()[1].split("\t")[2] == "6x6x6"
+
+
+HOSTILE = ["$(touch PWNED)", "`touch PWNED`", "a;touch PWNED", "a b", "a\nb", "-rf"]
+
+
+@pytest.mark.parametrize("column", ["scan_id", "subject", "site"])
+@pytest.mark.parametrize("value", HOSTILE)
+def test_id_columns_hold_only_file_name_characters_naming_the_row(sheet, column, value):
+    """subject, site and scan_id name output files and go on command lines: shell syntax, spaces,
+    newlines or a leading '-' stop the sheet at validation, naming the row and the column."""
+    tmp, df = sheet
+    df.loc[1, column] = value
+    with pytest.raises(InputError) as info:
+        scans.validate_scan_sheet(df, base_dir=tmp)
+    assert f"row 3 (scan_id {df.loc[1, 'scan_id']!r}): {column}: {value!r} may hold only letters" in str(info.value)
+    assert not list(tmp.glob("PWNED*"))
+
+
+def test_a_path_may_hold_shell_characters_but_no_control_characters(sheet):
+    tmp, df = sheet
+    odd = tmp / "my study $(touch PWNED) `x`; y" / "c.nii.gz"
+    _nii(odd)
+    df.loc[2, "path"] = str(odd)
+    out = scans.validate_scan_sheet(df, base_dir=tmp)
+    assert out.loc[2, "path"] == str(odd.resolve())
+    df.loc[2, "path"] = "c\n.nii.gz"
+    with pytest.raises(InputError, match=r"row 4 \(scan_id 's3'\): path: 'c\\n.nii.gz' holds a tab, newline"):
+        scans.validate_scan_sheet(df, base_dir=tmp)
+
+
+def test_one_file_under_two_scan_ids_is_refused_naming_both_rows(sheet):
+    """The same file as a training and a test scan (by name, or through a symlink) would leak test
+    data into training."""
+    tmp, df = sheet
+    (tmp / "link.nii.gz").symlink_to(tmp / "a.nii.gz")
+    for path in ("a.nii.gz", "./a.nii.gz", "link.nii.gz"):
+        df.loc[2, "path"] = path
+        with pytest.raises(InputError, match=r"row 4 \(scan_id 's3'\): the same file as row 2 \(scan_id 's1'\)"):
+            scans.validate_scan_sheet(df, base_dir=tmp)
+
+
+def test_one_image_in_two_files_is_refused_by_the_read_in_full_check(tmp_path):
+    """A .nii copy of a .nii.gz is another file but the same scan: scans_readable hashes each
+    image's voxels and affine and names the second row."""
+    rng = np.random.default_rng(0)
+    img = nib.Nifti1Image(rng.normal(100, 10, (6, 6, 6)).astype(np.float32), np.diag([2, 2, 2, 1]))
+    nib.save(img, str(tmp_path / "a.nii.gz"))
+    nib.save(img, str(tmp_path / "copy.nii"))
+    nib.save(nib.Nifti1Image(img.get_fdata().astype(np.float32), np.eye(4)), str(tmp_path / "moved.nii.gz"))
+    report = scans.readable_report(["a", "copy", "moved"], [tmp_path / n for n in ("a.nii.gz", "copy.nii", "moved.nii.gz")])
+    assert list(report["problem"] == "") == [True, False, True]  # same voxels, other affine: another scan
+    assert report["problem"][1].startswith("the same image (voxels and affine) as scan 'a'")
+
+
+def test_a_scan_id_that_names_another_scans_mask_is_refused(sheet):
+    tmp, df = sheet
+    df.loc[1, "scan_id"] = "s1_mask"  # s1 is at site A too: s1's mask would be s1_mask.nii.gz
+    with pytest.raises(InputError, match=r"row 3 \(scan_id 's1_mask'\): .* name of row 2's mask"):
+        scans.validate_scan_sheet(df, base_dir=tmp)
+    df.loc[1, "site"] = "B"  # at another site the names do not meet
+    assert len(scans.validate_scan_sheet(df, base_dir=tmp)) == 3
+
+
+def test_a_directory_or_fifo_is_named_as_what_it_is(sheet):
+    import os
+
+    tmp, df = sheet
+    (tmp / "folder.nii.gz").mkdir()
+    os.mkfifo(tmp / "pipe.nii.gz")
+    for name, what in (("folder.nii.gz", "a directory"), ("pipe.nii.gz", "a FIFO")):
+        df.loc[1, "path"] = name
+        with pytest.raises(InputError, match=rf"row 3 \(scan_id 's2'\): not a regular file \({what}"):
+            scans.validate_scan_sheet(df, base_dir=tmp)

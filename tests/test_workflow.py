@@ -87,7 +87,7 @@ def test_an_unreadable_scan_stops_the_run_before_any_preprocessing(tmp_path):
     proc = _sheet_run(tmp_path, ["a.nii.gz", "b.nii.gz"], ["X", "Y"], reference_site="Y", external={})
     assert proc.returncode != 0
     log = (tmp_path / "results/logs/scans_readable.log").read_text().strip()
-    assert log.startswith("error: 1 of 2 scans cannot be read:") and "b.nii.gz" in log and log.count("\n") == 0
+    assert log.startswith("error: 1 of 2 scans cannot be used:") and "b.nii.gz" in log and log.count("\n") == 0
     assert not (tmp_path / "results/preprocessed").exists() and not (tmp_path / "results/qc/raw_scans.tsv").exists()
 
 

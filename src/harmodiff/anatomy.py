@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from harmodiff.config import AnatomyConfig, ConfigError, GridConfig, load_settings
-from harmodiff.io import (InputError, json_sidecar, load_image, load_mask, outputs_together, refuse_overwriting_inputs,
+from harmodiff.io import (InputError, json_sidecar, load_image, load_mask, outputs_together,
                           save_image, write_json)
 
 QUANTILES = (0.5, 99.5)
@@ -176,10 +176,9 @@ def main(argv=None) -> int:
     p.add_argument("--patch-shape", type=int, nargs=3, help="the model's patch (coarse mode global)")
     a = p.parse_args(argv)
     try:
-        refuse_overwriting_inputs([a.input, a.mask], [a.output, a.coarse_output])
         settings = load_settings(AnatomyConfig, a.config, a)
         patch_shape = load_settings(GridConfig, a.config, a).patch_shape
-        with outputs_together([a.output, a.coarse_output, json_sidecar(a.output)]):
+        with outputs_together([a.output, a.coarse_output, json_sidecar(a.output)], inputs=[a.input, a.mask]):
             img = load_image(a.input)
             mask = load_mask(a.mask, like=img)
             if not mask.any():

@@ -19,7 +19,7 @@ import numpy as np
 
 from harmodiff.intensity import median_normalize
 from harmodiff.antsio import to_ants
-from harmodiff.io import InputError, load_image, load_mask, save_image
+from harmodiff.io import InputError, check_outputs, load_image, load_mask, save_image
 
 SPACES = ("native", "mni")
 
@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True)
     a = p.parse_args(argv)
     try:
+        check_outputs([a.output], inputs=[a.input, a.mask, a.transform])
         data, affine = import_external(a.input, a.mask, a.space, a.transform)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

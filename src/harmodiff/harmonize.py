@@ -29,7 +29,7 @@ from harmodiff import anatomy as anat
 from harmodiff import sample as smp
 from harmodiff.config import PER_JOB, AnatomyConfig, ConfigError, HarmonizeConfig, TrainConfig, load_settings
 from harmodiff.io import (InputError, file_sha256, json_sidecar, load_image, load_mask, outputs_together,
-                          refuse_overwriting_inputs, save_image, write_json)
+                          save_image, write_json)
 from harmodiff.antsio import to_native
 from harmodiff.model import NULL_LABEL
 from harmodiff.patches import extract, fuse, grid_positions, hann_window
@@ -326,12 +326,12 @@ def main(argv=None) -> int:
             torch.set_num_threads(a.threads)
         runs = extra_runs(a)
         outputs = [r.output for r in runs]
-        refuse_overwriting_inputs([a.checkpoint, a.input, a.mask, a.anatomy, a.coarse, a.native_reference, a.transform],
-                                  [*outputs, a.native_output])
         if a.native and not (a.native_reference and a.transform and a.native_output):
             raise InputError("--native needs --native-reference, --transform and --native-output")
         sidecars = [json_sidecar(o) for o in outputs]
-        with outputs_together([*outputs, *sidecars, a.native_output if a.native else None]):
+        with outputs_together([*outputs, *sidecars, a.native_output if a.native else None],
+                              inputs=[a.checkpoint, a.input, a.mask, a.anatomy, a.coarse, a.native_reference,
+                                      a.transform]):
             img = load_image(a.input)
             mask = load_mask(a.mask, like=img)
             if bool(a.anatomy) != bool(a.coarse):

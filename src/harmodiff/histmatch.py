@@ -20,7 +20,7 @@ import sys
 import numpy as np
 from skimage.exposure import match_histograms
 
-from harmodiff.io import InputError, atomic_path, load_image, load_mask, save_image
+from harmodiff.io import InputError, atomic_path, check_outputs, load_image, load_mask, save_image
 from harmodiff.layout import add_list_options, resolve_lists
 
 QUANTILES_PER_SCAN = 4096
@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     a = resolve_lists(p, p.parse_args(argv))
     try:
         if a.command == "reference":
+            check_outputs([a.output], inputs=[*a.images, *a.masks])
             refs, ref_masks = [], []
             for ri, rm in zip(a.images, a.masks):
                 img = load_image(ri)
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
             with atomic_path(a.output) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, reference)
             return 0
+        check_outputs([a.output], inputs=[a.input, a.mask, a.reference])
         img = load_image(a.input)
         mask = load_mask(a.mask, like=img)
         out = histogram_match(np.asarray(img.dataobj, np.float32), mask, load_reference(a.reference))

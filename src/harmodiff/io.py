@@ -45,6 +45,26 @@ def _read_nifti(path: Path):
     return kind.from_bytes(raw)
 
 
+def _what_stands_at(path: Path) -> str:
+    """What a path that is not a regular file holds, in words."""
+    if path.is_symlink() and not path.exists():
+        return "a dangling symbolic link"
+    for test, what in ((path.is_dir, "a directory"), (path.is_fifo, "a FIFO (named pipe)"),
+                       (path.is_char_device, "a character device"), (path.is_block_device, "a block device"),
+                       (path.is_socket, "a socket")):
+        if test():
+            return what
+    return "something other than a regular file"
+
+
+def not_a_file(path) -> str:
+    """Why a path that should be an input file is not one, as an error's words."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return "file not found"
+    return f"not a regular file ({_what_stands_at(path)})"
+
+
 def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nifti1Image:
     """Load a 3-D NIfTI image and check it is usable.
 
@@ -55,7 +75,7 @@ def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nif
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found")
+        raise InputError(f"{path}: {not_a_file(path)}")
     try:
         img = _read_nifti(path)
     except InputError:
@@ -115,10 +135,17 @@ def _umask() -> int:
     return mask
 
 
+def _is_image(path: Path) -> bool:
+    return path.name.endswith((".nii", ".nii.gz"))
+
+
 def refuse_overwriting_inputs(inputs, outputs) -> None:
-    """InputError when an output path is one of the inputs (same resolved path, or the same file
-    through another name: same device and inode), so no command writes over what it reads."""
+    """InputError when an output path is one of the inputs or an input image's JSON sidecar (a
+    BIDS dataset's scanner metadata, the preprocessing record a harmonization reads): same
+    resolved path, or the same file through another name (same device and inode), so no command
+    writes over what it reads."""
     ins = [Path(p) for p in inputs if p]
+    ins += [json_sidecar(p) for p in ins if _is_image(p)]
     for out in (Path(p) for p in outputs if p):
         for src in ins:
             same = out.resolve() == src.resolve()
@@ -128,13 +155,23 @@ def refuse_overwriting_inputs(inputs, outputs) -> None:
                 raise InputError(f"{out}: refusing to overwrite the input {src}")
 
 
+def refuse_non_regular_target(path) -> None:
+    """InputError when an output path holds something other than a regular file (a directory, a
+    FIFO, a device node: an atomic rename would replace /dev/null with a plain file)."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise InputError(f"{path}: refusing to write there: the path holds {_what_stands_at(path)} (an output "
+                         "must be a regular file or a new path)")
+
+
 _PENDING: list | None = None  # (temporary, final) renames held back by `outputs_together`
 
 
 def check_writable(paths) -> None:
-    """InputError naming the first output whose folder cannot be created or written, so a command
-    fails before its work, not after it."""
+    """InputError naming the first output that is not a regular file or a new path, or whose folder
+    cannot be created or written, so a command fails before its work, not after it."""
     for path in (Path(p) for p in paths if p):
+        refuse_non_regular_target(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path.parent)
@@ -144,13 +181,22 @@ def check_writable(paths) -> None:
             raise InputError(f"{path}: cannot write there ({exc.strerror or exc})") from None
 
 
+def check_outputs(outputs, inputs=()) -> None:
+    """Before a command's work: InputError naming the first output that is one of its inputs or an
+    input image's sidecar, holds something other than a regular file, or sits in a folder that
+    cannot be written."""
+    refuse_overwriting_inputs(inputs, outputs)
+    check_writable(outputs)
+
+
 @contextmanager
-def outputs_together(paths) -> Iterator[None]:
-    """Check every output's folder first; inside the block each atomic write stays a temporary,
-    and at its end all are renamed into place together: a command with several outputs leaves
-    all of them or none."""
+def outputs_together(paths, inputs=()) -> Iterator[None]:
+    """Check every output first (not one of the `inputs` or their sidecars, a regular file or a new
+    path, in a writable folder); inside the block each atomic write stays a temporary, and at its
+    end all are renamed into place together: a command with several outputs leaves all of them or
+    none."""
     global _PENDING
-    check_writable(paths)
+    check_outputs(paths, inputs)
     outer, _PENDING = _PENDING, []
     pending = _PENDING
     try:
@@ -174,6 +220,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     mkstemp's 0600, so shared lab directories can read it.
     """
     path = Path(path)
+    refuse_non_regular_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)

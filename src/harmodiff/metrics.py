@@ -184,8 +184,9 @@ def main(argv=None) -> int:
     a = resolve_lists(p, p.parse_args(argv))
     try:
         if a.cmd == "truth-image":
-            from harmodiff.io import save_image
+            from harmodiff.io import check_outputs, save_image
 
+            check_outputs([a.output, a.mask_output], inputs=[a.truth, a.truth_mask, a.like])
             like = load_image(a.like)
             mask = truth_on_grid(a.truth_mask, like) > 0.5
             save_image(truth_on_grid(a.truth, like, mask), like.affine, a.output)

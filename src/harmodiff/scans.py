@@ -27,7 +27,7 @@ import nibabel as nib
 import pandas as pd
 import yaml
 
-from harmodiff.io import InputError, write_text
+from harmodiff.io import InputError, check_outputs, not_a_file, write_text
 from harmodiff.layout import add_list_options, resolve_lists
 
 COLUMNS = ["scan_id", "subject", "site", "cohort", "path"]
@@ -44,6 +44,26 @@ def _is_nifti(path: Path) -> bool:
     except Exception:
         return False
     return isinstance(img, (nib.Nifti1Image, nib.Nifti2Image))
+
+
+# what the id columns may hold: they name output files and Snakemake wildcards, and go on command lines
+_ID_CHARACTERS = "may hold only letters, digits and _ . + - and must start with a letter or digit"
+_ALLOWED = {"scan_id": _ID_CHARACTERS, "subject": _ID_CHARACTERS, "site": _ID_CHARACTERS,
+            "path": "holds a tab, newline or other control character"}
+# file names a scan's outputs share a folder with: scan x's mask is x_mask.nii.gz
+_OUTPUT_SUFFIXES = ("_mask",)
+
+
+def _refuse_clashing_file_names(df: pd.DataFrame, source: str) -> None:
+    """InputError when one scan's output names another's (scan 'x_mask' beside scan 'x' at a site)."""
+    keys = {(site, scan): i + 2 for i, (site, scan) in enumerate(zip(df["site"], df["scan_id"]))}
+    for (site, scan), line in keys.items():
+        for suffix in _OUTPUT_SUFFIXES:
+            other = keys.get((site, scan.removesuffix(suffix))) if scan.endswith(suffix) else None
+            if other:
+                raise InputError(f"{source}, row {line} (scan_id {scan!r}): its preprocessed image would have the "
+                                 f"name of row {other}'s {suffix.strip('_')} ({scan.removesuffix(suffix)!r} at "
+                                 f"site {site!r}); rename one")
 
 
 def validate_scan_sheet(df: pd.DataFrame, *, source: str = "scan sheet", base_dir: Path | None = None,
@@ -63,6 +83,7 @@ def validate_scan_sheet(df: pd.DataFrame, *, source: str = "scan sheet", base_di
     validator = jsonschema.Draft202012Validator(_schema())
     df = df[COLUMNS].copy()
     seen: dict[str, int] = {}
+    files: dict[Path, tuple[int, str]] = {}
     paths = []
     for i, row in enumerate(df.itertuples(index=False)):
         line = i + 2
@@ -71,7 +92,9 @@ def validate_scan_sheet(df: pd.DataFrame, *, source: str = "scan sheet", base_di
         if errors:
             e = errors[0]
             where = e.path[0] if e.path else "row"
-            raise InputError(f"{source}, row {line} (scan_id {record['scan_id']!r}): {where}: {e.message}")
+            message = _ALLOWED.get(where) if e.validator == "pattern" else None
+            message = f"{record[where]!r} {message}" if message else e.message
+            raise InputError(f"{source}, row {line} (scan_id {record['scan_id']!r}): {where}: {message}")
         if record["scan_id"] in seen:
             raise InputError(f"{source}, row {line}: duplicate scan_id {record['scan_id']!r} "
                              f"(first on row {seen[record['scan_id']]})")
@@ -81,11 +104,19 @@ def validate_scan_sheet(df: pd.DataFrame, *, source: str = "scan sheet", base_di
             p = base_dir / p
         if check_files:
             if not p.is_file():
-                raise InputError(f"{source}, row {line} (scan_id {record['scan_id']!r}): file not found: {p}")
+                raise InputError(f"{source}, row {line} (scan_id {record['scan_id']!r}): {not_a_file(p)}: {p}")
             if not _is_nifti(p):
                 raise InputError(f"{source}, row {line} (scan_id {record['scan_id']!r}): not a NIfTI file: {p}")
-        paths.append(str(p.resolve()) if check_files else str(p))
+            p = p.resolve()
+            if p in files:
+                first, first_id = files[p]
+                raise InputError(f"{source}, row {line} (scan_id {record['scan_id']!r}): the same file as row "
+                                 f"{first} (scan_id {first_id!r}): {p}; a scan listed twice, and possibly as "
+                                 "training and test scan at once")
+            files[p] = (line, record["scan_id"])
+        paths.append(str(p))
     df["path"] = paths
+    _refuse_clashing_file_names(df, source)
     train_sites = set(df.loc[df["cohort"] == "train", "site"])
     for site in target_sites:
         if site not in train_sites:
@@ -195,18 +226,31 @@ def combine(*sheets: pd.DataFrame, target_sites=()) -> pd.DataFrame:
 
 def readable_report(scan_ids, paths) -> pd.DataFrame:
     """Every scan read in full, as every tool reads it (`io.load_image`: header, voxel data, gzip
-    checksum, NaNs, empty image): one row per scan with its problem ('' when it is usable)."""
+    checksum, NaNs, empty image), and its image hashed (a second row with the same image is a
+    problem: a scan listed twice): one row per scan with its problem ('' when it is usable)."""
     from harmodiff.io import load_image
 
-    rows = []
+    import hashlib
+
+    import numpy as np
+
+    rows, first_with = [], {}
     for scan_id, path in zip(scan_ids, paths):
         try:
             img = load_image(path)
             problem, shape = "", "x".join(map(str, img.shape))
+            # the image itself, however it is stored (a .nii and a .nii.gz copy are one scan)
+            voxels = np.ascontiguousarray(np.asanyarray(img.dataobj))
+            digest = hashlib.sha256(str((voxels.dtype.str, voxels.shape)).encode() + img.affine.tobytes()
+                                    + voxels.tobytes()).hexdigest()
+            if digest in first_with:
+                problem = (f"the same image (voxels and affine) as scan {first_with[digest]!r}: a scan listed "
+                           "twice, and possibly as training and test scan at once")
+            first_with.setdefault(digest, scan_id)
         except InputError as exc:
-            problem, shape = str(exc).removeprefix(f"{path}: "), ""
-        rows.append({"scan_id": scan_id, "path": str(path), "shape": shape, "problem": problem})
-    return pd.DataFrame(rows, columns=["scan_id", "path", "shape", "problem"])
+            problem, shape, digest = str(exc).removeprefix(f"{path}: "), "", ""
+        rows.append({"scan_id": scan_id, "path": str(path), "shape": shape, "sha256": digest, "problem": problem})
+    return pd.DataFrame(rows, columns=["scan_id", "path", "shape", "sha256", "problem"])
 
 
 def main(argv=None) -> int:
@@ -232,12 +276,13 @@ def main(argv=None) -> int:
     a = resolve_lists(p, p.parse_args(argv))
     try:
         if a.cmd == "readable":
+            check_outputs([a.output])
             report = readable_report(a.scan_ids, a.images)
             bad = report[report["problem"] != ""]
             if len(bad):
                 shown = "; ".join(f"{r.path}: {r.problem}" for r in bad.head(3).itertuples())
                 more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
-                raise InputError(f"{len(bad)} of {len(report)} scans cannot be read: {shown}{more}")
+                raise InputError(f"{len(bad)} of {len(report)} scans cannot be used: {shown}{more}")
             write_text(report.to_csv(sep="\t", index=False), a.output)
             print(f"{len(report)} scans read in full: OK")
             return 0
@@ -245,15 +290,16 @@ def main(argv=None) -> int:
             df = read_scan_sheet(a.sheet, target_sites=a.target_site)
             print(f"{a.sheet}: {len(df)} scans, sites {sorted(set(df['site']))}: OK")
             return 0
+        check_outputs([a.output])
         if a.cmd == "synthetic":
             df = from_synthetic(a.cohort_dir)
         elif a.cmd == "bids":
             df = from_bids(a.root, site_column=a.site_column, cohort=a.cohort)
         else:
             df = from_srpbs(a.root, cohort=a.cohort)
+        write_scan_sheet(df, a.output)
     except InputError as exc:
         p.exit(2, f"error: {exc}\n")
-    write_scan_sheet(df, a.output)
     print(f"wrote {len(df)} scans to {a.output}")
     return 0
 

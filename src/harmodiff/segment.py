@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from harmodiff.io import InputError, load_image, load_mask, save_image, write_json
+from harmodiff.io import InputError, check_outputs, load_image, load_mask, save_image, write_json
 from harmodiff.templates import mni_images
 
 TISSUES = ("gm", "wm", "csf")
@@ -206,7 +206,9 @@ def main(argv=None) -> int:
     from harmodiff.antsio import set_threads
 
     set_threads(a.threads)
+    outputs = [f"{a.output_prefix}_{t}.nii.gz" for t in TISSUES] + [f"{a.output_prefix}_volumes.json"]
     try:
+        check_outputs(outputs, inputs=[a.input, a.mask])
         img = load_image(a.input)
         mask = load_mask(a.mask, like=img)
         if not mask.any():

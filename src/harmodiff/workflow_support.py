@@ -26,14 +26,14 @@ def _synth(config: dict) -> SynthConfig | None:
 
 def synthetic_config(config: dict) -> dict | None:
     """Paths (relative to results/synthetic) of the scans and of the truth files the evaluation
-    reads, and the CLI arguments of the synthetic cohort."""
+    reads, and the CLI arguments of the synthetic cohort (a list, quoted one by one in the shell)."""
     cfg = _synth(config)
     if cfg is None:
         return None
-    args = (f"--train-sites {cfg.train_sites} --train-subjects-per-site {cfg.train_subjects_per_site} "
-            f"--test-sites {cfg.test_sites} --test-subjects {cfg.test_subjects} --seed {cfg.seed} "
-            f"--render-spacing {cfg.render_spacing} "
-            f"--native-spacing {cfg.native_spacing[0]} {cfg.native_spacing[1]}")
+    args = [str(v) for v in (
+        "--train-sites", cfg.train_sites, "--train-subjects-per-site", cfg.train_subjects_per_site,
+        "--test-sites", cfg.test_sites, "--test-subjects", cfg.test_subjects, "--seed", cfg.seed,
+        "--render-spacing", cfg.render_spacing, "--native-spacing", *cfg.native_spacing)]
     plan = cohort_plan(cfg)
     test = plan[plan["cohort"] == "test"]
     train_sites = list(dict.fromkeys(plan.loc[plan["cohort"] == "train", "site"]))

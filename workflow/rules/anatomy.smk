@@ -18,5 +18,5 @@ rule anatomy:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m harmodiff.anatomy --config {input.settings} --input {input.image} --mask {input.mask} "
-        "--output {output.anatomy} --coarse-output {output.coarse} > {log} 2>&1"
+        "python -m harmodiff.anatomy --config {input.settings:q} --input {input.image:q} --mask {input.mask:q} "
+        "--output {output.anatomy:q} --coarse-output {output.coarse:q} > {log:q} 2>&1"

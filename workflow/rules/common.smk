@@ -87,11 +87,12 @@ def pretrained_model():
 
 
 def pretrained_args():
+    """train's arguments naming the shipped model (a list: the shell quotes each, `:q`)."""
     path = config["train"]["pretrained"]
     if not path:
-        return ""
+        return []
     sha = config["train"]["pretrained_sha256"]
-    return f"--pretrained {path}" + (f" --pretrained-sha256 {sha}" if sha else "")
+    return ["--pretrained", path] + (["--pretrained-sha256", sha] if sha else [])
 
 
 def bids_source(wildcards):

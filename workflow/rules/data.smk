@@ -18,9 +18,9 @@ rule synth:
         mem_mb=4000,
         runtime=30,
     params:
-        args=SYNTH["args"] if SYNTH else "",
+        args=SYNTH["args"] if SYNTH else [],
     shell:
-        "python -m harmodiff.synth results/synthetic {params.args} --quiet > {log} 2>&1"
+        "python -m harmodiff.synth results/synthetic {params.args:q} --quiet > {log:q} 2>&1"
 
 
 # the per-scan lists jobs read, one TSV each (harmodiff.layout); rewritten when their rows change

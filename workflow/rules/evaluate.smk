@@ -16,8 +16,8 @@ rule leakage:
     params:
         folds=config["evaluation"]["leakage_folds"],
     shell:
-        "python -m harmodiff.leakage --manifest {input.manifest} --folds {params.folds} "
-        "--output {output.table} > {log} 2>&1"
+        "python -m harmodiff.leakage --manifest {input.manifest:q} --folds {params.folds:q} "
+        "--output {output.table:q} > {log:q} 2>&1"
 
 
 rule segment:
@@ -44,9 +44,9 @@ rule segment:
         backend=config["evaluation"]["segmentation"],
         fractions=config["evaluation"]["tissue_fractions"],
     shell:
-        "python -m harmodiff.segment --input {input.image} --mask {input.mask} "
-        "--output-prefix {params.prefix} --backend {params.backend} --fractions {params.fractions} "
-        "--threads {threads} > {log} 2>&1"
+        "python -m harmodiff.segment --input {input.image:q} --mask {input.mask:q} "
+        "--output-prefix {params.prefix:q} --backend {params.backend:q} --fractions {params.fractions:q} "
+        "--threads {threads} > {log:q} 2>&1"
 
 
 rule tissue_ratios:
@@ -65,10 +65,10 @@ rule tissue_ratios:
         mem_mb=1000,
         runtime=5,
     params:
-        combat=f"--combat-reference {LAYOUT.reference_site}" if "combat" in METHODS else "",
+        combat=["--combat-reference", LAYOUT.reference_site] if "combat" in METHODS else [],
     shell:
-        "python -m harmodiff.evaluate ratios --manifest {input.manifest} {params.combat} "
-        "--output {output} > {log} 2>&1"
+        "python -m harmodiff.evaluate ratios --manifest {input.manifest:q} {params.combat:q} "
+        "--output {output:q} > {log:q} 2>&1"
 
 
 rule ttests:
@@ -89,8 +89,8 @@ rule ttests:
     params:
         reference=LAYOUT.reference_site,
     shell:
-        "python -m harmodiff.evaluate ttests --ratios {input} --reference {params.reference} "
-        "--output {output} > {log} 2>&1"
+        "python -m harmodiff.evaluate ttests --ratios {input:q} --reference {params.reference:q} "
+        "--output {output:q} > {log:q} 2>&1"
 
 
 rule mixed_models:
@@ -110,8 +110,8 @@ rule mixed_models:
         mem_mb=1000,
         runtime=5,
     shell:
-        "python -m harmodiff.evaluate mixed --ratios {input} --output {output.csv} "
-        "--markdown {output.markdown} > {log} 2>&1"
+        "python -m harmodiff.evaluate mixed --ratios {input:q} --output {output.csv:q} "
+        "--markdown {output.markdown:q} > {log:q} 2>&1"
 
 
 rule similarity:
@@ -130,7 +130,7 @@ rule similarity:
         mem_mb=4000,
         runtime=60,
     shell:
-        "python -m harmodiff.metrics pairs --manifest {input.manifest} --output {output} > {log} 2>&1"
+        "python -m harmodiff.metrics pairs --manifest {input.manifest:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule table1:
@@ -151,10 +151,10 @@ rule table1:
         mem_mb=1000,
         runtime=5,
     params:
-        sweep=" ".join(name for _, _, name in sweep_settings()),
+        sweep=[name for _, _, name in sweep_settings()],
     shell:
-        "python -m harmodiff.figures table1 --pairs {input.pairs} --sweep-methods {params.sweep} "
-        "--sweep-manifest {input.subjects} --output-csv {output.csv} --output-md {output.markdown} > {log} 2>&1"
+        "python -m harmodiff.figures table1 --pairs {input.pairs:q} --sweep-methods {params.sweep:q} "
+        "--sweep-manifest {input.subjects:q} --output-csv {output.csv:q} --output-md {output.markdown:q} > {log:q} 2>&1"
 
 
 # each traveling subject rendered noise-free at a target site, on the working grid, segmented like
@@ -178,8 +178,8 @@ rule truth_target_image:
         mem_mb=2000,
         runtime=5,
     shell:
-        "python -m harmodiff.metrics truth-image --truth {input.truth} --truth-mask {input.truth_mask} "
-        "--like {input.like} --output {output.image} --mask-output {output.mask} > {log} 2>&1"
+        "python -m harmodiff.metrics truth-image --truth {input.truth:q} --truth-mask {input.truth_mask:q} "
+        "--like {input.like:q} --output {output.image:q} --mask-output {output.mask:q} > {log:q} 2>&1"
 
 
 rule segment_truth:
@@ -203,9 +203,9 @@ rule segment_truth:
         backend=config["evaluation"]["segmentation"],
         fractions=config["evaluation"]["tissue_fractions"],
     shell:
-        "python -m harmodiff.segment --input {input.image} --mask {input.mask} "
-        "--output-prefix {params.prefix} --backend {params.backend} --fractions {params.fractions} "
-        "--threads {threads} > {log} 2>&1"
+        "python -m harmodiff.segment --input {input.image:q} --mask {input.mask:q} "
+        "--output-prefix {params.prefix:q} --backend {params.backend:q} --fractions {params.fractions:q} "
+        "--threads {threads} > {log:q} 2>&1"
 
 
 rule truth_scores:
@@ -237,13 +237,13 @@ rule truth_scores:
         targets=LAYOUT.manifest("truth_targets"),
         preprocessing=LAYOUT.manifest("truth_preprocessing"),
     shell:
-        "(python -m harmodiff.evaluate truth --ratios {input.ratios} --truth {input.truth} "
-        "--target-manifest {params.targets} --output {output.ratios} && "
-        "python -m harmodiff.metrics truth --manifest {params.similarity} --output {output.similarity} && "
-        "python -m harmodiff.metrics summary --scores {output.similarity} --output {output.summary} "
-        "--output-md {output.summary_md} && "
-        "python -m harmodiff.metrics preprocessing --manifest {params.preprocessing} "
-        "--output {output.preprocessing}) > {log} 2>&1"
+        "(python -m harmodiff.evaluate truth --ratios {input.ratios:q} --truth {input.truth:q} "
+        "--target-manifest {params.targets:q} --output {output.ratios:q} && "
+        "python -m harmodiff.metrics truth --manifest {params.similarity:q} --output {output.similarity:q} && "
+        "python -m harmodiff.metrics summary --scores {output.similarity:q} --output {output.summary:q} "
+        "--output-md {output.summary_md:q} && "
+        "python -m harmodiff.metrics preprocessing --manifest {params.preprocessing:q} "
+        "--output {output.preprocessing:q}) > {log:q} 2>&1"
 
 
 rule figure2:
@@ -265,8 +265,8 @@ rule figure2:
     params:
         subject=LAYOUT.figure_subject(),
     shell:
-        "python -m harmodiff.figures figure2 --manifest {input.manifest} --subject {params.subject} "
-        "--output {output.png} {output.pdf} > {log} 2>&1"
+        "python -m harmodiff.figures figure2 --manifest {input.manifest:q} --subject {params.subject:q} "
+        "--output {output.png:q} {output.pdf:q} > {log:q} 2>&1"
 
 
 rule figure3:
@@ -289,8 +289,8 @@ rule figure3:
     params:
         reference=LAYOUT.reference_site,
     shell:
-        "python -m harmodiff.figures figure3 --ratios {input.ratios} --ttests {input.ttests} "
-        "--reference {params.reference} --output {output.png} {output.pdf} > {log} 2>&1"
+        "python -m harmodiff.figures figure3 --ratios {input.ratios:q} --ttests {input.ttests:q} "
+        "--reference {params.reference:q} --output {output.png:q} {output.pdf:q} > {log:q} 2>&1"
 
 
 rule loss_curve:
@@ -310,4 +310,4 @@ rule loss_curve:
         mem_mb=1000,
         runtime=5,
     shell:
-        "python -m harmodiff.figures loss --loss {input} --output {output.png} {output.pdf} > {log} 2>&1"
+        "python -m harmodiff.figures loss --loss {input:q} --output {output.png:q} {output.pdf:q} > {log:q} 2>&1"

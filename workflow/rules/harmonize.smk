@@ -2,10 +2,10 @@ HARMONIZE = config["harmonize"]
 # the settings come from results/config/harmonize.yaml; a job adds only what is its own (params.runs:
 # the further settings it harmonizes the scan with)
 HARMONIZE_SHELL = (
-    "python -m harmodiff.harmonize --config {input.settings} --checkpoint {input.checkpoint} "
-    "--input {input.image} --mask {input.mask} --anatomy {input.anatomy} --coarse {input.coarse} "
-    "--target-site {wildcards.target} --output {output.image} {params.runs} --seed-key {wildcards.scan} "
-    "--threads {threads} > {log} 2>&1"
+    "python -m harmodiff.harmonize --config {input.settings:q} --checkpoint {input.checkpoint:q} "
+    "--input {input.image:q} --mask {input.mask:q} --anatomy {input.anatomy:q} --coarse {input.coarse:q} "
+    "--target-site {wildcards.target:q} --output {output.image:q} {params.runs:q} --seed-key {wildcards.scan:q} "
+    "--threads {threads} > {log:q} 2>&1"
 )
 
 # every harmonization reads the model, the scan, its mask and its anatomy maps (with the settings
@@ -45,7 +45,7 @@ rule harmonize:
         runtime=120,
         gpu=1,
     params:
-        runs="",
+        runs=[],
     shell:
         HARMONIZE_SHELL
 
@@ -81,10 +81,11 @@ rule harmonize_all_settings:
         runtime=120 * (1 + len(EXTRA_RUNS)),
         gpu=1,
     params:
-        runs=lambda wildcards, output: " ".join(
-            f"--run {output[f'run{i}']} {guidance} {scale} {seed}"
+        runs=lambda wildcards, output: [
+            arg
             for i, (_, guidance, scale, seed) in enumerate(EXTRA_RUNS)
-        ),
+            for arg in ("--run", output[f"run{i}"], guidance, scale, seed)
+        ],
     shell:
         HARMONIZE_SHELL
 
@@ -92,7 +93,7 @@ rule harmonize_all_settings:
 # the target site's pooled training intensities, built once and read by every histmatch job
 rule histmatch_reference:
     input:
-        unpack(lambda wildcards: manifest_inputs(f"histmatch-{wildcards.target}")),
+        unpack(lambda wildcards: manifest_inputs(f"histmatch-{wildcards.target:q}")),
     output:
         "results/harmonized/histmatch/{target}/reference.npy",
     log:
@@ -106,7 +107,7 @@ rule histmatch_reference:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m harmodiff.histmatch reference --manifest {input.manifest} --output {output} > {log} 2>&1"
+        "python -m harmodiff.histmatch reference --manifest {input.manifest:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule histmatch:
@@ -127,8 +128,8 @@ rule histmatch:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m harmodiff.histmatch match --input {input.image} --mask {input.mask} "
-        "--reference {input.reference} --output {output} > {log} 2>&1"
+        "python -m harmodiff.histmatch match --input {input.image:q} --mask {input.mask:q} "
+        "--reference {input.reference:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule import_external:
@@ -155,8 +156,8 @@ rule import_external:
     params:
         space=lambda wildcards: EXTERNAL[wildcards.method]["space"],
     shell:
-        "python -m harmodiff.external --input {input.image} --mask {input.mask} --space {params.space} "
-        "--transform {input.transform} --output {output} > {log} 2>&1"
+        "python -m harmodiff.external --input {input.image:q} --mask {input.mask:q} --space {params.space:q} "
+        "--transform {input.transform:q} --output {output:q} > {log:q} 2>&1"
 
 
 # the harmonized scans as a BIDS-Derivatives dataset (results/derivatives/harmodiff)
@@ -174,7 +175,7 @@ rule bids_description:
         mem_mb=500,
         runtime=5,
     shell:
-        "python -m harmodiff.derivatives description --output {output} > {log} 2>&1"
+        "python -m harmodiff.derivatives description --output {output:q} > {log:q} 2>&1"
 
 
 rule bids_image:
@@ -200,5 +201,5 @@ rule bids_image:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m harmodiff.derivatives image --harmonized {input.harmonized} --raw {input.raw} "
-        "--transform {input.transform} --mni-output {output.mni} --native-output {output.native} > {log} 2>&1"
+        "python -m harmodiff.derivatives image --harmonized {input.harmonized:q} --raw {input.raw:q} "
+        "--transform {input.transform:q} --mni-output {output.mni:q} --native-output {output.native:q} > {log:q} 2>&1"

@@ -21,9 +21,9 @@ rule preprocess:
         mem_mb=4000,
         runtime=30,
     shell:
-        "python -m harmodiff.preprocess --config {input.settings} --input {input.raw} --output {output.image} "
-        "--mask-output {output.mask} --transform-output {output.transform} --qc-output {output.qc} "
-        "--threads {threads} > {log} 2>&1"
+        "python -m harmodiff.preprocess --config {input.settings:q} --input {input.raw:q} --output {output.image:q} "
+        "--mask-output {output.mask:q} --transform-output {output.transform:q} --qc-output {output.qc:q} "
+        "--threads {threads} > {log:q} 2>&1"
 
 
 # every raw scan read in full (voxel data, gzip checksum, NaNs) before any preprocessing starts
@@ -43,4 +43,4 @@ rule scans_readable:
         mem_mb=2000,
         runtime=30,
     shell:
-        "python -m harmodiff.scans readable --manifest {input.manifest} --output {output} > {log} 2>&1"
+        "python -m harmodiff.scans readable --manifest {input.manifest:q} --output {output:q} > {log:q} 2>&1"

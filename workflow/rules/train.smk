@@ -46,6 +46,6 @@ rule train:
         export=lambda wildcards, output: os.path.dirname(output.checkpoint),
         pretrained=pretrained_args(),
     shell:
-        "python -m harmodiff.train --config {input.settings} --manifest {input.manifest} "
-        "--output-dir {params.state} --resume "
-        "--export-dir {params.export} {params.pretrained} --threads {threads} > {log} 2>&1"
+        "python -m harmodiff.train --config {input.settings:q} --manifest {input.manifest:q} "
+        "--output-dir {params.state:q} --resume "
+        "--export-dir {params.export:q} {params.pretrained:q} --threads {threads} > {log:q} 2>&1"
