@@ -22,10 +22,36 @@ def test_shipped_demo_model_matches_the_default_config():
     sites = list(scan_table(config).query("cohort == 'train'")["site"])
     record = tr.config_record(ModelConfig.from_dict(config["model"]), tr.TrainConfig.from_dict(train),
                               config["grid"]["patch_shape"], config["anatomy"])
-    ckpt = tr.check_pretrained(path, train["pretrained_sha256"], record, sites)
+    ckpt = tr.check_pretrained(path, train["pretrained_sha256"], record, sites, tr.GridConfig.from_dict(config["grid"]))
     assert ckpt["step"] == train["steps"]
+    assert ckpt["voxel_mm"] == [config["grid"]["spacing"]] * 3  # so harmonize checks its inputs' voxel size
     assert (path.parent / "checkpoint.pt.sha256").read_text().split()[0] == train["pretrained_sha256"]
     assert json.loads((path.parent / "model.json").read_text())["sha256"] == train["pretrained_sha256"]
     assert path.stat().st_size < 20 * 2**20
     model, labels, _ = tr.load_model_for_inference(path)
     assert labels.sites == sorted(set(sites))
+
+
+def test_the_shipped_model_checks_the_voxel_size_of_what_it_harmonizes(tmp_path):
+    """It records its 2 mm training grid: a config on another grid is refused at the train rule,
+    and a 1 mm scan of the same shape at harmonize."""
+    import nibabel as nib
+    import numpy as np
+    import pytest
+
+    from harmodiff.harmonize import check_voxel_size
+    from harmodiff.io import InputError
+
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    train = config["train"]
+    path = ROOT / train["pretrained"]
+    sites = list(scan_table(config).query("cohort == 'train'")["site"])
+    record = tr.config_record(ModelConfig.from_dict(config["model"]), tr.TrainConfig.from_dict(train),
+                              config["grid"]["patch_shape"], config["anatomy"])
+    one_mm = tr.GridConfig.from_dict({**config["grid"], "spacing": 1.0})
+    with pytest.raises(InputError, match=r"trained on a \[80, 96, 80\] grid of \[2.0, 2.0, 2.0\] mm voxels"):
+        tr.check_pretrained(path, None, record, sites, one_mm)
+    _, _, checkpoint_config = tr.load_model_for_inference(path)
+    scan = nib.Nifti1Image(np.ones((80, 96, 80), np.float32), np.eye(4))
+    with pytest.raises(InputError, match=r"voxels of 1x1x1 mm, but .* was trained on 2x2x2 mm"):
+        check_voxel_size("scan.nii.gz", scan, checkpoint_config.get("voxel_mm"), path)

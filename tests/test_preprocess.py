@@ -196,16 +196,21 @@ def test_single_threaded_preprocessing_is_byte_identical(tiny_cohort, tmp_path):
     import subprocess
     import sys
 
+    import os
+
     out, _ = tiny_cohort
     raw = sorted((out / "raw" / "test").rglob("*.nii.gz"))[0]
+    tmpdir = tmp_path / "tmpdir"  # each run's $TMPDIR: left as empty as it was
+    tmpdir.mkdir()
     digests = []
     for k in range(2):
         d = tmp_path / str(k)
         subprocess.run([sys.executable, "-m", "harmodiff.preprocess", "--input", str(raw), "--output", str(d / "p.nii.gz"),
                         "--mask-output", str(d / "m.nii.gz"), "--transform-output", str(d / "t.mat"),
                         "--spacing", "4", "--shape", "40", "48", "40", "--threads", "1", "--seed", "0"],
-                       check=True, capture_output=True, timeout=300)
+                       check=True, capture_output=True, timeout=300, env={**os.environ, "TMPDIR": str(tmpdir)})
         digests.append([(d / f).read_bytes() for f in ("t.mat", "p.nii.gz", "m.nii.gz")])
+        assert list(tmpdir.iterdir()) == []
     assert digests[0] == digests[1]
 
 
@@ -226,10 +231,20 @@ def test_self_checks_follow_their_formulas():
     assert "550 ml is outside 700-2500 ml" in failed[0]
 
 
-def test_a_scan_with_a_wrong_header_fails_preprocessing_naming_the_check(tiny_cohort, tmp_path, capsys):
+def test_a_scan_with_a_wrong_header_fails_preprocessing_naming_the_check(tiny_cohort, tmp_path, capsys,
+                                                                         monkeypatch):
     """A ~4 mm scan (every other voxel of a ~2 mm one) whose header gives it half its voxel size gets
     a brain an eighth of the size: preprocessing stops, names the scan and the check, and writes
-    nothing. (Halving the 2 mm scan's own header tests the same check with a 1 mm SyN, ~10x slower.)"""
+    nothing, not even in $TMPDIR (ANTs' warps and transforms went to a folder of the job's own,
+    removed on failure as on success). (Halving the 2 mm scan's own header tests the same check with
+    a 1 mm SyN, ~10x slower.)"""
+    import tempfile
+
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    tmp_path = tmp_path / "work"
+    tmp_path.mkdir()
     out, _ = tiny_cohort
     raw = sorted((out / "raw" / "test").rglob("*.nii.gz"))[0]
     img = nib.load(str(raw))
@@ -242,7 +257,9 @@ def test_a_scan_with_a_wrong_header_fails_preprocessing_naming_the_check(tiny_co
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(bad) in err and "self-check" in err and "brain volume" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["halved.nii.gz"]
+    assert list(tmpdir.iterdir()) == []
     assert pp.main(["--input", str(raw), *outs, *grid]) == 0  # the scan itself passes, its measures recorded
+    assert list(tmpdir.iterdir()) == []
     import json
 
     measures = json.loads((tmp_path / "p.json").read_text())

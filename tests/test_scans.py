@@ -262,3 +262,82 @@ def test_a_directory_or_fifo_is_named_as_what_it_is(sheet):
         df.loc[1, "path"] = name
         with pytest.raises(InputError, match=rf"row 3 \(scan_id 's2'\): not a regular file \({what}"):
             scans.validate_scan_sheet(df, base_dir=tmp)
+
+
+def _bids_study(root, sites=("A", "B"), subjects=("sub-01", "sub-02")):
+    """A tiny BIDS tree: each subject scanned once at each site (ses-<site>), the site in sessions.tsv."""
+    rng = np.random.default_rng(len(str(root)))
+    for sub in subjects:
+        for site in sites:
+            path = root / sub / f"ses-{site}" / "anat" / f"{sub}_ses-{site}_T1w.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(rng.normal(100, 10, (4, 4, 4)).astype(np.float32), np.eye(4)), str(path))
+        pd.DataFrame({"session_id": [f"ses-{s}" for s in sites], "site": list(sites)}).to_csv(
+            root / sub / f"{sub}_sessions.tsv", sep="\t", index=False)
+    return root
+
+
+def test_bids_cohort_per_subject_or_per_session_from_a_column(tmp_path):
+    root = _bids_study(tmp_path / "my study")
+    pd.DataFrame({"participant_id": ["sub-01", "sub-02"], "role": ["train", "test"]}).to_csv(
+        root / "participants.tsv", sep="\t", index=False)
+    df = scans.from_bids(root, cohort_column="role")
+    assert dict(zip(df["scan_id"], df["cohort"])) == {"sub-01_ses-A": "train", "sub-01_ses-B": "train",
+                                                      "sub-02_ses-A": "test", "sub-02_ses-B": "test"}
+    sessions = root / "sub-01" / "sub-01_sessions.tsv"  # a session's value wins over its subject's
+    pd.DataFrame({"session_id": ["ses-A", "ses-B"], "site": ["A", "B"], "role": ["test", "n/a"]}).to_csv(
+        sessions, sep="\t", index=False)
+    df = scans.from_bids(root, cohort_column="role")
+    assert dict(zip(df["scan_id"], df["cohort"]))["sub-01_ses-A"] == "test"
+    assert dict(zip(df["scan_id"], df["cohort"]))["sub-01_ses-B"] == "train"
+    pd.DataFrame({"participant_id": ["sub-01", "sub-02"], "role": ["train", "validation"]}).to_csv(
+        root / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match=r"sub-02_ses-A_T1w.nii.gz: column 'role' .* must say train or test for "
+                                         r"sub-02 ses-A, got 'validation'"):
+        scans.from_bids(root, cohort_column="role")
+
+
+def test_a_bids_study_runs_as_the_test_cohort_with_a_training_sheet_or_a_pretrained_model(tmp_path):
+    """The study's scans are the test cohort (cohort.bids.cohort: test); training scans come from a
+    sheet, or none are needed with train.pretrained, whose model.json names the sites it knows."""
+    import json
+
+    from harmodiff.workflow_support import scan_table
+
+    root = _bids_study(tmp_path / "study")
+    train_root = _bids_study(tmp_path / "train", sites=("TRA",), subjects=("sub-91",))
+    sheet = tmp_path / "train.tsv"
+    pd.DataFrame({"scan_id": ["t1"], "subject": ["sub-91"], "site": ["TRA"], "cohort": ["train"],
+                  "path": [str(train_root / "sub-91/ses-TRA/anat/sub-91_ses-TRA_T1w.nii.gz")]}).to_csv(
+        sheet, sep="\t", index=False)
+    config = {"cohort": {"source": "bids", "bids": {"root": str(root), "training_sheet": str(sheet)}},
+              "target_sites": ["TRA"]}
+    table = scan_table(config)
+    assert sorted(table.query("cohort == 'test'").index) == ["sub-01_ses-A", "sub-01_ses-B", "sub-02_ses-A",
+                                                             "sub-02_ses-B"]
+    assert list(table.query("cohort == 'train'").index) == ["t1"]
+    config["cohort"]["bids"].pop("training_sheet")
+    with pytest.raises(InputError, match=r"no 'train' rows, so nothing to train the model on .*train.pretrained"):
+        scan_table(config)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.json").write_text(json.dumps({"site_labels": {"sites": ["TRA", "TRB"]}}))
+    config["train"] = {"pretrained": str(model / "checkpoint.pt")}
+    assert len(scan_table(config)) == 4
+    config["target_sites"] = ["TRC"]
+    with pytest.raises(InputError, match=r"target_sites: TRC not among the sites the pretrained model was trained "
+                                         r"on \(TRA, TRB"):
+        scan_table(config)
+
+
+def test_histmatch_without_training_scans_at_the_target_is_one_line():
+    from harmodiff.layout import Layout
+
+    table = pd.DataFrame({"scan_id": ["a", "b"], "subject": ["s1", "s1"], "site": ["A", "B"],
+                          "cohort": ["test", "test"], "path": ["a", "b"]}).set_index("scan_id", drop=False)
+    config = {"cohort": {"source": "bids"}, "target_sites": ["TRA"], "harmonize": {"guidance": "cfgpp", "scale": 0.6},
+              "evaluation": {"methods": ["preprocessed", "diffusion", "histmatch"]}}
+    with pytest.raises(InputError, match=r"evaluation.methods: histmatch .* target site TRA has none here"):
+        Layout(config, table)
+    config["evaluation"]["methods"] = ["preprocessed", "diffusion", "combat"]
+    assert Layout(config, table).methods == ["preprocessed", "diffusion", "combat"]

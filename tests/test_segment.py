@@ -16,12 +16,16 @@ def _on_grid(path, affine, shape, order=1):
     return ndimage.affine_transform(img.get_fdata(dtype=np.float32), m[:3, :3], m[:3, 3], output_shape=shape, order=order)
 
 
-def test_atropos_posteriors_on_a_synthetic_brain(tiny_cohort):
+def test_atropos_posteriors_on_a_synthetic_brain(tiny_cohort, tmp_path, monkeypatch):
     """Atropos on noise-free synthetic brains on the working grid: posteriors sum to one in the
     brain, WM is found where the truth has WM, and the tissue volumes follow the true ones across
     subjects (r >= 0.9; ratios in the same order). Atropos's MNI priors and partial volume pull
     the GM ratio of an atrophied cortex towards the population mean (measured 0.46-0.49 for true
-    0.36-0.47), so values are not compared one to one."""
+    0.36-0.47), so values are not compared one to one. Atropos's temporary posteriors are gone
+    afterwards ($TMPDIR as empty as before)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     out, _ = tiny_cohort
     scans = pd.read_csv(out / "truth/scans.tsv", sep="\t").drop_duplicates("subject")
     truth = pd.read_csv(out / "truth/subjects.tsv", sep="\t").set_index("subject")
@@ -32,6 +36,7 @@ def test_atropos_posteriors_on_a_synthetic_brain(tiny_cohort):
         image = _on_grid(out / f"truth/rendered/{row.scan_id}.nii.gz", aff, shape)
         mask = _on_grid(out / f"truth/subjects/{row.subject}_mask.nii.gz", aff, shape) > 0.5
         probs = sg.segment_atropos(image, mask, aff)
+        assert list(tmp_path.iterdir()) == []
         total = sum(probs[t] for t in sg.TISSUES)
         np.testing.assert_allclose(total[mask], 1.0, atol=1e-3)
         assert (total[~mask] == 0).all()

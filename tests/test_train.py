@@ -279,7 +279,9 @@ def test_exported_model_is_checked_against_the_config_before_it_stands_in_for_tr
     import nibabel as nib
     import yaml
 
-    vols = [phantom("A", 0), phantom("B", 1)]
+    import dataclasses
+
+    vols = [dataclasses.replace(phantom(s, i), voxel_mm=(2.0, 2.0, 2.0)) for i, s in enumerate("AB")]
     settings = dict(steps=2, batch_size=1, checkpoint_every=100, contrast_levels=[0.0], spatial_augmentation=False)
     tr.train(vols, tmp_path / "run", model_cfg=TINY, cfg=tr.TrainConfig(**settings), patch_shape=(16, 16, 16),
              progress=False)
@@ -287,8 +289,9 @@ def test_exported_model_is_checked_against_the_config_before_it_stands_in_for_tr
     shipped = tmp_path / "shipped/checkpoint.pt"
     lean = torch.load(shipped, weights_only=True)
     full = _state(tmp_path / "run")
-    assert set(lean) == {"model", "config", "site_labels", "step", "sha256", "volume_shape"} and lean["step"] == 2
-    assert lean["volume_shape"] == [24, 24, 24]  # the training grid travels with the model
+    assert set(lean) == {"model", "config", "site_labels", "step", "sha256", "volume_shape", "voxel_mm"}
+    assert lean["step"] == 2
+    assert lean["volume_shape"] == [24, 24, 24] and lean["voxel_mm"] == [2.0, 2.0, 2.0]  # the training grid travels
     for k, v in full["ema"].items():
         assert torch.equal(lean["model"][k], v), k
     assert (tmp_path / "shipped/checkpoint.pt.sha256").read_text().split()[0] == info["sha256"] == tr.file_sha256(shipped)
@@ -303,8 +306,9 @@ def test_exported_model_is_checked_against_the_config_before_it_stands_in_for_tr
         nib.save(nib.Nifti1Image(v.mask.astype(np.uint8), np.eye(4)), tmp_path / f"{v.site}_mask.nii.gz")
         paths.append(p)
 
-    def run(train_settings, sha=info["sha256"], sites=("A", "B")):
-        cfg = {"model": TINY.to_dict(), "train": train_settings, "grid": {"patch_shape": [16, 16, 16]}, "anatomy": {}}
+    def run(train_settings, sha=info["sha256"], sites=("A", "B"), spacing=2.0):
+        grid = {"spacing": spacing, "shape": [24, 24, 24], "patch_shape": [16, 16, 16]}
+        cfg = {"model": TINY.to_dict(), "train": train_settings, "grid": grid, "anatomy": {}}
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
         args = ["--config", str(tmp_path / "c.yaml"), "--images", *map(str, paths),
                 "--masks", *[str(p).replace(".nii", "_mask.nii") for p in paths], "--sites", *sites,
@@ -322,6 +326,7 @@ def test_exported_model_is_checked_against_the_config_before_it_stands_in_for_tr
     assert run({**settings, "lr": 2e-4}) == 2
     assert run(settings, sha="0" * 64) == 2
     assert run(settings, sites=("A", "C")) == 2
+    assert run(settings, spacing=1.0) == 2  # trained on 2 mm voxels, the config's grid is 1 mm
 
 
 def test_pretrained_mismatch_messages_name_the_key_and_the_file(tmp_path, capsys):

@@ -374,3 +374,70 @@ def test_e2e_derivatives_are_a_bids_dataset(e2e):
     raw = nib.load(str(e2e / "results/synthetic/raw/test/TSA/sub-ts01_ses-TSA.nii.gz"))
     assert nib.load(one.path).shape == raw.shape
     np.testing.assert_allclose(nib.load(one.path).affine, raw.affine, atol=1e-4)
+
+
+README_STUDY = """\
+cohort:
+  source: bids
+  bids:
+    root: {root}
+    site_column: site
+    cohort: test
+target_sites: [TRA]
+train:
+  pretrained: {model}/checkpoint.pt
+  pretrained_sha256: {sha}
+evaluation:
+  methods: [preprocessed, diffusion, combat]
+  reference_site: TSA
+  external:
+    rawcopy:
+      pattern: "{root}/{{subject}}/ses-{{site}}/anat/{{scan_id}}_T1w.nii.gz"
+      space: native
+      target: none
+"""
+
+
+@pytest.mark.e2e
+def test_e2e_a_bids_study_harmonized_with_a_pretrained_model(e2e, tmp_path):
+    """The README's BIDS run: a study's BIDS dataset (in a folder whose name holds a space and
+    shell syntax) as the test cohort, a model trained elsewhere (the e2e run's, exported), no
+    training scans; every rule runs, nothing in the name runs, and every harmonized scan names the
+    model it came from."""
+    import json
+    import shutil
+
+    from harmodiff.io import file_sha256
+
+    root = tmp_path / "bids study $(touch PWNED)"
+    raw = sorted((e2e / "results/synthetic/raw/test").rglob("*.nii.gz"))
+    for scan in raw:  # sub-ts01_ses-TSA.nii.gz -> sub-ts01/ses-TSA/anat/sub-ts01_ses-TSA_T1w.nii.gz
+        sub, ses = scan.name.removesuffix(".nii.gz").split("_")
+        (root / sub / ses / "anat").mkdir(parents=True, exist_ok=True)
+        shutil.copy(scan, root / sub / ses / "anat" / f"{sub}_{ses}_T1w.nii.gz")
+    for sub in {s.name.split("_")[0] for s in raw}:
+        sessions = sorted(p.name for p in (root / sub).iterdir())
+        pd.DataFrame({"session_id": sessions, "site": [s.removeprefix("ses-") for s in sessions]}).to_csv(
+            root / sub / f"{sub}_sessions.tsv", sep="\t", index=False)
+    model = tmp_path / "model"
+    subprocess.run([sys.executable, "-m", "harmodiff.train", "export", str(e2e / "results/model/diffusion/checkpoint.pt"),
+                    str(model)], check=True, capture_output=True, timeout=300)
+    sha = file_sha256(model / "checkpoint.pt")
+    study = tmp_path / "run" / "my-study.yaml"
+    study.parent.mkdir()
+    study.write_text(README_STUDY.format(root=root, model=model, sha=sha))
+    wd = study.parent
+    snakemake(wd, "--cores", "2", "--configfile", str(ROOT / "config/test.yaml"), str(study))
+    assert not list(tmp_path.rglob("PWNED")) and not list(ROOT.glob("PWNED"))
+    harmonized = sorted((wd / "results/harmonized/diffusion/TRA").rglob("*.nii.gz"))
+    assert [p.name for p in harmonized] == [s.name for s in raw]  # the 4 study scans, and nothing else
+    for image in harmonized:
+        prov = json.loads(image.with_name(image.name.replace(".nii.gz", ".json")).read_text())
+        assert prov["checkpoint_sha256"] == file_sha256(wd / "results/model/diffusion/checkpoint.pt") == sha
+        assert prov["preprocessing"]["source"] == str(root / image.name.split("_")[0] / image.name.split("_")[1]
+                                                      / "anat" / image.name.replace(".nii.gz", "_T1w.nii.gz"))
+    ratios = pd.read_csv(wd / "results/tables/tissue_ratios.csv")
+    assert set(ratios["method"]) == {"preprocessed", "diffusion", "combat", "rawcopy"}
+    assert not list((wd / "results").glob("preprocessed/train/*"))  # no training scans, none preprocessed
+    derivatives = sorted(p.name for p in (wd / "results/derivatives/harmodiff").rglob("*_T1w.nii.gz"))
+    assert len(derivatives) == 8 and derivatives[0].startswith("sub-ts01_ses-siteTSA_")

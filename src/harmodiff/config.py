@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -47,6 +48,12 @@ def section(cls, help: str):
 
 class ConfigError(ValueError):
     """A config value of the wrong type or range, or an unknown key; the message names it."""
+
+
+# seeds go to numpy, torch and ANTs (a 32-bit seed): one bound for all of them
+SEED_MAX = 2**32 - 1
+# the longest noise schedule a config may ask for (the paper: 1,000); DDIM steps are at most the schedule's
+MAX_TIMESTEPS = 100_000
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -114,6 +121,8 @@ def _check(value, hint, rules: dict, where: str, nullable: bool = False):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail()
         value = float(value)
+        if not math.isfinite(value):  # NaN passes every range check (all comparisons are false)
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
     elif hint is str:
         if not isinstance(value, str):
             fail()
@@ -124,12 +133,15 @@ def _check(value, hint, rules: dict, where: str, nullable: bool = False):
     hi, hi_open = (rules["exclusive_maximum"], True) if "exclusive_maximum" in rules else (rules.get("maximum"), False)
     if (lo is not None and (value <= lo if lo_open else value < lo)) or (
             hi is not None and (value >= hi if hi_open else value > hi)):
+        def show(bound):
+            return f"{bound:,}" if isinstance(bound, int) else f"{bound:g}"
+
         if lo is not None and hi is not None:
-            span = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            span = f"in {'(' if lo_open else '['}{show(lo)}, {show(hi)}{')' if hi_open else ']'}"
         elif lo is not None:
-            span = f"{'>' if lo_open else '>='} {lo:g}"
+            span = f"{'>' if lo_open else '>='} {show(lo)}"
         else:
-            span = f"{'<' if hi_open else '<='} {hi:g}"
+            span = f"{'<' if hi_open else '<='} {show(hi)}"
         raise ConfigError(f"{where} must be {span}, got {value!r}")
     return value
 
@@ -217,7 +229,7 @@ class SyntheticCohort(Section):
     train_subjects_per_site: int = setting(2, "training subjects scanned at each training site", minimum=1)
     test_sites: int = setting(3, "sites every traveling subject is scanned at (TSA, TSB, ...)", minimum=1)
     test_subjects: int = setting(3, "traveling subjects (the test cohort)", minimum=1)
-    seed: int = setting(0, "seed of the whole cohort (subjects, sites, noise)", minimum=0)
+    seed: int = setting(0, "seed of the whole cohort (subjects, sites, noise)", minimum=0, maximum=SEED_MAX)
     render_spacing: float = setting(1.0, "mm; MNI grid the synthetic heads are rendered on", exclusive_minimum=0)
     native_spacing: tuple[float, float] = setting((1.8, 2.2), "mm; range of the scans' voxel sizes", length=2,
                                           items_exclusive_minimum=0)
@@ -234,7 +246,12 @@ class BidsCohort(Section):
     where: typing.ClassVar[str] = "cohort.bids"
     root: str | None = setting(None, "the BIDS dataset's root folder")
     site_column: str = setting("site", "column of sub-*_sessions.tsv or participants.tsv naming the site")
-    cohort: str = setting("train", "what the dataset's scans are used for", choices=("train", "test"))
+    cohort: str = setting("test", "what the dataset's scans are used for (a study to harmonize: test)",
+                          choices=("train", "test"))
+    cohort_column: str | None = setting(None, "column of sub-*_sessions.tsv (per session) or participants.tsv (per "
+                                        "subject) saying train or test; overrides `cohort`")
+    training_sheet: str | None = setting(None, "scan sheet TSV of training scans added to the dataset's (not needed "
+                                         "with train.pretrained)")
 
 
 @dataclass(frozen=True)
@@ -281,7 +298,7 @@ class PreprocessConfig(Section):
     hdbet_weights: str = setting("resources/hd-bet", "HD-BET 2 model folder (dataset.json, plans.json, "
                                  "fold_all/checkpoint_final.pth); never downloaded")
     registration: str = setting("affine", "to MNI152: affine (the paper) | rigid", choices=("affine", "rigid"))
-    seed: int = setting(0, "ANTs' random seed", minimum=0)
+    seed: int = setting(0, "ANTs' random seed", minimum=0, maximum=2**31 - 1)
     threads: int = setting(1, "ANTs is reproducible only single-threaded: run scans in parallel", minimum=1)
     # self-checks: a scan failing one stops at preprocessing, naming the scan and the check
     brain_volume_ml: tuple[float, float] = setting((700.0, 2500.0), "plausible volume of the native brain mask "
@@ -341,7 +358,7 @@ class TrainConfig(Section):
                          exclusive_minimum=0)
     batch_size: int = setting(2, "patches per step (the paper: 5)", exclusive_minimum=0)
     lr: float = setting(1e-4, "AdamW learning rate (peak)", exclusive_minimum=0)
-    num_train_timesteps: int = setting(1000, "DDPM noise steps", exclusive_minimum=0)
+    num_train_timesteps: int = setting(1000, "DDPM noise steps", exclusive_minimum=0, maximum=MAX_TIMESTEPS)
     null_prob: float = setting(0.15, "fraction of samples trained with the null site label (for guidance)",
                                minimum=0, exclusive_maximum=1)
     anatomy_log_gamma: float = setting(0.5, "A is computed under a log-gamma contrast ~ U(-x, x)", minimum=0)
@@ -352,7 +369,7 @@ class TrainConfig(Section):
     ema_decay: float = setting(0.999, "EMA of the weights used for sampling", minimum=0, exclusive_maximum=1)
     checkpoint_every: int = setting(500, "steps between checkpoints (a killed run resumes from the last)",
                                     exclusive_minimum=0)
-    seed: int = setting(0, "training seed", minimum=0)
+    seed: int = setting(0, "training seed", minimum=0, maximum=SEED_MAX)
     bf16: bool = setting(False, "bfloat16 autocast (GPU)")
     compile: bool = setting(False, "torch.compile the U-Net (pays off on long GPU runs)")
     prediction: str = setting("eps", "what the network outputs: eps (the paper) | v | x0 (learns fastest, "
@@ -388,13 +405,14 @@ class HarmonizeConfig(Section):
     where: typing.ClassVar[str] = "harmonize"
     guidance: str = setting("cfgpp", "none | cfg | cfgpp (the paper)", choices=GUIDANCES)
     scale: float = setting(0.6, "CFG w or CFG++ lambda (the paper: lambda 0.6)", minimum=0)
-    steps: int = setting(50, "DDIM steps of the schedule (the paper: 50)", exclusive_minimum=0)
+    steps: int = setting(50, "DDIM steps of the schedule (the paper: 50; at most train.num_train_timesteps)",
+                         exclusive_minimum=0, maximum=MAX_TIMESTEPS)
     start_from: str = setting("noise", "noise (the paper) | source (the noised scan itself)",
                               choices=("noise", "source"))
     strength: float = setting(0.5, "start_from source: the fraction of the schedule run", exclusive_minimum=0,
                               maximum=1)
     batch_size: int = setting(4, "patches per forward pass (x2 for the guidance branches)", exclusive_minimum=0)
-    seed: int = setting(0, "noise seed (each scan draws its own field from it)", minimum=0)
+    seed: int = setting(0, "noise seed (each scan draws its own field from it)", minimum=0, maximum=SEED_MAX)
     threads: int = setting(1, "CPU threads of a harmonization job", minimum=1)
     bf16: bool = setting(False, "GPU: bfloat16 autocast (same images within rounding)")
     channels_last: bool = setting(False, "channels-last 3-D memory format")
@@ -419,7 +437,7 @@ class GuidanceSweep(Section):
                                  "is reused, not rerun", items_minimum=0)
     subjects: int | None = setting(None, "the first N traveling subjects (null: all)", minimum=1)
     seeds: list[int] = setting([], "the main setting again under these run seeds (spread of the truth scores)",
-                               items_minimum=0)
+                               items_minimum=0, items_maximum=SEED_MAX)
 
 
 @dataclass(frozen=True)
@@ -456,6 +474,11 @@ class WorkflowConfig(Section):
     train: TrainConfig = section(TrainConfig, "training")
     harmonize: HarmonizeConfig = section(HarmonizeConfig, "sampling: DDIM with CFG / CFG++")
     evaluation: EvaluationConfig = section(EvaluationConfig, "tables and figures")
+
+    def check(self):
+        if self.harmonize.steps > self.train.num_train_timesteps:
+            raise ConfigError(f"harmonize.steps must be at most train.num_train_timesteps "
+                              f"({self.train.num_train_timesteps}), got {self.harmonize.steps}")
 
     @classmethod
     def from_file(cls, path) -> "WorkflowConfig":

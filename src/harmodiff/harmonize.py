@@ -33,7 +33,7 @@ from harmodiff.io import (InputError, file_sha256, json_sidecar, load_image, loa
 from harmodiff.antsio import to_native
 from harmodiff.model import NULL_LABEL
 from harmodiff.patches import extract, fuse, grid_positions, hann_window
-from harmodiff.intensity import from_model_units, to_model_units
+from harmodiff.intensity import MEDIAN_TARGET, from_model_units, to_model_units
 
 
 _H = HarmonizeConfig  # the sampling defaults live in harmodiff.config
@@ -175,6 +175,11 @@ def sample_volume(denoiser: GuidedDenoiser, cond: Conditioning, image: np.ndarra
     return fuse(outputs, positions, image.shape, hann_window(patch_shape))
 
 
+# brain medians a preprocessed scan may have: exactly MEDIAN_TARGET after preprocessing; a little
+# room for a scan written by another tool in the same units
+PREPROCESSED_MEDIAN = (0.8 * MEDIAN_TARGET, 1.25 * MEDIAN_TARGET)
+
+
 def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.ndarray, target_site: str, *,
                     guidance: str = _H.guidance, scale: float = _H.scale, steps: int = _H.steps,
                     batch_size: int = _H.batch_size, seed: int = _H.seed, device: str = "cpu",
@@ -192,10 +197,13 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
     from tqdm import tqdm
 
     t_all = time.perf_counter()
+    schedule = int(config["train"]["num_train_timesteps"])
+    if not 1 <= steps <= schedule:
+        raise InputError(f"steps must be in 1..{schedule} (the model's noise schedule), got {steps}")
     cond = conditioning(config, labels, image, mask, target_site, anatomy, coarse)
     if start_from not in ("noise", "source"):
         raise InputError(f"start_from must be 'noise' or 'source', got {start_from!r}")
-    timesteps = smp.ddim_timesteps(int(config["train"]["num_train_timesteps"]), steps)
+    timesteps = smp.ddim_timesteps(schedule, steps)
     if start_from == "source":
         timesteps = smp.start_timesteps(timesteps, strength)
     denoiser = GuidedDenoiser(model, config, guidance, device, bf16, channels_last, compile)
@@ -208,6 +216,20 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
     stats = {"patches": len(positions), "steps": len(timesteps), "unet_passes": passes * denoiser.branches,
              "unet_seconds": denoiser.seconds, "total_seconds": time.perf_counter() - t_all}
     return from_model_units(fused, mask), stats
+
+
+def check_preprocessed(path, image: np.ndarray, mask: np.ndarray) -> None:
+    """The input must be in preprocessed units (`intensity.median_normalize`: brain median 500,
+    nothing negative): a raw or otherwise scaled scan would be read by the model as some other
+    contrast and still come out brain-like."""
+    if not mask.any():
+        raise InputError(f"{path}: the brain mask is empty")
+    brain = image[mask]
+    median, low = float(np.median(brain)), float(brain.min())
+    if low < 0 or not PREPROCESSED_MEDIAN[0] <= median <= PREPROCESSED_MEDIAN[1]:
+        raise InputError(f"{path}: does not look preprocessed: brain median {median:.4g} and minimum {low:.4g}, "
+                         f"but preprocessing gives a median of {MEDIAN_TARGET:g} and nothing negative "
+                         "(run harmodiff.preprocess on the raw scan first)")
 
 
 def check_voxel_size(path, img, trained_mm, checkpoint) -> None:
@@ -270,6 +292,10 @@ def extra_runs(a: argparse.Namespace) -> list[argparse.Namespace]:
             run.seed = a.seed if seed == "-" else int(seed)
         except ValueError:
             raise InputError(f"--run {output}: scale {scale!r} must be a number and seed {seed!r} an integer") from None
+        try:  # the run's settings under the same rules as the job's own (finite scale, seed range)
+            HarmonizeConfig.from_dict({k: getattr(run, k) for k in ("guidance", "scale", "seed")})
+        except ConfigError as exc:
+            raise InputError(f"--run {output}: {exc}") from None
         runs.append(run)
     outputs = [r.output for r in runs]
     if len(set(outputs)) < len(outputs):
@@ -334,6 +360,8 @@ def main(argv=None) -> int:
                                       a.transform]):
             img = load_image(a.input)
             mask = load_mask(a.mask, like=img)
+            image = np.asarray(img.dataobj, np.float32)
+            check_preprocessed(a.input, image, mask)
             if bool(a.anatomy) != bool(a.coarse):
                 raise InputError("--anatomy and --coarse go together")
             maps = {}
@@ -344,7 +372,6 @@ def main(argv=None) -> int:
             check_voxel_size(a.input, img, config.get("voxel_mm"), a.checkpoint)
             if a.anatomy:
                 anat.check_settings(a.anatomy, config.get("anatomy"), a.checkpoint)
-            image = np.asarray(img.dataobj, np.float32)
             for run in runs:
                 seed = run.seed if run.seed_key is None else scan_seed(run.seed, run.seed_key)
                 out, stats = harmonize_array(

@@ -65,17 +65,43 @@ def not_a_file(path) -> str:
     return f"not a regular file ({_what_stands_at(path)})"
 
 
+# the most voxels an input may hold (a 0.5 mm whole head, 512 x 512 x 400, has 105 M): a small .gz
+# claiming 1200^3 voxels would otherwise be decompressed whole before numpy ran out of memory
+MAX_VOXELS = 256 * 2**20
+
+
+def _refuse_oversized(path: Path) -> None:
+    """InputError when the header asks for more than MAX_VOXELS (read from the header alone)."""
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception:
+        return  # not readable as NIfTI: load_image says so
+    n = int(np.prod(shape, dtype=np.float64))
+    if n > MAX_VOXELS:
+        raise InputError(f"{path}: the header asks for {'x'.join(map(str, shape))} = {n:,} voxels, more than the "
+                         f"{MAX_VOXELS:,} an input may have (a 0.5 mm whole head has ~105 M)")
+
+
+def header_scaling(img) -> str:
+    """The header's scl_slope and scl_inter (nibabel moves them from the header to the data proxy)."""
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    return f"{float(slope):g}, scl_inter {float(inter):g}"
+
+
 def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nifti1Image:
     """Load a 3-D NIfTI image and check it is usable.
 
-    Raises InputError for: a missing file, a truncated or corrupt file (a .gz is decompressed
-    whole, so its checksum is verified), a file that is not NIfTI, a 4-D image (a singleton
-    4th dimension is squeezed), NaN/inf voxels, an all-zero image, or no usable affine (qform and
-    sform both unset, or a singular / non-finite matrix).
+    Raises InputError for: a missing file or one that is not a regular file, a header asking for
+    more than MAX_VOXELS, a truncated or corrupt file (a .gz is decompressed whole, so its
+    checksum is verified), a file that is not NIfTI, a 4-D image (a singleton 4th dimension is
+    squeezed), complex voxels, NaN/inf voxels or values that overflow float32 after the header's
+    scaling, an all-zero image, or no usable affine (qform and sform both unset, or a singular /
+    non-finite matrix).
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: {not_a_file(path)}")
+    _refuse_oversized(path)
     try:
         img = _read_nifti(path)
     except InputError:
@@ -102,9 +128,17 @@ def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nif
                          f"({exc.__class__.__name__}: {exc})") from None
     if not np.issubdtype(data.dtype, np.number):
         raise InputError(f"{path}: voxel type {data.dtype} is not numeric")
+    if np.issubdtype(data.dtype, np.complexfloating):
+        raise InputError(f"{path}: voxel type {data.dtype} is complex; a T1-weighted scan is a real-valued "
+                         "magnitude image (taking the real part would lose data silently)")
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         n_bad = int((~np.isfinite(data)).sum())
         raise InputError(f"{path}: contains {n_bad} NaN/inf voxels")
+    # every tool computes in float32: a value finite in float64 (scl_slope 1e38) would become inf there
+    if np.issubdtype(data.dtype, np.floating) and data.size and np.abs(data).max() > np.finfo(np.float32).max:
+        raise InputError(f"{path}: voxel values up to {float(np.abs(data).max()):.3g} (after scl_slope "
+                         f"{header_scaling(img)}) overflow float32, whose largest value is "
+                         f"{float(np.finfo(np.float32).max):.3g}")
     if not allow_empty and not np.any(data):
         raise InputError(f"{path}: image is all zeros")
     header = img.header
@@ -167,14 +201,24 @@ def refuse_non_regular_target(path) -> None:
 _PENDING: list | None = None  # (temporary, final) renames held back by `outputs_together`
 
 
+def _existing_ancestor(path: Path) -> Path:
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def check_writable(paths) -> None:
     """InputError naming the first output that is not a regular file or a new path, or whose folder
-    cannot be created or written, so a command fails before its work, not after it."""
+    cannot be made or written (probed in its nearest existing folder, which is left as it was: a
+    command that fails leaves no empty folders), so a command fails before its work, not after it."""
     for path in (Path(p) for p in paths if p):
         refuse_non_regular_target(path)
+        folder = _existing_ancestor(path.absolute())
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path.parent)
+            if not folder.is_dir():
+                raise NotADirectoryError(20, f"{folder} is not a folder")
+            fd, probe = tempfile.mkstemp(prefix=".probe.", dir=folder)
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
@@ -189,25 +233,74 @@ def check_outputs(outputs, inputs=()) -> None:
     check_writable(outputs)
 
 
+def _make_folders(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it made (deepest first)."""
+    made, f = [], folder
+    while not f.exists() and f != f.parent:
+        made.append(f)
+        f = f.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_if_empty(folders) -> None:
+    for f in folders:
+        try:
+            f.rmdir()
+        except OSError:
+            pass  # not empty (another job's output) or already gone
+
+
+@contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (Snakemake cancelling a job, SLURM's time limit) raises SystemExit inside the block,
+    so the cleanup in `finally` runs and no temporary is left behind (SIGKILL cannot be caught)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_143(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, exit_143)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 @contextmanager
 def outputs_together(paths, inputs=()) -> Iterator[None]:
     """Check every output first (not one of the `inputs` or their sidecars, a regular file or a new
     path, in a writable folder); inside the block each atomic write stays a temporary, and at its
     end all are renamed into place together: a command with several outputs leaves all of them or
-    none."""
+    none (and, failing, no folder it made)."""
     global _PENDING
     check_outputs(paths, inputs)
     outer, _PENDING = _PENDING, []
     pending = _PENDING
+    done = False
     try:
-        yield
-        for tmp, final in pending:
-            os.replace(tmp, final)
+        with _terminate_as_exit():
+            yield
+            for tmp, final, _ in pending:
+                os.replace(tmp, final)
+            done = True
     finally:
         _PENDING = outer
-        for tmp, _ in pending:
+        for tmp, _, made in pending:
             if tmp.exists():
                 tmp.unlink()
+            if not done:
+                _remove_if_empty(made)
+
+
+# what a failed write says: the disk, not the data
+_WRITE_ERRNOS = {28: "no space left on the device", 122: "disk quota exceeded", 30: "read-only file system",
+                 5: "input/output error"}
 
 
 @contextmanager
@@ -216,29 +309,59 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     `outputs_together`: at the end of that block, with the command's other outputs).
 
     A killed job leaves no half-written output that Snakemake or the user could take for a
-    finished one. The file gets the mode a plain `open` would give (0666 less the umask), not
-    mkstemp's 0600, so shared lab directories can read it.
+    finished one (SIGTERM removes the temporary too). The file gets the mode a plain `open`
+    would give (0666 less the umask), not mkstemp's 0600, so shared lab directories can read it.
+    A full disk or quota is one line naming the output.
     """
     path = Path(path)
     refuse_non_regular_target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_folders(path.parent)
     suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())
     deferred = False
     try:
-        yield tmp_path
-        if tmp_path.exists():
-            os.chmod(tmp_path, 0o666 & ~_umask())
-        if _PENDING is not None:
-            _PENDING.append((tmp_path, path))
-            deferred = True
-        else:
-            os.replace(tmp_path, path)
+        with _terminate_as_exit():
+            try:
+                yield tmp_path
+            except OSError as exc:
+                if exc.errno in _WRITE_ERRNOS:
+                    raise InputError(f"{path}: cannot write it: {_WRITE_ERRNOS[exc.errno]}") from None
+                raise
+            if _PENDING is not None:
+                _PENDING.append((tmp_path, path, made))
+                deferred = True
+            else:
+                os.replace(tmp_path, path)
     finally:
         if not deferred and tmp_path.exists():
             tmp_path.unlink()
+            _remove_if_empty(made)
+
+
+@contextmanager
+def job_tempdir(prefix: str = "harmodiff-") -> Iterator[Path]:
+    """A folder of this job's own under $TMPDIR that every temporary file inside the block goes to
+    (Python's tempfile, so ANTsPy's registration warps and Atropos posteriors, and child processes
+    through TMPDIR); removed with its content on success and on failure. Without it each
+    preprocessing left ~22 MB in /tmp, ~200 GB over 10,000 scans on a node that is not ours."""
+    import shutil
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    old_tempdir, old_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(folder), str(folder)
+    try:
+        with _terminate_as_exit():
+            yield folder
+    finally:
+        tempfile.tempdir = old_tempdir
+        if old_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old_env
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_image(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,

@@ -144,6 +144,11 @@ class Layout:
         self.target_sites = list(config["target_sites"])
         self.test = scans[scans["cohort"] == "test"]
         self.train = scans[scans["cohort"] == "train"]
+        untrained = [t for t in self.target_sites if not (self.train["site"] == t).any()]
+        if "histmatch" in self.methods and untrained:  # a pretrained model without training scans
+            raise InputError(f"config evaluation.methods: histmatch matches to the target site's training scans, "
+                             f"and target site {untrained[0]} has none here (remove histmatch, or add its "
+                             "training scans)")
         self.test_subjects = list(dict.fromkeys(self.test["subject"]))
         # paired t-tests against this site (evaluation.reference_site; else the first test site)
         self.reference_site = evaluation.reference_site or sorted(set(self.test["site"]))[0]

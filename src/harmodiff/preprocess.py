@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from harmodiff.intensity import MEDIAN_TARGET, from_model_units, median_normalize, to_model_units  # noqa: F401
 from harmodiff.antsio import _ants, set_threads, to_ants, to_nib  # noqa: F401 (to_nib, set_threads: re-exported)
-from harmodiff.io import (InputError, atomic_path, file_sha256, json_sidecar, load_image, outputs_together,
+from harmodiff.io import (InputError, atomic_path, file_sha256, job_tempdir, json_sidecar, load_image, outputs_together,
                           save_image, write_json)
 from harmodiff.config import HDBET_FILES, ConfigError, GridConfig, PreprocessConfig, load_settings
 from harmodiff.templates import mni_images, working_grid
@@ -300,7 +300,7 @@ def preprocess(input_path, output, mask_output, *, transform_output=None, qc_out
     outputs = [Path(p) for p in (output, json_sidecar(output), mask_output, transform_output, qc_output) if p]
     # every output checked first (not an input or its sidecar, a regular file or new path, a writable folder);
     # all of them or none
-    with outputs_together(outputs, inputs=[input_path, hdbet_weights]):
+    with outputs_together(outputs, inputs=[input_path, hdbet_weights]), job_tempdir("harmodiff-preprocess-"):
         raw = load_image(input_path)
         image = to_ants(raw)
         initial, provenance = None, {"source": str(input_path), "skullstrip": skullstrip, "registration": registration}

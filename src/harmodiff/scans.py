@@ -117,12 +117,17 @@ def validate_scan_sheet(df: pd.DataFrame, *, source: str = "scan sheet", base_di
         paths.append(str(p))
     df["path"] = paths
     _refuse_clashing_file_names(df, source)
+    check_target_sites(df, target_sites, source)
+    return df.reset_index(drop=True)
+
+
+def check_target_sites(df: pd.DataFrame, target_sites, source: str) -> None:
+    """InputError naming a target site without training scans."""
     train_sites = set(df.loc[df["cohort"] == "train", "site"])
     for site in target_sites:
         if site not in train_sites:
             raise InputError(f"{source}: target site {site!r} has no training scans "
                              f"(training sites: {sorted(train_sites) or 'none'})")
-    return df.reset_index(drop=True)
 
 
 def read_scan_sheet(path: str | Path, *, target_sites=(), check_files: bool = True) -> pd.DataFrame:
@@ -161,34 +166,53 @@ def _bids_t1w_files(root: Path):
             yield f, m.group(1), m.group(2)
 
 
-def from_bids(root: str | Path, *, site_column: str = "site", cohort: str = "train") -> pd.DataFrame:
-    """Sheet of a BIDS dataset; the site is read from sessions.tsv or participants.tsv."""
+def _bids_table(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable TSV ({exc})") from None
+
+
+def _bids_value(column: str, sub: str, ses: str | None, sessions: pd.DataFrame | None,
+                participants: pd.DataFrame | None) -> str | None:
+    """A session's value of `column` from sub-*_sessions.tsv, else the subject's from participants.tsv."""
+    if ses and sessions is not None and column in sessions.columns and "session_id" in sessions.columns:
+        hit = sessions.loc[sessions["session_id"] == ses, column]
+        if len(hit) and hit.iloc[0] not in ("", "n/a"):
+            return hit.iloc[0]
+    if participants is not None and column in participants.columns and "participant_id" in participants.columns:
+        hit = participants.loc[participants["participant_id"] == sub, column]
+        if len(hit) and hit.iloc[0] not in ("", "n/a"):
+            return hit.iloc[0]
+    return None
+
+
+def from_bids(root: str | Path, *, site_column: str = "site", cohort: str = "test",
+              cohort_column: str | None = None) -> pd.DataFrame:
+    """Sheet of a BIDS dataset: the site of each scan from its session's row of
+    sub-*_sessions.tsv, else its subject's of participants.tsv; its cohort likewise from
+    `cohort_column` when given (per session or per subject), else `cohort` for every scan."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: BIDS root not found")
-    participants = root / "participants.tsv"
-    part_sites = {}
-    if participants.is_file():
-        p = pd.read_csv(participants, sep="\t", dtype=str)
-        if site_column in p.columns:
-            part_sites = dict(zip(p["participant_id"], p[site_column]))
+    participants = _bids_table(root / "participants.tsv")
     rows = []
     for f, sub, ses in _bids_t1w_files(root):
-        site = None
-        sessions = root / sub / f"{sub}_sessions.tsv"
-        if ses and sessions.is_file():
-            s = pd.read_csv(sessions, sep="\t", dtype=str)
-            if site_column in s.columns:
-                hit = s.loc[s["session_id"] == ses, site_column]
-                if len(hit):
-                    site = hit.iloc[0]
+        sessions = _bids_table(root / sub / f"{sub}_sessions.tsv")
+        where = f"{sub}{' ' + ses if ses else ''}"
+        site = _bids_value(site_column, sub, ses, sessions, participants)
         if site is None:
-            site = part_sites.get(sub)
-        if site is None or pd.isna(site):
-            raise InputError(f"{f}: no {site_column!r} for {sub}{' ' + ses if ses else ''} in "
-                             f"{sub}_sessions.tsv or participants.tsv")
+            raise InputError(f"{f}: no {site_column!r} for {where} in {sub}_sessions.tsv or participants.tsv")
+        role = cohort
+        if cohort_column:
+            role = _bids_value(cohort_column, sub, ses, sessions, participants)
+            if role not in ("train", "test"):
+                raise InputError(f"{f}: column {cohort_column!r} of {sub}_sessions.tsv or participants.tsv must say "
+                                 f"train or test for {where}, got {role!r}")
         scan_id = f.name.split(".nii")[0].removesuffix("_T1w")
-        rows.append((scan_id, sub, str(site), cohort, str(f.resolve())))
+        rows.append((scan_id, sub, str(site), role, str(f.resolve())))
     if not rows:
         raise InputError(f"{root}: no sub-*/[ses-*/]anat/*_T1w.nii[.gz] files found")
     return validate_scan_sheet(pd.DataFrame(rows, columns=COLUMNS), source=str(root))
@@ -264,7 +288,8 @@ def main(argv=None) -> int:
     b = sub.add_parser("bids", help="sheet of a BIDS dataset")
     b.add_argument("root")
     b.add_argument("--site-column", default="site")
-    b.add_argument("--cohort", choices=["train", "test"], default="train")
+    b.add_argument("--cohort", choices=["train", "test"], default="test")
+    b.add_argument("--cohort-column", help="column of sessions.tsv / participants.tsv saying train or test")
     u = sub.add_parser("readable", help="read every scan in full before any job starts; exit 2 naming the bad ones")
     add_list_options(u, ("scan_id", "image"))
     u.add_argument("--output", required=True, help="TSV: scan_id path shape problem (written only when all pass)")
@@ -294,7 +319,7 @@ def main(argv=None) -> int:
         if a.cmd == "synthetic":
             df = from_synthetic(a.cohort_dir)
         elif a.cmd == "bids":
-            df = from_bids(a.root, site_column=a.site_column, cohort=a.cohort)
+            df = from_bids(a.root, site_column=a.site_column, cohort=a.cohort, cohort_column=a.cohort_column)
         else:
             df = from_srpbs(a.root, cohort=a.cohort)
         write_scan_sheet(df, a.output)

@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from harmodiff.io import InputError, check_outputs, load_image, load_mask, save_image, write_json
+from harmodiff.io import InputError, check_outputs, job_tempdir, load_image, load_mask, save_image, write_json
 from harmodiff.templates import mni_images
 
 TISSUES = ("gm", "wm", "csf")
@@ -62,8 +62,9 @@ def segment_atropos(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, *, 
     prior_imgs = [to_ants(nib.Nifti1Image(np.where(mask, priors[t] + eps, 0).astype(np.float32), affine)) for t in order]
     a = to_ants(nib.Nifti1Image(image.astype(np.float32), affine))
     x = to_ants(nib.Nifti1Image(mask.astype(np.float32), affine))
-    res = ants.atropos(a=a, x=x, i=prior_imgs, m="[0.1,1x1x1]", c=f"[{iterations},0]", priorweight=prior_weight,
-                       r=0)  # Atropos seeds its sampler from the clock unless told not to
+    with job_tempdir("harmodiff-atropos-"):  # Atropos writes its posteriors to temporary files
+        res = ants.atropos(a=a, x=x, i=prior_imgs, m="[0.1,1x1x1]", c=f"[{iterations},0]",
+                           priorweight=prior_weight, r=0)  # Atropos seeds its sampler from the clock unless told not to
     probs = {t: np.where(mask, res["probabilityimages"][k].numpy(), 0).astype(np.float32) for k, t in enumerate(order)}
     return probs
 

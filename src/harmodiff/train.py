@@ -439,9 +439,11 @@ def record_differences(saved: dict, wanted: dict) -> list[str]:
     return out
 
 
-def check_pretrained(path, sha256: str | None, record: dict, sites) -> dict:
+def check_pretrained(path, sha256: str | None, record: dict, sites, grid=None) -> dict:
     """Load a model trained elsewhere and prove it is the one the config describes: its sha256
-    (when given), its training sites and every setting it was trained with. Returns the checkpoint."""
+    (when given), its training sites, every setting it was trained with and (given `grid`, a
+    GridConfig) the working grid it was trained on, which harmonize checks its inputs against.
+    Returns the checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: pretrained model not found")
@@ -452,12 +454,21 @@ def check_pretrained(path, sha256: str | None, record: dict, sites) -> dict:
     if not isinstance(ckpt.get("sha256"), dict) or "model" not in ckpt["sha256"]:
         raise InputError(f"{path}: has no content hash of its weights (write it with 'harmodiff.train export')")
     have = SiteLabels.from_dict(ckpt["site_labels"]).sites
-    if have != sorted(set(map(str, sites))):
+    if sites and have != sorted(set(map(str, sites))):  # no training scans: the run's sites are the model's
         raise InputError(f"{path}: trained on sites {have}, the training scans are at {sorted(set(sites))}")
     diff = record_differences(ckpt["config"], record)
     if diff:
         raise InputError(f"{path}: trained with other settings than the config ({'; '.join(diff)}); "
                          "set train.pretrained: null to train with these")
+    if grid is not None:
+        if "voxel_mm" not in ckpt:
+            raise InputError(f"{path}: records no training grid (voxel_mm), so harmonize could not check its "
+                             "inputs' voxel size; export it again with 'harmodiff.train export'")
+        want = {"voxel_mm": [float(grid.spacing)] * 3, "volume_shape": [int(s) for s in grid.shape]}
+        have = {k: [type(w[0])(x) for x in ckpt.get(k, [])] for k, w in want.items()}
+        if have != want:
+            raise InputError(f"{path}: trained on a {have['volume_shape']} grid of {have['voxel_mm']} mm voxels, the "
+                             f"config's grid is {want['volume_shape']} at {grid.spacing:g} mm")
     return ckpt
 
 
@@ -567,16 +578,18 @@ def main(argv=None) -> int:
             images = [base / r.cohort / r.site / f"{r.scan_id}.nii.gz" for r in sheet.itertuples()]
             masks = [base / r.cohort / r.site / f"{r.scan_id}_mask.nii.gz" for r in sheet.itertuples()]
             sites = list(sheet["site"])
-        elif a.images:
-            images, masks, sites = a.images, a.masks, a.sites
         else:
-            raise InputError("give --scans SHEET, --manifest FILE or --images/--masks/--sites")
+            images, masks, sites = a.images, a.masks, a.sites
+        if not images and not a.pretrained:
+            raise InputError("no training scans: give --scans SHEET, --manifest FILE or --images/--masks/--sites "
+                             "(or --pretrained, a trained model)")
         model_cfg = ModelConfig.from_dict(config.get("model"))
         cfg = TrainConfig.from_dict(config.get("train"))
-        patch_shape = GridConfig.of(config.get("grid")).patch_shape
+        grid = GridConfig.of(config.get("grid"))
+        patch_shape = grid.patch_shape
         if a.pretrained:
             ckpt = check_pretrained(a.pretrained, a.pretrained_sha256,
-                                    config_record(model_cfg, cfg, patch_shape, config.get("anatomy")), sites)
+                                    config_record(model_cfg, cfg, patch_shape, config.get("anatomy")), sites, grid)
             _copy_outputs(Path(a.pretrained).parent, Path(a.export_dir or a.output_dir), Path(a.pretrained))
             print(json.dumps({"pretrained": str(a.pretrained), "step": int(ckpt.get("step", 0))}))
             return 0

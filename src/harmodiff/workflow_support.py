@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from harmodiff import scans as scan_sheets
+from harmodiff.config import BidsCohort
 from harmodiff.synth import SynthConfig, cohort_plan
 
 
@@ -63,19 +64,22 @@ def scan_table(config: dict, results: str = "results") -> pd.DataFrame:
     if source == "synthetic":
         plan = cohort_plan(_synth(config))
         plan["path"] = [str(Path(results) / "synthetic" / p) for p in plan["path"]]
-        df = scan_sheets.validate_scan_sheet(plan, source="synthetic cohort", target_sites=targets,
-                                             check_files=False)
+        df = scan_sheets.validate_scan_sheet(plan, source="synthetic cohort", check_files=False)
     elif source == "sheet":
         if not cohort.get("sheet"):
             raise scan_sheets.InputError("config cohort.sheet: set it to a scan sheet TSV when cohort.source is 'sheet'")
-        df = scan_sheets.read_scan_sheet(cohort["sheet"], target_sites=targets)
+        df = scan_sheets.read_scan_sheet(cohort["sheet"])
     elif source == "bids":
-        b = cohort.get("bids") or {}
-        if not b.get("root"):
+        b = BidsCohort.of(cohort.get("bids"))
+        if not b.root:
             raise scan_sheets.InputError("config cohort.bids.root: set it when cohort.source is 'bids'")
-        df = scan_sheets.from_bids(b["root"], site_column=b.get("site_column", "site"),
-                                   cohort=b.get("cohort", "train"))
-        df = scan_sheets.validate_scan_sheet(df, source=b["root"], target_sites=targets)
+        df = scan_sheets.from_bids(b.root, site_column=b.site_column, cohort=b.cohort, cohort_column=b.cohort_column)
+        if b.training_sheet:
+            train = scan_sheets.read_scan_sheet(b.training_sheet)
+            if (train["cohort"] != "train").any():
+                raise scan_sheets.InputError(f"config cohort.bids.training_sheet: {b.training_sheet} has test rows "
+                                             "(its scans are added as training scans)")
+            df = scan_sheets.combine(train, df)
     elif source == "srpbs":
         r = cohort.get("srpbs") or {}
         if not r.get("root") or not r.get("training_sheet"):
@@ -84,16 +88,41 @@ def scan_table(config: dict, results: str = "results") -> pd.DataFrame:
         test = _keep(test, "site", r.get("sites"), "cohort.srpbs.sites", r["root"])
         test = _keep(test, "subject", r.get("subjects"), "cohort.srpbs.subjects", r["root"])
         train = scan_sheets.read_scan_sheet(r["training_sheet"])
-        df = scan_sheets.combine(train, test, target_sites=targets)
+        df = scan_sheets.combine(train, test)
     else:  # the config schema already rejects this
         raise scan_sheets.InputError(f"config cohort.source: unknown source {source!r}")
+    pretrained = (config.get("train") or {}).get("pretrained")
     if cohort.get("participants"):  # as a BIDS app's --participant-label: the test subjects to run
         is_test = df["cohort"] == "test"
         kept = _keep(df[is_test], "subject", cohort["participants"], "cohort.participants", f"{source} test scans")
         df = pd.concat([df[~is_test], kept])
-    for cohort_name, role in (("train", "train the model on"), ("test", "harmonize and evaluate")):
-        if not (df["cohort"] == cohort_name).any():
-            raise scan_sheets.InputError(f"{source} scans: no '{cohort_name}' rows, so nothing to {role} "
-                                         f"(the workflow needs both train and test scans)")
+    if not (df["cohort"] == "test").any():
+        raise scan_sheets.InputError(f"{source} scans: no 'test' rows, so nothing to harmonize and evaluate")
+    if not (df["cohort"] == "train").any():
+        if not pretrained:
+            raise scan_sheets.InputError(f"{source} scans: no 'train' rows, so nothing to train the model on (add "
+                                         "training scans, or set train.pretrained to a trained model)")
+        _check_targets_known(pretrained, targets)
+    else:
+        scan_sheets.check_target_sites(df, targets, {"sheet": cohort.get("sheet"), "bids": "BIDS dataset and "
+                                                     "training sheet"}.get(source) or f"{source} cohort")
     return df.set_index("scan_id", drop=False)
+
+
+def _check_targets_known(pretrained, targets) -> None:
+    """Without training scans the target sites are the pretrained model's: its model.json (written
+    beside checkpoint.pt by `harmodiff.train export`) names the sites it was trained on."""
+    import json
+
+    record = Path(pretrained).parent / "model.json"
+    try:
+        sites = json.loads(record.read_text())["site_labels"]["sites"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise scan_sheets.InputError(f"config train.pretrained: {record} (the sites the model was trained on, "
+                                     "written beside checkpoint.pt by 'harmodiff.train export') is missing or "
+                                     "unreadable; without training scans the target sites are checked against it") from None
+    unknown = [t for t in targets if t not in sites]
+    if unknown:
+        raise scan_sheets.InputError(f"config target_sites: {', '.join(unknown)} not among the sites the pretrained "
+                                     f"model was trained on ({', '.join(sites)}; {record})")
 

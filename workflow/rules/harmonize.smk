@@ -93,7 +93,7 @@ rule harmonize_all_settings:
 # the target site's pooled training intensities, built once and read by every histmatch job
 rule histmatch_reference:
     input:
-        unpack(lambda wildcards: manifest_inputs(f"histmatch-{wildcards.target:q}")),
+        unpack(lambda wildcards: manifest_inputs(f"histmatch-{wildcards.target}")),
     output:
         "results/harmonized/histmatch/{target}/reference.npy",
     log:
