@@ -6,6 +6,7 @@ import re
 import shutil
 
 import pandas as pd
+import pytest
 import yaml
 
 from conftest import ROOT, snakemake
@@ -57,3 +58,42 @@ def test_a_scan_in_a_folder_named_like_shell_code_is_preprocessed_and_nothing_ru
     record = yaml.safe_load((tmp_path / target).read_text())
     assert record["source"] == str(folder / f"{test['scan_id']}.nii.gz")
     assert not [p for p in tmp_path.rglob("PWNED*")] and not list(ROOT.glob("PWNED*"))
+
+
+def test_a_subject_named_like_shell_code_stops_the_run_at_validation_naming_the_row(tmp_path):
+    """Before: figure2's `--subject {params.subject}` ran it. Now the sheet is refused before any job."""
+    import nibabel as nib
+    import numpy as np
+
+    for name in ("a", "b"):
+        nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(100, 10, (8, 8, 8)).astype(np.float32), np.eye(4)),
+                 str(tmp_path / f"{name}.nii.gz"))
+    pd.DataFrame({"scan_id": ["a", "b"], "subject": ["s1", "$(touch PWNED)"], "site": ["X", "Y"],
+                  "cohort": ["train", "test"], "path": ["a.nii.gz", "b.nii.gz"]}).to_csv(
+        tmp_path / "scans.tsv", sep="\t", index=False)
+    cfg = yaml.safe_load((ROOT / "config/test.yaml").read_text())
+    cfg["cohort"] = {"source": "sheet", "sheet": str(tmp_path / "scans.tsv")}
+    cfg["target_sites"] = ["X"]
+    cfg["evaluation"].update(reference_site="Y", external={})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "--cores", "1", "--configfile", str(tmp_path / "c.yaml"), check=False)
+    assert proc.returncode != 0
+    assert "row 3 (scan_id 'b'): subject: '$(touch PWNED)' may hold only letters" in proc.stdout + proc.stderr
+    assert not list(tmp_path.rglob("PWNED")) and not (tmp_path / "results").exists()
+
+
+def test_a_bids_folder_named_like_shell_code_is_refused_naming_it(tmp_path):
+    """BIDS labels become scan_ids and subjects: a `sub-$(...)` folder stops at validation."""
+    import nibabel as nib
+    import numpy as np
+
+    from harmodiff import scans
+    from harmodiff.io import InputError
+
+    path = tmp_path / "sub-$(touch PWNED)" / "anat" / "sub-$(touch PWNED)_T1w.nii.gz"
+    path.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), str(path))
+    (tmp_path / "participants.tsv").write_text("participant_id\tsite\nsub-$(touch PWNED)\tA\n")
+    with pytest.raises(InputError, match=r"scan_id 'sub-\$\(touch PWNED\)'.* may hold only letters"):
+        scans.from_bids(tmp_path)
+    assert not list(tmp_path.rglob("PWNED"))
