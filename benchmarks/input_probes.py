@@ -230,6 +230,19 @@ def probes():
                   "    tmp.write_bytes(b'half')\n    os.kill(os.getpid(), signal.SIGTERM)\n")
         return [PY, "-c", script]
 
+    def bids_dry_run(cwd, d):
+        """A BIDS study as the test cohort with the shipped model: the DAG is built (a dry run)."""
+        root = cwd / "my study"
+        for site in ("SA", "SB"):
+            (root / f"sub-01/ses-{site}/anat").mkdir(parents=True)
+            shutil.copy(d["raw"], root / f"sub-01/ses-{site}/anat/sub-01_ses-{site}_T1w.nii.gz")
+        (root / "sub-01/sub-01_sessions.tsv").write_text("session_id\tsite\nses-SA\tSA\nses-SB\tSB\n")
+        (cwd / "study.yaml").write_text(f"cohort:\n  source: bids\n  bids:\n    root: {root}\n    cohort: test\n"
+                                        "target_sites: [TRA]\nevaluation:\n  methods: [preprocessed, diffusion]\n"
+                                        "  reference_site: SA\n")
+        return [str(Path(PY).with_name("snakemake")), "-s", "{tree}/Snakefile", "-n", "--configfile",
+                str(ROOT / "config/config.yaml"), "study.yaml"]
+
     def leftovers(cwd, d):
         left = sorted(p.name for p in cwd.iterdir() if p.name not in ("tmp",))
         return "left: " + (", ".join(left) or "nothing")
@@ -269,6 +282,7 @@ def probes():
         ("1.7 MB gzip of 1200^3 voxels", bomb, lambda c, d: ""),
         ("a failed command's folders", folders, leftovers),
         ("SIGTERM during a save", sigterm, hidden),
+        ("a BIDS study with the shipped model (dry run)", bids_dry_run, lambda c, d: ""),
     ]
 
 
@@ -277,7 +291,7 @@ def measure(src: Path, data: dict, work: Path) -> list[dict]:
     for i, (name, setup, check) in enumerate(probes()):
         cwd = work / f"probe{i}"
         cwd.mkdir()
-        argv = setup(cwd, data)
+        argv = [a.replace("{tree}", str(src.parent)) for a in setup(cwd, data)]
         code, said = run(src, cwd, argv)
         rows.append({"probe": name, "exit": code, "said": said, "effect": check(cwd, data)})
         print(f"{src}: {name}: {code} {said[:80]}", file=sys.stderr)

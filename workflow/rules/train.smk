@@ -21,9 +21,13 @@ rule training_settings:
         write_text(params.text, output[0])
 
 
+# no training scans (a BIDS study with train.pretrained): the model is checked and exported alone
+TRAINING_SCANS = ["--manifest", LAYOUT.manifest("train")] if len(LAYOUT.train) else []
+
+
 rule train:
     input:
-        **manifest_inputs("train"),
+        **(manifest_inputs("train") if TRAINING_SCANS else {}),
         settings=rules.training_settings.output[0],
         pretrained=pretrained_model(),
     output:
@@ -45,7 +49,8 @@ rule train:
         state=f"results/model/{RUN}/state",
         export=lambda wildcards, output: os.path.dirname(output.checkpoint),
         pretrained=pretrained_args(),
+        training_scans=TRAINING_SCANS,
     shell:
-        "python -m harmodiff.train --config {input.settings:q} --manifest {input.manifest:q} "
+        "python -m harmodiff.train --config {input.settings:q} {params.training_scans:q} "
         "--output-dir {params.state:q} --resume "
         "--export-dir {params.export:q} {params.pretrained:q} --threads {threads} > {log:q} 2>&1"
