@@ -40,7 +40,9 @@ def run(src: Path, cwd: Path, argv: list[str], timeout: int = 120) -> tuple[str,
         p = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", f"still running after {timeout} s"
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith(("  ", "Traceback", "harmonize ->"))]
+    lines = [ln for ln in (p.stderr + p.stdout).splitlines()
+             if ln.strip() and not ln.startswith(("  ", "Traceback", "harmonize ->", "Using profile", "Building DAG",
+                                                   "Job stats", "job ", "---", "total ", "Reasons", "This was a dry"))]
     first = next((ln for ln in lines if "Error" in ln or ln.startswith("error")), lines[-1] if lines else "")
     return str(p.returncode), first[:150]
 
@@ -118,7 +120,7 @@ def probes():
         (cwd / "bids").mkdir()
         nib.save(nib.load(str(d["raw"])), str(cwd / "bids/sub-01_T1w.nii"))
         (cwd / "bids/sub-01_T1w.json").write_text('{"MagneticFieldStrength": 3}')
-        return preprocess_argv({"raw": cwd / "bids/sub-01_T1w.nii"})[:4] + [
+        return preprocess_argv({"raw": cwd / "bids/sub-01_T1w.nii"})[:5] + [
             "--output", "bids/sub-01_T1w.nii.gz", "--mask-output", "m.nii.gz", "--spacing", "4", "--shape", "40", "48",
             "40", "--threads", "1"]
 
@@ -164,13 +166,14 @@ def probes():
     def scaled(factor, shift):
         def setup(cwd, d):
             img = nib.load(str(d["pre"]))
-            _img(cwd / "s.nii.gz", np.asarray(img.dataobj, np.float32) * factor + shift)
+            nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32) * factor + shift, img.affine, img.header),
+                     str(cwd / "s.nii.gz"))
             return harmonize_argv({"pre": cwd / "s.nii.gz", "mask": d["mask"]}, "h.nii.gz")
         return setup
 
     def shipped_grid(cwd, d):
-        return [PY, "-c", "import torch; c = torch.load(%r, weights_only=True); print(c.get('voxel_mm'), "
-                          "file=__import__('sys').stderr)" % str(MODEL)]
+        return [PY, "-c", "import torch; c = torch.load('{tree}/resources/demo-model/checkpoint.pt', "
+                          "weights_only=True); print(c.get('voxel_mm'), file=__import__('sys').stderr)"]
 
     def same_file(cwd, d):
         shutil.copy(d["raw"], cwd / "a.nii.gz")
@@ -239,7 +242,8 @@ def probes():
         (root / "sub-01/sub-01_sessions.tsv").write_text("session_id\tsite\nses-SA\tSA\nses-SB\tSB\n")
         (cwd / "study.yaml").write_text(f"cohort:\n  source: bids\n  bids:\n    root: {root}\n    cohort: test\n"
                                         "target_sites: [TRA]\nevaluation:\n  methods: [preprocessed, diffusion]\n"
-                                        "  reference_site: SA\n")
+                                        "  reference_site: SA\ntrain:\n"
+                                        "  pretrained: {tree}/resources/demo-model/checkpoint.pt\n")
         return [str(Path(PY).with_name("snakemake")), "-s", "{tree}/Snakefile", "-n", "--configfile",
                 str(ROOT / "config/config.yaml"), "study.yaml"]
 
@@ -292,6 +296,8 @@ def measure(src: Path, data: dict, work: Path) -> list[dict]:
         cwd = work / f"probe{i}"
         cwd.mkdir()
         argv = [a.replace("{tree}", str(src.parent)) for a in setup(cwd, data)]
+        if (cwd / "study.yaml").exists():
+            (cwd / "study.yaml").write_text((cwd / "study.yaml").read_text().replace("{tree}", str(src.parent)))
         code, said = run(src, cwd, argv)
         rows.append({"probe": name, "exit": code, "said": said, "effect": check(cwd, data)})
         print(f"{src}: {name}: {code} {said[:80]}", file=sys.stderr)

@@ -208,6 +208,16 @@ def test_an_output_that_is_no_regular_file_is_refused_before_any_work(tmp_path, 
         with pytest.raises(SystemExit):
             scans.main(["bids", str(tmp_path / "ds"), "-o", str(target)])
         assert f"the path holds {what}" in capsys.readouterr().err
+    from harmodiff import evaluate, figures
+
+    for target, what in targets:  # the table and figure commands too, before they read anything
+        for main, argv in ((figures.main, ["loss", "--loss", str(tmp_path / "missing.csv"), "--output", str(target)]),
+                           (evaluate.main, ["ttests", "--ratios", str(tmp_path / "missing.csv"), "--reference", "A",
+                                            "--output", str(target)])):
+            with pytest.raises(SystemExit) as exit_info:
+                main(argv)
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and f"the path holds {what}" in err and "missing" not in err
     kinds = {what: target for target, what in targets}
     assert stat.S_ISFIFO((tmp_path / "pipe.mat").stat().st_mode) and (tmp_path / "folder.png").is_dir()
     if "a character device" in kinds:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from harmodiff import stats
 from harmodiff.combat import combat_ratios
-from harmodiff.io import write_text
+from harmodiff.io import check_outputs_or_exit, write_text
 from harmodiff.layout import add_list_options, resolve_lists
 
 TISSUES = ("gm", "wm")
@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     for q in (r, t, m, u):
         q.add_argument("--output", required=True)
     a = resolve_lists(p, p.parse_args(argv))
+    check_outputs_or_exit([a.output, getattr(a, "markdown", None)],
+                          inputs=[getattr(a, "ratios", None), getattr(a, "truth", None)])
     if a.cmd == "ratios":
         df = collect_ratios(a.volumes, a.methods, a.targets, a.scan_ids, a.subjects, a.sites)
         if a.combat_reference:

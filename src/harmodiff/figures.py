@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from harmodiff.evaluate import markdown_table
-from harmodiff.io import InputError, atomic_path, load_image, write_text
+from harmodiff.io import InputError, atomic_path, check_outputs_or_exit, load_image, write_text
 from harmodiff.metrics import DATA_RANGE, summarize
 from harmodiff.plotting import plot_loss
 from harmodiff.layout import add_list_options, parse_sweep_method, resolve_lists, sweep_method  # noqa: F401
@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     for q in (f2, f3, lo):
         q.add_argument("--output", nargs="+", required=True, help="one path per format (.png, .pdf)")
     a = resolve_lists(p, p.parse_args(argv))
+    outputs = [a.output_csv, a.output_md] if a.cmd == "table1" else a.output
+    check_outputs_or_exit(outputs, inputs=[getattr(a, n, None) for n in ("pairs", "ratios", "ttests", "loss")])
     try:
         if a.cmd == "table1":
             t = table1(pd.read_csv(a.pairs), a.sweep_methods, a.sweep_subjects)

@@ -233,6 +233,17 @@ def check_outputs(outputs, inputs=()) -> None:
     check_writable(outputs)
 
 
+def check_outputs_or_exit(outputs, inputs=()) -> None:
+    """`check_outputs` for a command's main: the error as one line on stderr and exit status 2."""
+    import sys
+
+    try:
+        check_outputs(outputs, inputs)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _make_folders(folder: Path) -> list[Path]:
     """mkdir -p, returning the folders it made (deepest first)."""
     made, f = [], folder

@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from harmodiff.io import load_image, load_mask, write_text
+from harmodiff.io import check_outputs_or_exit, load_image, load_mask, write_text
 from harmodiff.layout import add_list_options, resolve_lists
 
 HIST_BINS = 32
@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--output", required=True)
     a = resolve_lists(p, p.parse_args(argv))
+    check_outputs_or_exit([a.output], inputs=[*a.images, *a.masks, *a.anatomy])
     table = leakage_table(a.images, a.masks, a.anatomy, a.sites, a.folds)
     write_text(table.to_csv(index=False, float_format="%.4f"), a.output)
     print(table.to_string(index=False))

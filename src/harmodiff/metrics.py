@@ -32,7 +32,7 @@ import pandas as pd
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from harmodiff.io import InputError, load_image, load_mask, write_text
+from harmodiff.io import InputError, check_outputs_or_exit, load_image, load_mask, write_text
 from harmodiff.intensity import MEDIAN_TARGET, median_normalize
 from harmodiff.layout import add_list_options, resolve_lists
 
@@ -182,11 +182,12 @@ def main(argv=None) -> int:
         add_list_options(q, columns)
         q.add_argument("--output", required=True)
     a = resolve_lists(p, p.parse_args(argv))
+    check_outputs_or_exit([a.output, getattr(a, "mask_output", None), getattr(a, "output_md", None)],
+                          inputs=[getattr(a, n, None) for n in ("truth", "truth_mask", "like", "scores")])
     try:
         if a.cmd == "truth-image":
-            from harmodiff.io import check_outputs, save_image
+            from harmodiff.io import save_image
 
-            check_outputs([a.output, a.mask_output], inputs=[a.truth, a.truth_mask, a.like])
             like = load_image(a.like)
             mask = truth_on_grid(a.truth_mask, like) > 0.5
             save_image(truth_on_grid(a.truth, like, mask), like.affine, a.output)
