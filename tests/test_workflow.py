@@ -395,8 +395,8 @@ evaluation:
 
 @pytest.mark.e2e
 def test_e2e_a_bids_study_harmonized_with_a_pretrained_model(e2e, tmp_path):
-    """The README's BIDS run: a study's BIDS dataset (in a folder whose name holds a space and
-    shell syntax) as the test cohort, a model trained elsewhere (the e2e run's, exported), no
+    """The README's BIDS run: a study's BIDS dataset (in a folder whose name holds spaces, $(...),
+    backticks, ';' and '&') as the test cohort, a model trained elsewhere (the e2e run's, exported), no
     training scans; every rule runs, nothing in the name runs, and every harmonized scan names the
     model it came from."""
     import json
@@ -404,7 +404,9 @@ def test_e2e_a_bids_study_harmonized_with_a_pretrained_model(e2e, tmp_path):
 
     from harmodiff.io import file_sha256
 
-    root = tmp_path / "bids study $(touch PWNED)"
+    from test_injection import HOSTILE_FOLDER
+
+    root = tmp_path / HOSTILE_FOLDER
     raw = sorted((e2e / "results/synthetic/raw/test").rglob("*.nii.gz"))
     for scan in raw:  # sub-ts01_ses-TSA.nii.gz -> sub-ts01/ses-TSA/anat/sub-ts01_ses-TSA_T1w.nii.gz
         sub, ses = scan.name.removesuffix(".nii.gz").split("_")
@@ -420,7 +422,7 @@ def test_e2e_a_bids_study_harmonized_with_a_pretrained_model(e2e, tmp_path):
     sha = file_sha256(model / "checkpoint.pt")
     study = tmp_path / "run" / "my-study.yaml"
     study.parent.mkdir()
-    study.write_text(README_STUDY.format(root=root, model=model, sha=sha))
+    study.write_text(README_STUDY.format(root=json.dumps(str(root)), model=model, sha=sha))  # YAML-quoted
     # the settings the model was trained with (config/test.yaml), less what the main e2e run tests already
     # (the external method, the guidance sweep): a 4-scan study costs ~4 min
     base = yaml.safe_load((ROOT / "config/test.yaml").read_text())
@@ -428,7 +430,7 @@ def test_e2e_a_bids_study_harmonized_with_a_pretrained_model(e2e, tmp_path):
     (tmp_path / "run/base.yaml").write_text(yaml.safe_dump(base))
     wd = study.parent
     snakemake(wd, "--cores", "2", "--configfile", str(wd / "base.yaml"), str(study))
-    assert not list(tmp_path.rglob("PWNED")) and not list(ROOT.glob("PWNED"))
+    assert not list(tmp_path.rglob("PWNED*")) and not list(ROOT.glob("PWNED*"))
     harmonized = sorted((wd / "results/harmonized/diffusion/TRA").rglob("*.nii.gz"))
     assert [p.name for p in harmonized] == [s.name for s in raw]  # the 4 study scans, and nothing else
     for image in harmonized:
