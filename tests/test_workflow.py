@@ -436,8 +436,8 @@ def test_e2e_a_bids_study_harmonized_with_a_pretrained_model(e2e, tmp_path):
     for image in harmonized:
         prov = json.loads(image.with_name(image.name.replace(".nii.gz", ".json")).read_text())
         assert prov["checkpoint_sha256"] == file_sha256(wd / "results/model/diffusion/checkpoint.pt") == sha
-        assert prov["preprocessing"]["source"] == str(root / image.name.split("_")[0] / image.name.split("_")[1]
-                                                      / "anat" / image.name.replace(".nii.gz", "_T1w.nii.gz"))
+        sub, ses = image.name.removesuffix(".nii.gz").split("_")
+        assert prov["preprocessing"]["source"] == str(root / sub / ses / "anat" / f"{sub}_{ses}_T1w.nii.gz")
     ratios = pd.read_csv(wd / "results/tables/tissue_ratios.csv")
     assert set(ratios["method"]) == {"preprocessed", "diffusion", "combat"}
     assert not list((wd / "results").glob("preprocessed/train/*"))  # no training scans, none preprocessed
