@@ -117,3 +117,23 @@ def test_truth_errors_against_the_segmented_truth_at_the_target():
     assert out.loc[("diffusion", "WM"), "bias_vs_target"] == pytest.approx((-0.01 - 0.02) / 2)
     assert out.loc[("preprocessed", "GM"), "bias_vs_target"] == pytest.approx(0.04)
     assert out.loc[("diffusion", "GM"), "mae"] == pytest.approx((0.02 + 0.03) / 2)  # the old columns stay
+
+
+def test_figure2_keeps_the_sites_in_the_order_given(tmp_path, monkeypatch):
+    """evaluation.figure_sites [KUS, ATV] draws KUS first, and the difference as ATV - KUS (it used to sort)."""
+    from harmodiff.io import save_image
+
+    images, methods, sites = [], [], []
+    for method in ("preprocessed", "diffusion:TRA"):
+        for site, level in (("KUS", 300.0), ("ATV", 500.0)):
+            path = save_image(np.full((6, 6, 4), level), np.eye(4), tmp_path / f"{method}_{site}.nii.gz")
+            images.append(str(path))
+            methods.append(method)
+            sites.append(site)
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, outputs: drawn.update(
+        titles=[ax.get_title() for ax in fig.axes if ax.get_title()],
+        difference=float(fig.axes[2].images[0].get_array().mean())))
+    figures.figure2(images, methods, sites, "sub-01", [tmp_path / "f.png"])
+    assert drawn["titles"][:3] == ["preprocessed: KUS", "preprocessed: ATV", "ATV - KUS"]
+    assert drawn["difference"] == 200.0

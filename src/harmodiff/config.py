@@ -293,8 +293,8 @@ HDBET_FILES = ("dataset.json", "plans.json", "fold_all/checkpoint_final.pth")
 @dataclass(frozen=True)
 class PreprocessConfig(Section):
     where: typing.ClassVar[str] = "preprocess"
-    skullstrip: str = setting("ants", "ants (template-based, runs everywhere) | hdbet (needs weights at "
-                              "hdbet_weights; the paper's)", choices=("ants", "hdbet"))
+    skullstrip: str = setting("ants", "ants (template-based, runs everywhere) | hdbet (HD-BET 2, needs weights at "
+                              "hdbet_weights; the paper names no skull-stripping tool)", choices=("ants", "hdbet"))
     hdbet_weights: str = setting("resources/hd-bet", "HD-BET 2 model folder (dataset.json, plans.json, "
                                  "fold_all/checkpoint_final.pth); never downloaded")
     registration: str = setting("affine", "to MNI152: affine (the paper) | rigid", choices=("affine", "rigid"))

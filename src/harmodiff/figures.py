@@ -91,7 +91,7 @@ def figure2(images: list[str], methods: list[str], sites: list[str], subject: st
     `methods` are row labels, `method` or `method:target`."""
     plt = _plt()
     order = list(dict.fromkeys(methods))
-    two = sorted(set(sites))[:2]
+    two = list(dict.fromkeys(sites))[:2]  # evaluation.figure_sites, in the order given (the paper: ATV, KUS)
     if len(two) < 2:
         raise InputError(f"figure 2: subject {subject} needs scans from two sites, got {two}")
     lookup = {(m, s): p for p, m, s in zip(images, methods, sites, strict=True)}
