@@ -103,16 +103,21 @@ def harmonize_argv(d: dict, out: str, *extra) -> list[str]:
             "--device", "cpu", *extra]
 
 
-def preprocess_argv(d: dict, *extra) -> list[str]:
-    return [PY, "-m", "harmodiff.preprocess", "--input", str(d["raw"]), "--output", "p.nii.gz", "--mask-output",
+def preprocess_argv(raw, *extra, output: str = "p.nii.gz") -> list[str]:
+    return [PY, "-m", "harmodiff.preprocess", "--input", str(raw), "--output", output, "--mask-output",
             "m.nii.gz", "--spacing", "4", "--shape", "40", "48", "40", "--threads", "1", *extra]
+
+
+def _two_scans(cwd: Path, d: dict) -> None:
+    """a.nii.gz and b.nii.gz: two different scans for a sheet's rows."""
+    shutil.copy(d["raw"], cwd / "a.nii.gz")
+    shutil.copy(d["pre"], cwd / "b.nii.gz")
 
 
 # name, setup(cwd, data) -> argv, check(cwd, data) -> what happened
 def probes():
     def subject_shell(cwd, d):
-        shutil.copy(d["raw"], cwd / "a.nii.gz")
-        shutil.copy(d["pre"], cwd / "b.nii.gz")
+        _two_scans(cwd, d)
         _sheet(cwd, [("a", "$(touch PWNED)", "TRA", "train", "a.nii.gz"), ("b", "s2", "TSA", "test", "b.nii.gz")])
         return [PY, "-m", "harmodiff.scans", "check", "scans.tsv"]
 
@@ -120,9 +125,7 @@ def probes():
         (cwd / "bids").mkdir()
         nib.save(nib.load(str(d["raw"])), str(cwd / "bids/sub-01_T1w.nii"))
         (cwd / "bids/sub-01_T1w.json").write_text('{"MagneticFieldStrength": 3}')
-        return preprocess_argv({"raw": cwd / "bids/sub-01_T1w.nii"})[:5] + [
-            "--output", "bids/sub-01_T1w.nii.gz", "--mask-output", "m.nii.gz", "--spacing", "4", "--shape", "40", "48",
-            "40", "--threads", "1"]
+        return preprocess_argv(cwd / "bids/sub-01_T1w.nii", output="bids/sub-01_T1w.nii.gz")
 
     def harmonize_sidecar(cwd, d):
         (cwd / "in").mkdir()
@@ -137,7 +140,7 @@ def probes():
     def device(flag):
         def setup(cwd, d):
             _null(cwd / "null")
-            return preprocess_argv(d, flag, "null")
+            return preprocess_argv(d["raw"], flag, "null")
         return setup
 
     def sheet_device(cwd, d):
@@ -157,7 +160,7 @@ def probes():
 
     def slope_pre(cwd, d):
         _img(cwd / "big.nii.gz", (np.asarray(nib.load(str(d["raw"])).dataobj) > 0).astype(np.int16) * 1000, slope=1e38)
-        return preprocess_argv({"raw": cwd / "big.nii.gz"})
+        return preprocess_argv(cwd / "big.nii.gz")
 
     def complex_(cwd, d):
         _img(cwd / "c.nii.gz", (np.asarray(nib.load(str(d["raw"])).dataobj) * (1 + 1j)).astype(np.complex64))
@@ -176,8 +179,7 @@ def probes():
                           "weights_only=True); print(c.get('voxel_mm'), file=__import__('sys').stderr)"]
 
     def same_file(cwd, d):
-        shutil.copy(d["raw"], cwd / "a.nii.gz")
-        shutil.copy(d["pre"], cwd / "b.nii.gz")
+        _two_scans(cwd, d)
         _sheet(cwd, [("a", "s1", "TRA", "train", "a.nii.gz"), ("b", "s2", "TSA", "test", "b.nii.gz"),
                      ("c", "s1", "TSA", "test", "./a.nii.gz")])
         return [PY, "-m", "harmodiff.scans", "check", "scans.tsv"]
@@ -189,8 +191,7 @@ def probes():
                 "--output", "r.tsv"]
 
     def mask_clash(cwd, d):
-        shutil.copy(d["raw"], cwd / "a.nii.gz")
-        shutil.copy(d["pre"], cwd / "b.nii.gz")
+        _two_scans(cwd, d)
         _sheet(cwd, [("x", "s1", "TSA", "test", "a.nii.gz"), ("x_mask", "s2", "TSA", "test", "b.nii.gz")])
         return [PY, "-m", "harmodiff.scans", "check", "scans.tsv"]
 
@@ -276,7 +277,7 @@ def probes():
         ("one image in two files (.nii copy)", same_image, lambda c, d: ""),
         ("scan_ids x and x_mask at one site", mask_clash, lambda c, d: ""),
         ("a directory as a sheet's scan", directory_path, lambda c, d: ""),
-        ("preprocess's temporaries", lambda c, d: preprocess_argv(d), lambda c, d: temporaries(c)),
+        ("preprocess's temporaries", lambda c, d: preprocess_argv(d["raw"]), lambda c, d: temporaries(c)),
         ("segment's temporaries", segment, lambda c, d: temporaries(c)),
         ("harmonize --steps 100000", lambda c, d: harmonize_argv(d, "h.nii.gz", "--steps", "100000"), lambda c, d: ""),
         ("harmonize --strength nan", lambda c, d: harmonize_argv(d, "h.nii.gz", "--start-from", "source",

@@ -20,7 +20,7 @@ import shutil
 import sys
 from harmodiff import __version__
 from harmodiff.antsio import to_native
-from harmodiff.io import InputError, atomic_path, check_outputs, json_sidecar, outputs_together, write_json
+from harmodiff.io import InputError, atomic_path, json_sidecar, outputs_together, write_json
 from harmodiff.layout import DERIVATIVES, SPACE, bids_label  # noqa: F401 (the names are the layout's)
 
 BIDS_VERSION = "1.10.0"
@@ -42,15 +42,14 @@ def image_sidecar(provenance: dict, space: str | None, sources: list[str]) -> di
 def export_image(harmonized, raw, transform, mni_output, native_output) -> None:
     """The working-grid image (copied) and its native-space version, each with its sidecar."""
     outputs = [mni_output, json_sidecar(mni_output), native_output, json_sidecar(native_output)]
-    check_outputs(outputs, inputs=[harmonized, raw, transform])  # before anything is read
-    record = json_sidecar(harmonized)
-    if not record.is_file():
-        raise InputError(f"{record}: the provenance `harmonize` writes next to {harmonized} is missing")
-    try:
-        provenance = json.loads(record.read_text())
-    except ValueError as exc:
-        raise InputError(f"{record}: not JSON ({exc})") from None
-    with outputs_together(outputs):
+    with outputs_together(outputs, inputs=[harmonized, raw, transform]):  # checked before anything is read
+        record = json_sidecar(harmonized)
+        if not record.is_file():
+            raise InputError(f"{record}: the provenance `harmonize` writes next to {harmonized} is missing")
+        try:
+            provenance = json.loads(record.read_text())
+        except ValueError as exc:
+            raise InputError(f"{record}: not JSON ({exc})") from None
         with atomic_path(mni_output) as tmp:
             shutil.copyfile(harmonized, tmp)
         write_json(image_sidecar(provenance, SPACE, [str(harmonized)]), json_sidecar(mni_output))

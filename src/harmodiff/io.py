@@ -28,9 +28,10 @@ def _read_nifti(path: Path):
     import gzip
     import zlib
 
+    header_only = _refuse_oversized(path)
     raw = path.read_bytes()
     if raw[:2] != b"\x1f\x8b":
-        return nib.load(str(path))
+        return header_only or nib.load(str(path))
     try:
         raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
@@ -70,19 +71,22 @@ def not_a_file(path) -> str:
 MAX_VOXELS = 256 * 2**20
 
 
-def _refuse_oversized(path: Path) -> None:
-    """InputError when the header asks for more than MAX_VOXELS (read from the header alone)."""
+def _refuse_oversized(path: Path):
+    """InputError when the header asks for more than MAX_VOXELS; else nibabel's image of the file
+    with only its header read (None when nibabel cannot read it: load_image says why)."""
     try:
-        shape = nib.load(str(path)).shape
+        image = nib.load(str(path))
     except Exception:
-        return  # not readable as NIfTI: load_image says so
+        return None
+    shape = image.shape
     n = int(np.prod(shape, dtype=np.float64))
     if n > MAX_VOXELS:
         raise InputError(f"{path}: the header asks for {'x'.join(map(str, shape))} = {n:,} voxels, more than the "
                          f"{MAX_VOXELS:,} an input may have (a 0.5 mm whole head has ~105 M)")
+    return image
 
 
-def header_scaling(img) -> str:
+def _header_scaling(img) -> str:
     """The header's scl_slope and scl_inter (nibabel moves them from the header to the data proxy)."""
     slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
     return f"{float(slope):g}, scl_inter {float(inter):g}"
@@ -101,7 +105,6 @@ def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nif
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: {not_a_file(path)}")
-    _refuse_oversized(path)
     try:
         img = _read_nifti(path)
     except InputError:
@@ -137,7 +140,7 @@ def load_image(path: str | os.PathLike, *, allow_empty: bool = False) -> nib.Nif
     # every tool computes in float32: a value finite in float64 (scl_slope 1e38) would become inf there
     if np.issubdtype(data.dtype, np.floating) and data.size and np.abs(data).max() > np.finfo(np.float32).max:
         raise InputError(f"{path}: voxel values up to {float(np.abs(data).max()):.3g} (after scl_slope "
-                         f"{header_scaling(img)}) overflow float32, whose largest value is "
+                         f"{_header_scaling(img)}) overflow float32, whose largest value is "
                          f"{float(np.finfo(np.float32).max):.3g}")
     if not allow_empty and not np.any(data):
         raise InputError(f"{path}: image is all zeros")
@@ -201,11 +204,13 @@ def refuse_non_regular_target(path) -> None:
 _PENDING: list | None = None  # (temporary, final) renames held back by `outputs_together`
 
 
-def _existing_ancestor(path: Path) -> Path:
-    folder = path.parent
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders on `folder`'s path that do not exist yet, deepest first."""
+    missing = []
     while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
         folder = folder.parent
-    return folder
+    return missing
 
 
 def check_writable(paths) -> None:
@@ -214,7 +219,8 @@ def check_writable(paths) -> None:
     command that fails leaves no empty folders), so a command fails before its work, not after it."""
     for path in (Path(p) for p in paths if p):
         refuse_non_regular_target(path)
-        folder = _existing_ancestor(path.absolute())
+        missing = _missing_folders(path.absolute().parent)
+        folder = missing[-1].parent if missing else path.absolute().parent
         try:
             if not folder.is_dir():
                 raise NotADirectoryError(20, f"{folder} is not a folder")
@@ -246,10 +252,7 @@ def check_outputs_or_exit(outputs, inputs=()) -> None:
 
 def _make_folders(folder: Path) -> list[Path]:
     """mkdir -p, returning the folders it made (deepest first)."""
-    made, f = [], folder
-    while not f.exists() and f != f.parent:
-        made.append(f)
-        f = f.parent
+    made = _missing_folders(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return made
 

@@ -178,14 +178,11 @@ def _bids_table(path: Path) -> pd.DataFrame | None:
 def _bids_value(column: str, sub: str, ses: str | None, sessions: pd.DataFrame | None,
                 participants: pd.DataFrame | None) -> str | None:
     """A session's value of `column` from sub-*_sessions.tsv, else the subject's from participants.tsv."""
-    if ses and sessions is not None and column in sessions.columns and "session_id" in sessions.columns:
-        hit = sessions.loc[sessions["session_id"] == ses, column]
-        if len(hit) and hit.iloc[0] not in ("", "n/a"):
-            return hit.iloc[0]
-    if participants is not None and column in participants.columns and "participant_id" in participants.columns:
-        hit = participants.loc[participants["participant_id"] == sub, column]
-        if len(hit) and hit.iloc[0] not in ("", "n/a"):
-            return hit.iloc[0]
+    for table, key, wanted in ((sessions, "session_id", ses), (participants, "participant_id", sub)):
+        if wanted and table is not None and {column, key} <= set(table.columns):
+            hit = table.loc[table[key] == wanted, column]
+            if len(hit) and hit.iloc[0] not in ("", "n/a"):
+                return hit.iloc[0]
     return None
 
 
@@ -198,9 +195,12 @@ def from_bids(root: str | Path, *, site_column: str = "site", cohort: str = "tes
     if not root.is_dir():
         raise InputError(f"{root}: BIDS root not found")
     participants = _bids_table(root / "participants.tsv")
+    sessions_of: dict[str, pd.DataFrame | None] = {}  # read once per subject, not once per scan
     rows = []
     for f, sub, ses in _bids_t1w_files(root):
-        sessions = _bids_table(root / sub / f"{sub}_sessions.tsv")
+        if sub not in sessions_of:
+            sessions_of[sub] = _bids_table(root / sub / f"{sub}_sessions.tsv")
+        sessions = sessions_of[sub]
         where = f"{sub}{' ' + ses if ses else ''}"
         site = _bids_value(site_column, sub, ses, sessions, participants)
         if site is None:
