@@ -1,3 +1,5 @@
+import shutil
+import subprocess
 import numpy as np
 import pandas as pd
 import pytest
@@ -80,3 +82,34 @@ def test_mixed_model_failure_is_reported_not_raised():
     df = pd.DataFrame({"subject": ["a", "b"], "site": ["X", "Y"], "ratio": [0.4, 0.5]})
     r = stats.mixed_model_r2(df)
     assert not r["converged"]
+
+
+R_NAKAGAWA = """
+suppressMessages({library(lme4); library(performance)})
+args <- commandArgs(trailingOnly = TRUE)
+d <- read.csv(args[1])
+fit <- lmer(ratio ~ factor(site) + (1 | subject), data = d, REML = TRUE)
+r2 <- r2_nakagawa(fit)
+cat(sprintf("%.10f %.10f\\n", r2$R2_marginal, r2$R2_conditional))
+"""
+
+
+@pytest.mark.skipif(shutil.which("Rscript") is None, reason="R is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("seed, n_subjects, sites, effects", [
+    (4, 9, ["KPM", "A", "B", "C"], [0, 0.004, 0.012, -0.006]),     # SRPBS-like: few subjects, strong site
+    (5, 30, ["A", "B", "C", "D", "E"], [0, 0.001, -0.002, 0.0005, 0.0]),  # weak site effect
+])
+def test_mixed_model_r2_equals_r_performance(tmp_path, seed, n_subjects, sites, effects):
+    """Both R2 agree with R's performance::r2_nakagawa on lme4's REML fit to 3 decimals, with an
+    unbalanced design (two scans missing) so the fixed part's variance depends on its denominator."""
+    df = _traveling(n_subjects, sites, effects, 0.02, 0.006, seed=seed)
+    df = df.drop(index=[3, 7]).reset_index(drop=True)
+    csv = tmp_path / "ratios.csv"
+    df.to_csv(csv, index=False)
+    script = tmp_path / "r2.R"
+    script.write_text(R_NAKAGAWA)
+    out = subprocess.run(["Rscript", str(script), str(csv)], capture_output=True, text=True, check=True)
+    r_marginal, r_conditional = map(float, out.stdout.split())
+    ours = stats.mixed_model_r2(df)
+    assert ours["marginal"] == pytest.approx(r_marginal, abs=5e-4)
+    assert ours["conditional"] == pytest.approx(r_conditional, abs=5e-4)

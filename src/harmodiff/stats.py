@@ -5,8 +5,10 @@
 * `mixed_model_r2`: ratio ~ C(site) + (1 | subject), REML (statsmodels MixedLM), with the
   marginal and conditional R2 of Nakagawa & Schielzeth (2013):
       R2m = var_f / (var_f + var_u + var_e),  R2c = (var_f + var_u) / (var_f + var_u + var_e)
-  var_f: variance of the fixed-effect predictions, var_u: random-intercept variance,
-  var_e: residual variance. Convergence problems are reported, not hidden.
+  var_f: variance of the fixed-effect predictions (n - 1 in the denominator, as R's
+  `insight::get_variance` behind `performance::r2_nakagawa` computes it), var_u: random-intercept
+  variance, var_e: residual variance. Convergence problems are reported, not hidden.
+  tests/test_stats.py checks both R2 against R's `performance::r2_nakagawa` on lme4's fit.
 
 Input frames have columns scan_id, subject, site and the value column.
 """
@@ -68,7 +70,7 @@ def mixed_model_r2(df: pd.DataFrame, value: str = "ratio") -> dict:
                     "var_subject": np.nan, "var_residual": np.nan, "warnings": f"fit failed: {exc}"}
     messages = sorted({str(w.message).split("\n")[0] for w in caught})
     fixed = model.exog @ result.fe_params.to_numpy()
-    var_f = float(np.var(fixed))
+    var_f = float(np.var(fixed, ddof=1))
     var_u = float(result.cov_re.iloc[0, 0])
     var_e = float(result.scale)
     total = var_f + var_u + var_e
