@@ -19,12 +19,15 @@ NETWORKS = {"paper (config/srpbs.yaml)": ("config/srpbs.yaml", (80, 96, 80)),
             "demo (config/config.yaml)": ("config/config.yaml", (40, 48, 40))}
 
 
-def forward_flops(cfg: ModelConfig, patch) -> tuple[float, int]:
+def forward_flops(cfg: ModelConfig, patch, batch: int = 1, backward: bool = False) -> tuple[float, int]:
+    """(FLOPs of one pass of `batch` patches, forward only or forward + backward; parameters)."""
     with torch.device("meta"):
         model = build_model(cfg, 91)
-        x = torch.randn(1, 1, *patch)
+        x = torch.randn(batch, 1, *patch)
         with FlopCounterMode(display=False) as counter:
-            model(x, torch.tensor([10]), x, x, torch.tensor([1]))
+            out = model(x, torch.full((batch,), 10), x, x, torch.ones(batch, dtype=torch.long))
+            if backward:
+                out.sum().backward()
     return counter.get_total_flops(), count_parameters(model)
 
 

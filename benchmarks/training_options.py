@@ -66,10 +66,10 @@ def scores(image, truth, brain, wm) -> dict:
             "WM error": float(np.median(image[wm]) - np.median(truth[wm]))}
 
 
-def harmonize(ckpt, source, brain, **kw):
+def harmonize(ckpt, source, brain, target_site="A", **kw):
     model, labels, config = tr.load_model_for_inference(ckpt)
     args = dict(guidance="cfgpp", scale=0.6, steps=10, batch_size=27, start_from="noise", seed=0) | kw
-    return hz.harmonize_array(model, labels, config, source, brain, "A", **args)[0]
+    return hz.harmonize_array(model, labels, config, source, brain, target_site, **args)[0]
 
 
 @contextmanager

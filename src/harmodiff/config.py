@@ -339,6 +339,13 @@ class ModelConfig(Section):
     use_flash_attention: bool = setting(True, "torch SDPA; ~3.7x faster on CPU than MONAI's einsum path")
     self_attention: bool = setting(True, "False: attention blocks attend only to the site token (the authors' "
                                    "released network)")
+    time_embed_dim: int | None = setting(None, "width of the time-embedding MLP; null: MONAI's 4 x channels[0] "
+                                         "(the paper: 512)", exclusive_minimum=0)
+    bottleneck_attention: bool = setting(True, "MONAI's attention block in the middle block, at the lowest "
+                                         "resolution; the paper has attention at the two middle levels only (false)")
+    anatomy_tokens_per_side: int = setting(0, "A_coarse also enters the cross-attention context as n^3 tokens "
+                                           "beside the site token (the paper's anatomy cross-attention); 0: "
+                                           "by concatenation only", minimum=0, maximum=4)
 
     def check(self):
         if len(self.attention_levels) != len(self.channels):
@@ -372,6 +379,8 @@ class TrainConfig(Section):
     seed: int = setting(0, "training seed", minimum=0, maximum=SEED_MAX)
     bf16: bool = setting(False, "bfloat16 autocast (GPU)")
     compile: bool = setting(False, "torch.compile the U-Net (pays off on long GPU runs)")
+    activation_checkpointing: bool = setting(False, "recompute each U-Net block's activations in the backward "
+                                             "pass (a paper-size step in far less memory, benchmarks/paper_scale.md)")
     prediction: str = setting("eps", "what the network outputs: eps (the paper) | v | x0 (learns fastest, "
                               "benchmarks/training_options.md)", choices=PREDICTIONS)
     loss_weighting: str = setting("none", "none | min_snr", choices=("none", "min_snr"))

@@ -6,6 +6,14 @@ with a 2-layer MLP, self- and cross-attention at the two middle levels. The site
 cross-attention as one token: a learnable embedding per site label, with index 0 reserved for
 the null (unconditional) embedding used by classifier-free guidance.
 
+Where MONAI fixes what the paper states otherwise, `HarmonizationUNet` replaces the part
+(each only when the config asks, so models trained before keep their architecture):
+`time_embed_dim` (MONAI: 4 x channels[0]; the paper: 512) swaps the time MLP and every residual
+block's projection of it; `bottleneck_attention: false` drops the attention block MONAI always
+puts in its middle block (the paper has attention at the two middle levels only);
+`anatomy_tokens_per_side` adds A_coarse, encoded to n^3 tokens, to the cross-attention context
+beside the site token (the paper's anatomy "via internal cross-attention").
+
 Site labels are (site, log-gamma contrast level) pairs, as in the paper's augmentation: a
 training volume whose contrast was changed by a log-gamma factor gets that pair's label. At
 inference the target is (target site, 0).
@@ -72,6 +80,42 @@ class NoSelfAttention(nn.Module):
         return torch.zeros_like(x)
 
 
+class NoAttention(nn.Module):
+    """Stands in for the middle block's spatial transformer: passes the features through."""
+
+    def forward(self, x, context=None):
+        return x
+
+
+class AnatomyTokens(nn.Module):
+    """A_coarse -> n^3 context tokens: two strided convolutions, an adaptive average pool to an
+    n x n x n grid, a linear map to the context width, plus a learned embedding of each token's
+    grid position (cross-attention alone cannot tell the tokens apart by place)."""
+
+    def __init__(self, per_side: int, context_dim: int, width: int = 32):
+        super().__init__()
+        self.encode = nn.Sequential(
+            nn.Conv3d(1, width, 4, stride=4), nn.SiLU(), nn.Conv3d(width, 2 * width, 3, stride=2, padding=1),
+            nn.SiLU(), nn.AdaptiveAvgPool3d(per_side))
+        self.project = nn.Linear(2 * width, context_dim)
+        self.position = nn.Parameter(torch.zeros(per_side ** 3, context_dim))
+
+    def forward(self, coarse):
+        tokens = self.encode(coarse).flatten(2).transpose(1, 2)  # (N, n^3, 2 width)
+        return self.project(tokens) + self.position
+
+
+def _checkpointed(forward):
+    """forward recomputed in the backward pass instead of keeping its activations (training only)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
 class HarmonizationUNet(nn.Module):
     """eps_theta(x_t, t, A, A_coarse, site label)."""
 
@@ -98,7 +142,29 @@ class HarmonizationUNet(nn.Module):
             for block in self.unet.modules():
                 if isinstance(block, DiffusionUNetTransformerBlock):
                     block.attn1 = NoSelfAttention()
+        if not config.bottleneck_attention:
+            self.unet.middle_block.attention = NoAttention()
+        if config.time_embed_dim is not None and config.time_embed_dim != 4 * config.channels[0]:
+            self._replace_time_mlp(config.time_embed_dim)
         self.site_embedding = nn.Embedding(num_labels, config.context_dim)
+        self.anatomy_tokens = (AnatomyTokens(config.anatomy_tokens_per_side, config.context_dim)
+                               if config.anatomy_tokens_per_side else None)
+
+    def _replace_time_mlp(self, width: int) -> None:
+        from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
+
+        first = self.config.channels[0]  # MONAI's sinusoidal embedding has channels[0] features
+        self.unet.time_embed = nn.Sequential(nn.Linear(first, width), nn.SiLU(), nn.Linear(width, width))
+        for block in self.unet.modules():
+            if isinstance(block, DiffusionUNetResnetBlock):
+                block.time_emb_proj = nn.Linear(width, block.time_emb_proj.out_features)
+
+    def use_activation_checkpointing(self) -> None:
+        """Recompute each U-Net block's activations in the backward pass: a paper-size step at
+        80x96x80 then fits in far less memory for about one more forward pass of time. The
+        weights and their names are unchanged."""
+        for block in [*self.unet.down_blocks, self.unet.middle_block, *self.unet.up_blocks]:
+            block.forward = _checkpointed(block.forward)
 
     @property
     def downsampling(self) -> int:
@@ -107,6 +173,8 @@ class HarmonizationUNet(nn.Module):
 
     def forward(self, x_t, timesteps, anatomy, coarse, labels):
         context = self.site_embedding(labels)[:, None, :]
+        if self.anatomy_tokens is not None:
+            context = torch.cat([context, self.anatomy_tokens(coarse).to(context.dtype)], dim=1)
         return self.unet(torch.cat([x_t, anatomy, coarse], dim=1), timesteps, context=context)
 
 

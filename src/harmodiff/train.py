@@ -314,6 +314,8 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
             ema.load_state_dict(state["ema_state"])
             start = int(state["step"])
             resumed_rows = state.get("loss_rows")
+    if cfg.activation_checkpointing:  # after the EMA copy: the copy must keep its own forward
+        model.use_activation_checkpointing()
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
@@ -391,7 +393,7 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
 
 # settings that change how fast a run goes, not what it learns (tested: workers give the same
 # batches), so a shipped model still counts as "trained with this config" when they differ
-SPEED_ONLY = ("workers", "checkpoint_every", "compile")
+SPEED_ONLY = ("workers", "checkpoint_every", "compile", "activation_checkpointing")
 
 
 def data_fingerprint(volumes) -> str:
@@ -423,12 +425,20 @@ def config_record(model_cfg: ModelConfig, cfg: TrainConfig, patch_shape, anatomy
             "anatomy": AnatomyConfig.of(anatomy_cfg).to_dict()}
 
 
+def _record_defaults() -> dict:
+    return {"model": ModelConfig().to_dict(), "train": TrainConfig().training_settings(),
+            "anatomy": AnatomyConfig().to_dict()}
+
+
 def record_differences(saved: dict, wanted: dict) -> list[str]:
     """'section.key: saved -> wanted' for every setting that differs (speed-only keys ignored)."""
     out = []
+    defaults = _record_defaults()
     for section in sorted(set(saved) | set(wanted)):
         a, b = saved.get(section), wanted.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
+            # a setting added after a model was trained: that model has its default (the old behaviour)
+            a = {**defaults.get(section, {}), **a}
             for key in sorted(set(a) | set(b)):
                 if section == "train" and key in SPEED_ONLY:
                     continue
