@@ -1,14 +1,17 @@
-"""GPU timings of the paper-size network: one training step (batch 5) and one harmonization of a
-1 mm volume (27 patches, 50 DDIM steps, CFG++), under each speed option.
+"""GPU timings of the two recipes at the paper's size: one training step (batch 5) and one
+harmonization of a 1 mm volume (27 patches of 80x96x80, CFG++), under each speed option.
 
     python benchmarks/gpu_timing.py > benchmarks/gpu_timing.md            # on a GPU machine
     python benchmarks/gpu_timing.py --tiny                                # CPU smoke run (tiny sizes)
 
-The paper's network is config/srpbs.yaml's `model` (with and without spatial self-attention);
-random weights (timing does not depend on them), random volumes on the paper's grid. Each row is
-timed after one warm-up call; harmonization rows run the real `harmonize_array`. `--tiny` swaps
-in a tiny network, a 32x40x32 grid, 2 DDIM steps and fp32 (with and without channels-last) so the
-script itself is tested on CPU.
+The recipes: `paper` is config/srpbs.yaml (self+cross attention, 50 DDIM steps from noise);
+`fast` is config/srpbs-fast.yaml on top of it (cross-only attention, 10 of 20 steps from the
+noised source). Random weights (timing does not depend on them), a random volume on the paper's
+grid. Each row is timed after one warm-up call; harmonization rows run the real
+`harmonize_array`; peak memory is torch.cuda.max_memory_allocated over the row. The FLOP bound is
+the recipe's FLOPs (torch.utils.flop_counter) at --peak-tflops. `--tiny` swaps in a tiny network,
+a 32x40x32 grid, 2 DDIM steps and fp32 (with and without channels-last) so the script itself is
+tested on CPU.
 """
 
 from __future__ import annotations
@@ -23,10 +26,39 @@ import yaml
 
 from harmodiff.evaluate import markdown_table
 from harmodiff.harmonize import harmonize_array
+from harmodiff.patches import grid_positions
 from harmodiff.model import ModelConfig, SiteLabels, build_model
 
 TINY = {"channels": [8, 16, 16, 16], "attention_levels": [False, False, True, False], "num_res_blocks": 1,
-        "num_head_channels": 8, "context_dim": 16, "norm_num_groups": 8}
+        "num_head_channels": 8, "context_dim": 16, "norm_num_groups": 8, "time_embed_dim": None,
+        "bottleneck_attention": True}
+H200_BF16_DENSE_TFLOPS = 790.0  # NVIDIA's H100/H200 SXM bf16 dense peak (the bound of benchmarks/model_cost.md)
+
+
+def recipes(tiny: bool) -> dict[str, tuple[dict, dict]]:
+    """name -> (model settings, harmonize settings) of config/srpbs.yaml and srpbs.yaml + srpbs-fast.yaml."""
+    paper = yaml.safe_load(open("config/srpbs.yaml"))
+    fast = yaml.safe_load(open("config/srpbs-fast.yaml"))
+    out = {}
+    for name, over in (("paper", {}), ("fast", fast)):
+        model = {**paper["model"], **over.get("model", {})}
+        sampling = {k: {**paper["harmonize"], **over.get("harmonize", {})}[k] for k in ("start_from", "steps", "strength")}
+        if tiny:
+            model = {**TINY, "self_attention": model["self_attention"]}
+            sampling["steps"] = 2 if sampling["start_from"] == "noise" else 4
+        out[name] = (model, sampling)
+    return out
+
+
+def forward_flops(model, patch) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        meta = build_model(model.config, model.site_embedding.num_embeddings)
+        x = torch.randn(1, 1, *patch)
+        with FlopCounterMode(display=False) as counter:
+            meta(x, torch.tensor([10]), x, x, torch.tensor([1]))
+    return counter.get_total_flops()
 
 
 def sync(device):
@@ -63,11 +95,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS,
+                   help="the accelerator's dense bf16 peak, for the FLOP bound column")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     base = TINY if a.tiny else yaml.safe_load(open("config/srpbs.yaml"))["model"]
     grid, patch = ((32, 40, 32), (16, 24, 16)) if a.tiny else ((160, 192, 160), (80, 96, 80))
-    steps = 2 if a.tiny else 50
     labels = SiteLabels(["A", "B"], [0.0])
     config = {"patch_shape": list(patch), "train": {"num_train_timesteps": 1000}, "anatomy": {}}
     rng = np.random.default_rng(0)
@@ -77,9 +110,11 @@ def main(argv=None) -> None:
     mask[sl] = True
     image[sl] = rng.uniform(200, 800, mask[sl].shape)
     rows = []
-    for self_attention in (True, False):
+    for recipe, (model_settings, sampling) in recipes(a.tiny).items():
         torch.manual_seed(0)
-        model = build_model(ModelConfig.from_dict({**base, "self_attention": self_attention}), labels.num_embeddings)
+        model = build_model(ModelConfig.from_dict(model_settings), labels.num_embeddings)
+        executed = max(1, round(sampling["strength"] * sampling["steps"]))
+        bound = len(grid_positions(grid, patch)) * executed * 2 * forward_flops(model, patch) / (a.peak_tflops * 1e12)
         for bf16, channels_last, compile_ in ((False, False, False), (True, False, False), (True, True, False),
                                               (True, True, True)):
             if a.tiny and (compile_ or bf16 != channels_last):
@@ -87,29 +122,40 @@ def main(argv=None) -> None:
                 # tested in test_harmonize); the tiny run keeps fp32 and channels-last, bf16 off
                 continue
             bf16 = bf16 and not a.tiny
-            name = {"self-attention": self_attention, "bf16": bf16, "channels_last": channels_last, "compile": compile_}
+            name = {"recipe": recipe, "self-attention": model.config.self_attention, "bf16": bf16,
+                    "channels_last": channels_last, "compile": compile_}
             try:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 net = torch.compile(model) if compile_ else model
                 train_s = train_step_seconds(net, patch, 5, device, bf16, channels_last, repeats=1 if a.tiny else 5)
+                train_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
                 model.eval()
-                kwargs = dict(guidance="cfgpp", scale=0.6, steps=steps, batch_size=4, device=a.device, bf16=bf16,
-                              channels_last=channels_last, compile=compile_)
-                harmonize_array(model, labels, config, image, mask, "A", **{**kwargs, "steps": 1})  # warm-up
+                kwargs = dict(guidance="cfgpp", scale=0.6, batch_size=4, device=a.device, bf16=bf16,
+                              channels_last=channels_last, compile=compile_, **sampling)
+                harmonize_array(model, labels, config, image, mask, "A", **{**kwargs, "steps": 1, "strength": 1.0})
                 sync(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
                 _, stats = harmonize_array(model, labels, config, image, mask, "A", **kwargs)
                 sync(device)
-                rows.append({**name, "train step s (batch 5)": train_s, "harmonize s / volume": time.perf_counter() - t0,
-                             "U-Net passes": stats["unet_passes"]})
+                seconds = time.perf_counter() - t0
+                rows.append({**name, "train step s (batch 5)": train_s, "train peak GiB": train_gib,
+                             "harmonize s / volume": seconds, "FLOP bound s": bound,
+                             "harmonize peak GiB": torch.cuda.max_memory_allocated(device) / 2**30
+                             if device.type == "cuda" else float("nan"), "U-Net passes": stats["unet_passes"]})
             except Exception as exc:  # an OOM or a compile failure is a result, not a crash
-                rows.append({**name, "train step s (batch 5)": f"failed: {type(exc).__name__}",
-                             "harmonize s / volume": "", "U-Net passes": ""})
+                rows.append({**name, "train step s (batch 5)": f"failed: {type(exc).__name__}: {str(exc)[:80]}",
+                             "train peak GiB": "", "harmonize s / volume": "", "FLOP bound s": bound,
+                             "harmonize peak GiB": "", "U-Net passes": ""})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# GPU timings: {where}\n")
     print(f"Command: `python benchmarks/gpu_timing.py{' --tiny' if a.tiny else ''}`; grid {'x'.join(map(str, grid))}, "
-          f"patches {'x'.join(map(str, patch))}, {steps} DDIM steps, CFG++ (2 branches), random weights.\n")
+          f"patches {'x'.join(map(str, patch))}, CFG++ (2 branches), random weights; FLOP bound at "
+          f"{a.peak_tflops:g} TFLOP/s.\n")
     print(markdown_table(pd.DataFrame(rows)))
 
 

@@ -291,10 +291,12 @@ def test_gpu_timing_script_runs_at_a_tiny_size(capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(["--tiny", "--device", "cpu"])
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| True") or line.startswith("| False")]
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| paper", "| fast"))]
     assert len(table) == 4 and not any("failed" in line for line in table)
-    passes = len(grid_positions((32, 40, 32), (16, 24, 16))) * 2 * 2  # patches x 2 steps x 2 branches
+    # patches x 2 steps run x 2 branches: the paper's 2 steps from noise, the fast recipe's 2 of 4 from the source
+    passes = len(grid_positions((32, 40, 32), (16, 24, 16))) * 2 * 2
     assert all(line.rstrip(" |").endswith(f"| {passes}") for line in table)
+    assert [line.split("|")[2].strip() for line in table] == ["True", "True", "False", "False"]  # self-attention
 
 
 def test_an_input_off_the_training_grid_is_a_one_line_error(scan):
