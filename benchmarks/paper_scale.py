@@ -7,15 +7,15 @@ config/srpbs.yaml and config/srpbs.yaml + config/srpbs-fast.yaml.
 Each measurement runs in its own process (so its peak RSS, ru_maxrss, is its own) under a 22 GiB
 address-space cap, on 2 torch threads; a run that does not fit is reported, not fatal.
 
-* train-step: `harmodiff.train.train` for 2 steps on two 1 mm volumes (the MNI152 template at two
-  contrasts), the recipe's training settings (batch as given, bf16 off: CPU), seconds of the second
-  step from its loss.csv (the first pays for the first sample and the allocator). The sample is
-  built in the loop (workers 0): ~3 s of it (benchmarks/sample_rate.md).
+* train-step: `harmodiff.train.train` for 2 steps (the paper's network: 1) on two 1 mm volumes
+  (the MNI152 template at two contrasts), the recipe's training settings (batch as given, bf16 off:
+  CPU), seconds of the second step from its loss.csv (the first pays for the first sample and the
+  allocator). The sample is built in the loop (workers 0): ~3 s of it (benchmarks/sample_rate.md).
 * harmonize: `harmodiff.harmonize.harmonize_array` on the 1 mm volume with the 27-patch grid:
   random weights (cost does not depend on them), the output checked finite, zero outside the brain,
   and exact fusion at this size checked separately (`fuse` of the volume's own 27 crops gives it back).
-* Computed (no run): the memory a GPU training step at batch 5 needs for attention with flash SDPA
-  against the math path, and the sample rate an H200 needs (from the FLOPs).
+* Computed (no run): the activations a GPU training step at batch 5 keeps, with flash SDPA against
+  the math path, and the sample rate an H200 needs (from the FLOPs).
 """
 
 from __future__ import annotations
@@ -74,21 +74,21 @@ def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def train_step(recipe_name: str, batch: int, checkpointing: bool, self_attention: bool | None) -> dict:
+def train_step(recipe_name: str, batch: int, checkpointing: bool, self_attention: bool | None, steps: int) -> dict:
     from harmodiff import train as tr
     from harmodiff.model import ModelConfig
 
     model, train, _ = recipe(recipe_name)
     if self_attention is not None:
         model = {**model, "self_attention": self_attention}
-    cfg = tr.TrainConfig.from_dict({**train, "steps": 2, "batch_size": batch, "bf16": False, "workers": 0,
+    cfg = tr.TrainConfig.from_dict({**train, "steps": steps, "batch_size": batch, "bf16": False, "workers": 0,
                                     "checkpoint_every": 10, "activation_checkpointing": checkpointing})
     volumes = [tr.Volume(*volume_1mm(g), site) for g, site in ((0.0, "A"), (0.3, "B"))]
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         tr.train(volumes, out, model_cfg=ModelConfig.from_dict(model), cfg=cfg, patch_shape=PATCH, progress=False)
         seconds = pd.read_csv(Path(out) / "loss.csv")["seconds"].to_numpy()
-    return {"step s": float(seconds[-1] - seconds[-2]), "first step s": float(seconds[0]),
+    return {"step s": float(seconds[-1] - seconds[-2]) if steps > 1 else float("nan"), "first step s": float(seconds[0]),
             "wall s": time.perf_counter() - t0, "peak RSS GiB": _peak_gib()}
 
 
@@ -125,19 +125,34 @@ def exact_fusion() -> dict:
     return {"patches": len(positions), "max |fused - volume|": float(np.abs(fused - image).max())}
 
 
-def attention_memory(batch: int = 5) -> list[dict]:
-    """Bytes one self-attention layer's score matrix takes at each attended level (math path, bf16)
-    against flash/memory-efficient SDPA, which never forms it."""
-    model, _, _ = recipe("paper")
+def activation_memory(batch: int = 5) -> list[dict]:
+    """What autograd keeps for the backward pass of one training step at `batch` (fp32), counted on
+    the meta device with saved_tensors_hooks. There SDPA runs its math path, which keeps every
+    (tokens x tokens) score matrix; flash / memory-efficient SDPA (CUDA, and torch's CPU flash
+    kernel) keeps only O(tokens) per head instead, so the flash figure is the total less those."""
+    from harmodiff.model import ModelConfig, build_model
+
     rows = []
-    side = np.array(PATCH)
-    for level, (channels, attends) in enumerate(zip(model["channels"], model["attention_levels"])):
-        tokens = int(np.prod(side // 2 ** level))
-        if attends:
-            heads = channels // model["num_head_channels"]
-            rows.append({"level": level, "tokens": tokens, "heads": heads,
-                         "math path: scores per layer, GiB (batch 5, bf16)": batch * heads * tokens ** 2 * 2 / 2**30,
-                         "flash SDPA: scores kept, GiB": 0.0})
+    for name in ("paper", "fast"):
+        model_settings = recipe(name)[0]
+        tokens = {int(np.prod(np.array(PATCH) // 2 ** level)) for level in range(len(model_settings["channels"]))}
+        kept = {"all": 0, "scores": 0}
+
+        def pack(t):
+            size = t.numel() * t.element_size()
+            kept["all"] += size
+            if t.dim() >= 2 and t.shape[-1] == t.shape[-2] and t.shape[-1] in tokens:
+                kept["scores"] += size
+            return t
+        with torch.device("meta"):
+            model = build_model(ModelConfig.from_dict(model_settings), 91)
+            x = torch.randn(batch, 1, *PATCH)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(x, torch.full((batch,), 10), x, x, torch.ones(batch, dtype=torch.long))
+        rows.append({"recipe": name, "batch": batch, "math path GiB (fp32)": kept["all"] / 2**30,
+                     "of which score matrices GiB": kept["scores"] / 2**30,
+                     "flash SDPA GiB (fp32)": (kept["all"] - kept["scores"]) / 2**30,
+                     "flash SDPA GiB (bf16 autocast, ~half)": (kept["all"] - kept["scores"]) / 2**31})
     return rows
 
 
@@ -153,8 +168,8 @@ def child(argv: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-TRAIN_RUNS = [  # (recipe, batch, activation checkpointing, self-attention override)
-    ("fast", 1, False, None), ("fast", 1, True, None), ("fast", 2, True, None), ("paper", 1, True, None),
+TRAIN_RUNS = [  # (recipe, batch, activation checkpointing, steps): the paper's self+cross step once (~15 min)
+    ("fast", 1, False, 2), ("fast", 1, True, 2), ("fast", 2, True, 2), ("paper", 1, True, 1),
 ]
 HARMONIZE_RUNS = [  # (network, DDIM steps, strength, patches per batch)
     ("small", 4, 0.5, 4),
@@ -167,8 +182,9 @@ def main_all(a) -> None:
     from harmodiff.model import ModelConfig
 
     train_rows = []
-    for name, batch, ckpt, sa in TRAIN_RUNS:
-        argv = ["train-step", "--recipe", name, "--batch", str(batch)] + (["--checkpointing"] if ckpt else [])
+    for name, batch, ckpt, steps in TRAIN_RUNS:
+        argv = ["train-step", "--recipe", name, "--batch", str(batch), "--steps", str(steps)] + \
+            (["--checkpointing"] if ckpt else [])
         result = child(argv)
         model = recipe(name)[0]
         train_rows.append({"recipe": name, "self-attention": model["self_attention"], "batch": batch,
@@ -206,8 +222,8 @@ def main_all(a) -> None:
           f"weights give it back to {fusion.get('max |fused - volume|', float('nan')):.2e} (max abs, brain median 500).\n")
     print("## Computed: FLOPs (torch.utils.flop_counter, meta device) and what an H200 needs\n")
     print(markdown_table(pd.DataFrame(cost)))
-    print("\n## Computed: attention memory of a batch-5 training step, paper network\n")
-    print(markdown_table(pd.DataFrame(attention_memory())))
+    print("\n## Computed: activations a batch-5 training step keeps for its backward pass\n")
+    print(markdown_table(pd.DataFrame(activation_memory())))
 
 
 def main(argv=None) -> None:
@@ -219,6 +235,7 @@ def main(argv=None) -> None:
     t.add_argument("--batch", type=int, default=1)
     t.add_argument("--checkpointing", action="store_true")
     t.add_argument("--self-attention", choices=("true", "false"))
+    t.add_argument("--steps", type=int, default=2)
     h = sub.add_parser("harmonize")
     h.add_argument("--network", choices=("small", "paper", "fast"), required=True)
     h.add_argument("--steps", type=int, default=1)
@@ -232,7 +249,7 @@ def main(argv=None) -> None:
         return
     if a.cmd == "train-step":
         sa = None if a.self_attention is None else a.self_attention == "true"
-        result = train_step(a.recipe, a.batch, a.checkpointing, sa)
+        result = train_step(a.recipe, a.batch, a.checkpointing, sa, a.steps)
     elif a.cmd == "harmonize":
         result = harmonize(a.network, a.steps, a.strength, a.batch_size)
     else:
