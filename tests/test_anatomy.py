@@ -112,7 +112,7 @@ def test_coarse_map_local_and_global():
     glob = an.coarse_map(a, 2, "global", patch_shape=(8, 10, 8))
     assert glob.shape == (8, 10, 8)
     np.testing.assert_allclose(an.coarse_patch(glob, (3, 3, 3), (8, 10, 8), "global"), glob)
-    np.testing.assert_allclose(an.coarse_patch(local, (2, 4, 6), (8, 10, 8)), local[2:10, 4:14, 6:14])
+    np.testing.assert_allclose(an.coarse_patch(local, (2, 4, 6), (8, 10, 8), "local"), local[2:10, 4:14, 6:14])
 
 
 def test_normalizing_percentiles_leave_out_the_brain_rim():

@@ -261,7 +261,7 @@ def test_crop_shape_cuts_training_samples_from_the_same_draws(tmp_path):
     corner = random_patch(vols[0].image.shape, (8, 8, 16), brain_bbox(vols[0].mask), rng)
     full_A = anat.anatomy_map(vols[0].image, vols[0].mask)
     np.testing.assert_allclose(A[0], extract(full_A, corner, (8, 8, 16)), atol=1e-6)
-    np.testing.assert_allclose(coarse[0], extract(anat.coarse_map(full_A, 2), corner, (8, 8, 16)), atol=1e-6)
+    np.testing.assert_allclose(coarse[0], extract(anat.coarse_map(full_A, 2, "local"), corner, (8, 8, 16)), atol=1e-6)
     with pytest.raises(tr.InputError, match="crop_shape needs a convolutional net"):
         tr.train(vols, tmp_path / "run", model_cfg=TINY, cfg=cfg, patch_shape=(16, 16, 16),
                  anatomy_cfg=an, progress=False)

@@ -320,8 +320,9 @@ class AnatomyConfig(Section):
     alpha: float = setting(0.5, "A = alpha |grad I| + (1 - alpha) |I - Gauss_sigma(I)|", minimum=0, maximum=1)
     sigma: float = setting(1.0, "voxels; the Gaussian of the high-pass term", exclusive_minimum=0)
     coarse_factor: int = setting(2, "A_coarse is A downsampled by this factor", minimum=1)
-    coarse_mode: str = setting("local", "local (A downsampled, cut at the patch) | global (whole volume at the "
-                               "patch shape)", choices=("local", "global"))
+    coarse_mode: str = setting("global", "global (the whole volume at the patch shape: context from outside the "
+                               "patch; measured better, benchmarks/recipes.md) | local (A downsampled, cut at the "
+                               "patch)", choices=("local", "global"))
     normalize_erosion: int = setting(2, "voxels of the brain rim left out of A's normalizing percentiles",
                                      minimum=0)
 
