@@ -10,25 +10,18 @@ authors' released design: the attention blocks attend only to the site token.
 import pandas as pd
 import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
 
 from harmodiff.evaluate import markdown_table
-from harmodiff.model import ModelConfig, build_model, count_parameters
+from harmodiff.model import ModelConfig, build_model, count_parameters, pass_flops
 
 NETWORKS = {"paper (config/srpbs.yaml)": ("config/srpbs.yaml", (80, 96, 80)),
             "demo (config/config.yaml)": ("config/config.yaml", (40, 48, 40))}
 
 
-def forward_flops(cfg: ModelConfig, patch, batch: int = 1, backward: bool = False) -> tuple[float, int]:
-    """(FLOPs of one pass of `batch` patches, forward only or forward + backward; parameters)."""
+def forward_flops(cfg: ModelConfig, patch) -> tuple[float, int]:
     with torch.device("meta"):
-        model = build_model(cfg, 91)
-        x = torch.randn(batch, 1, *patch)
-        with FlopCounterMode(display=False) as counter:
-            out = model(x, torch.full((batch,), 10), x, x, torch.ones(batch, dtype=torch.long))
-            if backward:
-                out.sum().backward()
-    return counter.get_total_flops(), count_parameters(model)
+        params = count_parameters(build_model(cfg, 91))
+    return pass_flops(cfg, patch), params
 
 
 def main() -> None:

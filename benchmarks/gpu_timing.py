@@ -27,7 +27,7 @@ import yaml
 from harmodiff.evaluate import markdown_table
 from harmodiff.harmonize import harmonize_array
 from harmodiff.patches import grid_positions
-from harmodiff.model import ModelConfig, SiteLabels, build_model
+from harmodiff.model import ModelConfig, SiteLabels, build_model, pass_flops
 
 TINY = {"channels": [8, 16, 16, 16], "attention_levels": [False, False, True, False], "num_res_blocks": 1,
         "num_head_channels": 8, "context_dim": 16, "norm_num_groups": 8, "time_embed_dim": None,
@@ -48,17 +48,6 @@ def recipes(tiny: bool) -> dict[str, tuple[dict, dict]]:
             sampling["steps"] = 2 if sampling["start_from"] == "noise" else 4
         out[name] = (model, sampling)
     return out
-
-
-def forward_flops(model, patch) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        meta = build_model(model.config, model.site_embedding.num_embeddings)
-        x = torch.randn(1, 1, *patch)
-        with FlopCounterMode(display=False) as counter:
-            meta(x, torch.tensor([10]), x, x, torch.tensor([1]))
-    return counter.get_total_flops()
 
 
 def sync(device):
@@ -114,7 +103,7 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         model = build_model(ModelConfig.from_dict(model_settings), labels.num_embeddings)
         executed = max(1, round(sampling["strength"] * sampling["steps"]))
-        bound = len(grid_positions(grid, patch)) * executed * 2 * forward_flops(model, patch) / (a.peak_tflops * 1e12)
+        bound = len(grid_positions(grid, patch)) * executed * 2 * pass_flops(model.config, patch) / (a.peak_tflops * 1e12)
         for bf16, channels_last, compile_ in ((False, False, False), (True, False, False), (True, True, False),
                                               (True, True, True)):
             if a.tiny and (compile_ or bf16 != channels_last):

@@ -33,14 +33,9 @@ def _model(cfg, device="cpu"):
 
 
 def forward_flops(cfg, patch) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
+    from harmodiff.model import pass_flops
 
-    with torch.device("meta"):
-        model = _model(cfg, "meta")
-        x = torch.zeros(1, 1, *patch)
-        with FlopCounterMode(display=False) as fc:
-            model(x, torch.zeros(1, dtype=torch.long), x, x, torch.ones(1, dtype=torch.long))
-    return float(fc.get_total_flops())
+    return float(pass_flops(cfg, patch))
 
 
 def train_step_child(name):

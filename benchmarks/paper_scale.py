@@ -177,9 +177,8 @@ HARMONIZE_RUNS = [  # (network, DDIM steps, strength, patches per batch)
 
 
 def main_all(a) -> None:
-    from architecture_cost import forward_flops
     from harmodiff.evaluate import markdown_table
-    from harmodiff.model import ModelConfig
+    from harmodiff.model import pass_flops
 
     train_rows = []
     for name, batch, ckpt, steps in TRAIN_RUNS:
@@ -200,9 +199,8 @@ def main_all(a) -> None:
     cost = []
     for name in ("paper", "fast"):
         model, train, sampling = recipe(name)
-        cfg = ModelConfig.from_dict(model)
-        fwd = forward_flops(cfg, PATCH)[0]
-        step = forward_flops(cfg, PATCH, batch=5, backward=True)[0]
+        fwd = pass_flops(model, PATCH)
+        step = pass_flops(model, PATCH, batch=5, backward=True)
         executed = max(1, round(sampling["strength"] * sampling["steps"]))
         volume = 27 * executed * 2 * fwd
         cost.append({"recipe": name, "forward TFLOP / patch": fwd / 1e12, "training step TFLOP (batch 5)": step / 1e12,

@@ -29,12 +29,11 @@ import pandas as pd
 import torch
 import yaml
 
-from architecture_cost import forward_flops
 from training_options import cohort, harmonize
 from harmodiff import train as tr
 from harmodiff.evaluate import markdown_table
 from harmodiff.metrics import ssim_psnr
-from harmodiff.model import ModelConfig
+from harmodiff.model import ModelConfig, pass_flops
 from test_learnability import MODEL, TRAIN
 
 PAPER_TRAIN = {"prediction": "eps", "lr": 1e-4, "warmup_steps": 0, "lr_decay": "none", "grad_clip": 0.0}
@@ -118,12 +117,12 @@ def main(argv=None) -> None:
         print(name, f"{minutes[name]:.1f} min", file=sys.stderr, flush=True)
 
     nets = paper_networks()
-    pass_flops = {k: forward_flops(c, (80, 96, 80))[0] for k, c in nets.items()}
-    step_flops = {k: forward_flops(c, (80, 96, 80), batch=5, backward=True)[0] for k, c in nets.items()}
+    forward = {k: pass_flops(c, (80, 96, 80)) for k, c in nets.items()}
+    step_flops = {k: pass_flops(c, (80, 96, 80), batch=5, backward=True) for k, c in nets.items()}
     rows = [{"recipe": "source at B (no harmonization)", **scores(source, truth, brain, maps)}]
     for row, training, sampling, net in RECIPES:
         executed = max(1, round(sampling["strength"] * sampling["steps"]))
-        volume = PATCHES_1MM * executed * 2 * pass_flops[net]
+        volume = PATCHES_1MM * executed * 2 * forward[net]
         rows.append({"recipe": row, "training minutes": minutes[training],
                      **scores(harmonize(ckpts[training], source, brain, **sampling), truth, brain, maps),
                      "learnability checks (of 4)": learnability_checks(ckpts[training], source, brain, maps, sampling),
@@ -141,8 +140,8 @@ def main(argv=None) -> None:
     print(f"Command: `python benchmarks/recipes.py --steps {a.steps} > benchmarks/recipes.md` (CPU, 2 threads, one "
           f"run). Tiny network ({', '.join(map(str, MODEL.channels))} channels), batch {TRAIN.batch_size}, 16^3 "
           f"patches, {a.steps} steps, seed 0 for every training; held-out subject B -> A, CFG++ 0.6. FLOPs: "
-          f"the paper-size network of config/srpbs.yaml ({pass_flops['paper'] / 1e12:.2f} TFLOP a pass) or with "
-          f"config/srpbs-fast.yaml on top ({pass_flops['fast'] / 1e12:.2f} TFLOP), {PATCHES_1MM} patches x DDIM "
+          f"the paper-size network of config/srpbs.yaml ({forward['paper'] / 1e12:.2f} TFLOP a pass) or with "
+          f"config/srpbs-fast.yaml on top ({forward['fast'] / 1e12:.2f} TFLOP), {PATCHES_1MM} patches x DDIM "
           "steps run x 2 branches a 1 mm volume; a training step is batch 5, forward + backward.\n")
     print(markdown_table(table))
     print("\n## The paper's ambiguous points (the learnability test's recipe, sampled as the paper: noise, 50 steps)\n")

@@ -9,11 +9,10 @@ import pytest
 import torch
 import yaml
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import ROOT
 from harmodiff import config as hc
-from harmodiff.model import NoAttention, NoSelfAttention, build_model, count_parameters
+from harmodiff.model import NoAttention, NoSelfAttention, build_model, count_parameters, pass_flops
 
 
 def _workflow(*files) -> hc.WorkflowConfig:
@@ -26,14 +25,6 @@ def _workflow(*files) -> hc.WorkflowConfig:
 def _paper_size(model_cfg):
     with torch.device("meta"):
         return build_model(model_cfg, 91)
-
-
-def _pass_flops(model, patch=(80, 96, 80)) -> float:
-    with torch.device("meta"):
-        x = torch.randn(1, 1, *patch)
-        with FlopCounterMode(display=False) as counter:
-            model(x, torch.tensor([10]), x, x, torch.tensor([1]))
-    return counter.get_total_flops()
 
 
 def _attention_resolutions(model) -> dict[str, int]:
@@ -91,7 +82,7 @@ def test_srpbs_fast_yaml_departs_only_where_measured_and_costs_8x_less():
 
     def volume_flops(cfg):
         executed = max(1, round(cfg.harmonize.strength * cfg.harmonize.steps))
-        return 27 * executed * 2 * _pass_flops(_paper_size(cfg.model))
+        return 27 * executed * 2 * pass_flops(cfg.model, (80, 96, 80))
     ratio = volume_flops(paper) / volume_flops(fast)
     assert ratio >= 8, ratio
     # the merged pair is a valid config for the command line too

@@ -188,6 +188,22 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def pass_flops(config: ModelConfig | dict, patch_shape, batch: int = 1, backward: bool = False) -> float:
+    """FLOPs of one network pass over `batch` patches (forward, or forward + backward), counted by
+    torch.utils.flop_counter on the meta device: no memory, no arithmetic, so the paper's size costs
+    nothing to cost. A multiply-add counts 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build_model(config, 91)
+        x = torch.randn(batch, 1, *patch_shape)
+        with FlopCounterMode(display=False) as counter:
+            out = model(x, torch.full((batch,), 10), x, x, torch.ones(batch, dtype=torch.long))
+            if backward:
+                out.sum().backward()
+    return counter.get_total_flops()
+
+
 # checkpoints
 
 HASHED = ("model", "ema")  # the weights a checkpoint's content hash covers
