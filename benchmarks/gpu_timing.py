@@ -27,6 +27,7 @@ import yaml
 from harmodiff.evaluate import markdown_table
 from harmodiff.harmonize import harmonize_array
 from harmodiff.patches import grid_positions
+from harmodiff.sample import steps_run
 from harmodiff.model import ModelConfig, SiteLabels, build_model, pass_flops
 
 TINY = {"channels": [8, 16, 16, 16], "attention_levels": [False, False, True, False], "num_res_blocks": 1,
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
     for recipe, (model_settings, sampling) in recipes(a.tiny).items():
         torch.manual_seed(0)
         model = build_model(ModelConfig.from_dict(model_settings), labels.num_embeddings)
-        executed = max(1, round(sampling["strength"] * sampling["steps"]))
+        executed = steps_run(sampling["steps"], sampling["strength"])
         bound = len(grid_positions(grid, patch)) * executed * 2 * pass_flops(model.config, patch) / (a.peak_tflops * 1e12)
         for bf16, channels_last, compile_ in ((False, False, False), (True, False, False), (True, True, False),
                                               (True, True, True)):

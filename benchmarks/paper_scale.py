@@ -179,6 +179,7 @@ HARMONIZE_RUNS = [  # (network, DDIM steps, strength, patches per batch)
 def main_all(a) -> None:
     from harmodiff.evaluate import markdown_table
     from harmodiff.model import pass_flops
+    from harmodiff.sample import steps_run
 
     train_rows = []
     for name, batch, ckpt, steps in TRAIN_RUNS:
@@ -201,7 +202,7 @@ def main_all(a) -> None:
         model, train, sampling = recipe(name)
         fwd = pass_flops(model, PATCH)
         step = pass_flops(model, PATCH, batch=5, backward=True)
-        executed = max(1, round(sampling["strength"] * sampling["steps"]))
+        executed = steps_run(sampling["steps"], sampling["strength"])
         volume = 27 * executed * 2 * fwd
         cost.append({"recipe": name, "forward TFLOP / patch": fwd / 1e12, "training step TFLOP (batch 5)": step / 1e12,
                      "H200 step s at peak": step / (H200_TFLOPS * 1e12),

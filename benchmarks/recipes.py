@@ -34,6 +34,7 @@ from harmodiff import train as tr
 from harmodiff.evaluate import markdown_table
 from harmodiff.metrics import ssim_psnr
 from harmodiff.model import ModelConfig, pass_flops
+from harmodiff.sample import steps_run
 from test_learnability import MODEL, TRAIN
 
 PAPER_TRAIN = {"prediction": "eps", "lr": 1e-4, "warmup_steps": 0, "lr_decay": "none", "grad_clip": 0.0}
@@ -121,7 +122,7 @@ def main(argv=None) -> None:
     step_flops = {k: pass_flops(c, (80, 96, 80), batch=5, backward=True) for k, c in nets.items()}
     rows = [{"recipe": "source at B (no harmonization)", **scores(source, truth, brain, maps)}]
     for row, training, sampling, net in RECIPES:
-        executed = max(1, round(sampling["strength"] * sampling["steps"]))
+        executed = steps_run(sampling["steps"], sampling["strength"])
         volume = PATCHES_1MM * executed * 2 * forward[net]
         rows.append({"recipe": row, "training minutes": minutes[training],
                      **scores(harmonize(ckpts[training], source, brain, **sampling), truth, brain, maps),

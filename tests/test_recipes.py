@@ -13,6 +13,7 @@ from torch import nn
 from conftest import ROOT
 from harmodiff import config as hc
 from harmodiff.model import NoAttention, NoSelfAttention, build_model, count_parameters, pass_flops
+from harmodiff.sample import steps_run
 
 
 def _workflow(*files) -> hc.WorkflowConfig:
@@ -81,8 +82,7 @@ def test_srpbs_fast_yaml_departs_only_where_measured_and_costs_8x_less():
     assert fast.cohort == paper.cohort and fast.grid == paper.grid and fast.anatomy == paper.anatomy
 
     def volume_flops(cfg):
-        executed = max(1, round(cfg.harmonize.strength * cfg.harmonize.steps))
-        return 27 * executed * 2 * pass_flops(cfg.model, (80, 96, 80))
+        return 27 * steps_run(cfg.harmonize.steps, cfg.harmonize.strength) * 2 * pass_flops(cfg.model, (80, 96, 80))
     ratio = volume_flops(paper) / volume_flops(fast)
     assert ratio >= 8, ratio
     # the merged pair is a valid config for the command line too

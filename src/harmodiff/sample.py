@@ -112,9 +112,13 @@ def noised_start(x0, noise, alphas_cumprod, t: int):
     return (a_t ** 0.5) * x0 + ((1 - a_t) ** 0.5) * noise
 
 
-def start_timesteps(timesteps: list[int], strength: float) -> list[int]:
-    """The last round(strength * len) DDIM timesteps (strength 1 = the full schedule)."""
+def steps_run(steps: int, strength: float) -> int:
+    """How many of a `steps`-long DDIM schedule a start at `strength` runs: round(strength * steps), >= 1."""
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    n = max(1, int(round(strength * len(timesteps))))
-    return timesteps[-n:]
+    return max(1, int(round(strength * steps)))
+
+
+def start_timesteps(timesteps: list[int], strength: float) -> list[int]:
+    """The last steps_run(len, strength) DDIM timesteps (strength 1 = the full schedule)."""
+    return timesteps[-steps_run(len(timesteps), strength):]
