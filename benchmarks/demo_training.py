@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     if a.source_row:
         return source_row(a)
     from harmodiff import harmonize as hz
+    from harmodiff.config import HarmonizeConfig
     from harmodiff import train as tr
     from harmodiff.model import ModelConfig
     from harmodiff.scans import read_scan_sheet
@@ -115,10 +116,10 @@ def main(argv=None) -> int:
         for scan in a.scans:
             r = sheet[sheet["scan_id"] == scan].iloc[0]
             img, image, mask = load_scan(pre / "test" / r.site / f"{scan}.nii.gz")
-            harmonized, _ = hz.harmonize_array(
-                model, labels, ckpt_config, image, mask, a.target, guidance="cfgpp", scale=0.6, steps=steps,
-                batch_size=2, seed=hz.scan_seed(0, scan), start_from=start_from, strength=strength,
-                match_stats=label.endswith("+match"))
+            settings = HarmonizeConfig(guidance="cfgpp", scale=0.6, steps=steps, batch_size=2, start_from=start_from,
+                                       strength=strength, match_source_stats=label.endswith("+match"))
+            harmonized, _ = hz.harmonize_array(model, labels, ckpt_config, image, mask, a.target, settings,
+                                               seed=hz.scan_seed(0, scan))
             np.save(out / f"{scan}_{label}.npy", harmonized)
             scores.append(score(harmonized, mask, img, r.subject, a.target, results))
         row = {"name": a.name, "steps": rows[-1]["step"], "minutes": f"{minutes:.1f}",

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import torch
 import yaml
 
+from harmodiff.config import HarmonizeConfig
+from harmodiff.diffusion import steps_run
 from harmodiff.evaluate import markdown_table
 from harmodiff.harmonize import harmonize_array
 from harmodiff.patches import grid_positions
-from harmodiff.sample import steps_run
 from harmodiff.model import ModelConfig, SiteLabels, build_model, pass_flops
 
 TINY = {"channels": [8, 16, 16, 16], "attention_levels": [False, False, True, False], "num_res_blocks": 1,
@@ -121,14 +123,15 @@ def main(argv=None) -> None:
                 train_s = train_step_seconds(net, patch, 5, device, bf16, channels_last, repeats=1 if a.tiny else 5)
                 train_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
                 model.eval()
-                kwargs = dict(guidance="cfgpp", scale=0.6, batch_size=4, device=a.device, bf16=bf16,
-                              channels_last=channels_last, compile=compile_, **sampling)
-                harmonize_array(model, labels, config, image, mask, "A", **{**kwargs, "steps": 1, "strength": 1.0})
+                settings = HarmonizeConfig(guidance="cfgpp", scale=0.6, batch_size=4, bf16=bf16,
+                                           channels_last=channels_last, compile=compile_, **sampling)
+                harmonize_array(model, labels, config, image, mask, "A", replace(settings, steps=1, strength=1.0),
+                                device=a.device)
                 sync(device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
-                _, stats = harmonize_array(model, labels, config, image, mask, "A", **kwargs)
+                _, stats = harmonize_array(model, labels, config, image, mask, "A", settings, device=a.device)
                 sync(device)
                 seconds = time.perf_counter() - t0
                 rows.append({**name, "train step s (batch 5)": train_s, "train peak GiB": train_gib,

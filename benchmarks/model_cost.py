@@ -76,6 +76,7 @@ def train_step(name):
 
 def sampler_bench(steps=2):
     from harmodiff import harmonize as hz
+    from harmodiff.config import HarmonizeConfig
     from harmodiff.model import SiteLabels
     from harmodiff.patches import grid_positions
 
@@ -89,7 +90,8 @@ def sampler_bench(steps=2):
     image = np.where(mask, 500 + 200 * np.cos(8 * r), 0).astype(np.float32)
     config = {"patch_shape": list(patch), "train": {"num_train_timesteps": 1000}, "anatomy": {}}
     # (b) batched, through the real harmonize path
-    _, stats = hz.harmonize_array(model, labels, config, image, mask, "S0", steps=steps, batch_size=4)
+    _, stats = hz.harmonize_array(model, labels, config, image, mask, "S0",
+                                     HarmonizeConfig(steps=steps, batch_size=4))
     batched_pps = stats["unet_passes"] / stats["unet_seconds"]
     outside = 1 - stats["unet_seconds"] / stats["total_seconds"]
     # (a) naive: one patch, cond and uncond as two separate passes

@@ -93,6 +93,7 @@ def train_step(recipe_name: str, batch: int, checkpointing: bool, self_attention
 
 
 def harmonize(network: str, steps: int, strength: float, batch_size: int) -> dict:
+    from harmodiff.config import HarmonizeConfig
     from harmodiff.harmonize import harmonize_array
     from harmodiff.model import ModelConfig, SiteLabels, build_model
     from harmodiff.patches import grid_positions
@@ -105,9 +106,9 @@ def harmonize(network: str, steps: int, strength: float, batch_size: int) -> dic
     config = {"patch_shape": list(PATCH), "train": {"num_train_timesteps": 1000, "prediction": "x0"},
               "anatomy": {}, "volume_shape": list(GRID), "voxel_mm": [1.0] * 3}
     t0 = time.perf_counter()
-    out, stats = harmonize_array(model, labels, config, image, brain, "A", guidance="cfgpp", scale=0.6, steps=steps,
-                                 start_from="source" if strength < 1 else "noise", strength=strength,
-                                 batch_size=batch_size, seed=0)
+    settings = HarmonizeConfig(guidance="cfgpp", scale=0.6, steps=steps, start_from="source" if strength < 1 else "noise",
+                               strength=strength, batch_size=batch_size, seed=0)
+    out, stats = harmonize_array(model, labels, config, image, brain, "A", settings)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "patches": len(grid_positions(GRID, PATCH)), "U-Net passes": stats["unet_passes"],
             "patches per forward": 2 * batch_size, "finite": bool(np.isfinite(out).all()),
@@ -179,7 +180,7 @@ HARMONIZE_RUNS = [  # (network, DDIM steps, strength, patches per batch)
 def main_all(a) -> None:
     from harmodiff.evaluate import markdown_table
     from harmodiff.model import pass_flops
-    from harmodiff.sample import steps_run
+    from harmodiff.diffusion import steps_run
 
     train_rows = []
     for name, batch, ckpt, steps in TRAIN_RUNS:

@@ -34,7 +34,7 @@ from harmodiff import train as tr
 from harmodiff.evaluate import markdown_table
 from harmodiff.metrics import ssim_psnr
 from harmodiff.model import ModelConfig, pass_flops
-from harmodiff.sample import steps_run
+from harmodiff.diffusion import steps_run
 from test_learnability import MODEL, TRAIN
 
 PAPER_TRAIN = {"prediction": "eps", "lr": 1e-4, "warmup_steps": 0, "lr_decay": "none", "grad_clip": 0.0}

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 import yaml
 
+from harmodiff.config import HarmonizeConfig
 from harmodiff.evaluate import markdown_table
 from harmodiff.harmonize import harmonize_array
 from harmodiff.io import load_image, load_mask
@@ -56,9 +57,10 @@ def main(results="results") -> None:
         outs, secs, passes = [], [], 0
         for img, mask in images:
             t0 = time.perf_counter()
+            settings = HarmonizeConfig(guidance="cfgpp", scale=0.6, steps=h["steps"], batch_size=h["batch_size"],
+                                       seed=h["seed"], start_from=start, strength=strength)
             out, stats = harmonize_array(model, labels, mconfig, np.asarray(img.dataobj, np.float32), mask, target,
-                                         guidance="cfgpp", scale=0.6, steps=h["steps"], batch_size=h["batch_size"],
-                                         seed=h["seed"], start_from=start, strength=strength)
+                                         settings)
             secs.append(time.perf_counter() - t0)
             passes = stats["unet_passes"]
             outs.append(out)

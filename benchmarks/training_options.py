@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
@@ -29,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from harmodiff import harmonize as hz  # noqa: E402
 from harmodiff import phantom  # noqa: E402
-from harmodiff import sample as smp  # noqa: E402
 from harmodiff import train as tr  # noqa: E402
+from harmodiff.config import HarmonizeConfig  # noqa: E402
+from harmodiff.diffusion import NoiseSchedule  # noqa: E402
 from harmodiff.evaluate import markdown_table  # noqa: E402
 from harmodiff.metrics import ssim_psnr  # noqa: E402
 from harmodiff.model import ModelConfig  # noqa: E402
@@ -68,8 +70,8 @@ def scores(image, truth, brain, wm) -> dict:
 
 def harmonize(ckpt, source, brain, target_site="A", **kw):
     model, labels, config = tr.load_model_for_inference(ckpt)
-    args = dict(guidance="cfgpp", scale=0.6, steps=10, batch_size=27, start_from="noise", seed=0) | kw
-    return hz.harmonize_array(model, labels, config, source, brain, target_site, **args)[0]
+    settings = HarmonizeConfig(guidance="cfgpp", scale=0.6, steps=10, batch_size=27, start_from="noise", seed=0)
+    return hz.harmonize_array(model, labels, config, source, brain, target_site, replace(settings, **kw))[0]
 
 
 @contextmanager
@@ -88,11 +90,11 @@ def broken(part: str):
     elif part == "noise schedule: sampling with a cosine schedule (trained linear)":
         from monai.networks.schedulers import DDPMScheduler
 
-        cosine = DDPMScheduler(num_train_timesteps=1000, schedule="cosine").alphas_cumprod.clone()
-        with mock.patch.object(smp, "linear_alphas_cumprod", lambda T=1000: cosine):
+        cosine = NoiseSchedule(DDPMScheduler(num_train_timesteps=1000, schedule="cosine").alphas_cumprod.clone())
+        with mock.patch.object(NoiseSchedule, "linear", lambda T=1000: cosine):
             yield
     elif part == "sampler: the x0 output read as eps":
-        with mock.patch.object(smp, "eps_from_prediction", lambda out, x, a, p="eps": out):
+        with mock.patch.object(NoiseSchedule, "eps_from_output", lambda self, out, x, t, p="eps": out):
             yield
     elif part == "fusion: each patch placed at its neighbour's position":
         real = hz.fuse

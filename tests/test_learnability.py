@@ -13,6 +13,7 @@ import torch
 
 from harmodiff import phantom
 from harmodiff import train as tr
+from harmodiff.config import HarmonizeConfig
 from harmodiff.harmonize import harmonize_array
 from harmodiff.metrics import ssim_psnr
 from harmodiff.model import ModelConfig
@@ -40,8 +41,9 @@ def trained(tmp_path_factory):
 
 def harmonize(trained, image, mask, target, scale=0.6, guidance="cfgpp"):
     model, labels, config = trained
-    out, _ = harmonize_array(model, labels, config, image, mask, target, guidance=guidance, scale=scale,
-                             steps=10, batch_size=27, start_from="noise", seed=0)
+    out, _ = harmonize_array(model, labels, config, image, mask, target,
+                             HarmonizeConfig(guidance=guidance, scale=scale, steps=10, batch_size=27, start_from="noise",
+                                             seed=0))
     return out
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from conftest import ROOT
 from harmodiff import config as hc
 from harmodiff.model import NoAttention, NoSelfAttention, build_model, count_parameters, pass_flops
-from harmodiff.sample import steps_run
+from harmodiff.diffusion import steps_run
 
 
 def _workflow(*files) -> hc.WorkflowConfig:

@@ -16,6 +16,7 @@ intermediate step (`strength` of the schedule), which needs proportionally fewer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -27,16 +28,14 @@ import torch
 
 from harmodiff import anatomy as anat
 from harmodiff import sample as smp
-from harmodiff.config import PER_JOB, AnatomyConfig, ConfigError, HarmonizeConfig, TrainConfig, load_settings
+from harmodiff.config import AnatomyConfig, ConfigError, HarmonizeConfig, TrainConfig, load_settings
+from harmodiff.diffusion import NoiseSchedule
 from harmodiff.io import (InputError, file_sha256, json_sidecar, load_image, load_mask, outputs_together,
                           save_image, write_json)
 from harmodiff.antsio import to_native
 from harmodiff.model import NULL_LABEL
 from harmodiff.patches import extract, fuse, grid_positions, hann_window
 from harmodiff.intensity import MEDIAN_TARGET, from_model_units, to_model_units
-
-
-_H = HarmonizeConfig  # the sampling defaults live in harmodiff.config
 
 
 def match_source_stats(patch: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -109,17 +108,16 @@ class GuidedDenoiser:
     guidance, of the unconditional one (null label), run as one batch of 2n patches. The guidance
     maths itself is `sample.guided_noise`."""
 
-    def __init__(self, model, config: dict, guidance: str, device: str = "cpu", bf16: bool = False,
-                 channels_last: bool = False, compile: bool = False):
+    def __init__(self, model, config: dict, settings: HarmonizeConfig, device: str = "cpu"):
         self.device = torch.device(device)
-        self.bf16 = bf16
-        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
-        if channels_last:
+        self.bf16 = settings.bf16
+        self.memory_format = torch.channels_last_3d if settings.channels_last else torch.contiguous_format
+        if settings.channels_last:
             model = model.to(memory_format=self.memory_format)
-        self.model = torch.compile(model) if compile else model
-        self.branches = 1 if guidance == "none" else 2
+        self.model = torch.compile(model) if settings.compile else model
+        self.branches = 1 if settings.guidance == "none" else 2
         self.prediction = TrainConfig.of(config["train"]).prediction
-        self.alphas = smp.linear_alphas_cumprod(int(config["train"]["num_train_timesteps"]))
+        self.schedule = NoiseSchedule.linear(int(config["train"]["num_train_timesteps"]))
         self.seconds = 0.0  # time spent in the U-Net
 
     def eps_fn(self, A_b, C_b, target_label: int):
@@ -142,33 +140,32 @@ class GuidedDenoiser:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             self.seconds += time.perf_counter() - t0
-            a_t = float(self.alphas[t])
-            return (None if eps_u is None else smp.eps_from_prediction(eps_u, x, a_t, self.prediction),
-                    smp.eps_from_prediction(eps_c, x, a_t, self.prediction))
+            to_eps = self.schedule.eps_from_output
+            return (None if eps_u is None else to_eps(eps_u, x, t, self.prediction), to_eps(eps_c, x, t, self.prediction))
         return eps_fn
 
 
-def sample_volume(denoiser: GuidedDenoiser, cond: Conditioning, image: np.ndarray, mask: np.ndarray, positions, *,
-                  guidance: str, scale: float, timesteps, start_from: str, seed: int, batch_size: int,
-                  match_stats: bool = False, progress=None) -> np.ndarray:
-    """Sample the patches at `positions` (batch_size at a time) and fuse them with a Hann window;
-    in model units. One noise field for the volume, so overlapping patches start alike."""
+def sample_volume(denoiser: GuidedDenoiser, cond: Conditioning, image: np.ndarray, mask: np.ndarray, positions,
+                  settings: HarmonizeConfig, timesteps, seed: int, progress=None) -> np.ndarray:
+    """Sample the patches at `positions` (settings.batch_size at a time) and fuse them with a Hann
+    window; in model units. One noise field for the volume (from `seed`, the scan's), so overlapping
+    patches start alike."""
     patch_shape = cond.patch_shape
     noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(int(seed)))
     source = torch.from_numpy(to_model_units(image, mask))
     dev = denoiser.device
     outputs = []
-    for b in range(0, len(positions), batch_size):
-        corners = positions[b:b + batch_size]
+    for b in range(0, len(positions), settings.batch_size):
+        corners = positions[b:b + settings.batch_size]
         A_b, C_b = cond.patches(corners, dev)
         x = stack_patches(noise, corners, patch_shape).to(dev)
-        if start_from == "source":
-            x = smp.noised_start(stack_patches(source, corners, patch_shape).to(dev), x, denoiser.alphas, timesteps[0])
-        x0 = smp.sample_ddim(denoiser.eps_fn(A_b, C_b, cond.target_label), x, denoiser.alphas, timesteps,
-                             guidance=guidance, scale=scale,
+        if settings.start_from == "source":
+            x = denoiser.schedule.add_noise(stack_patches(source, corners, patch_shape).to(dev), x, timesteps[0])
+        x0 = smp.sample_ddim(denoiser.eps_fn(A_b, C_b, cond.target_label), x, denoiser.schedule, timesteps,
+                             guidance=settings.guidance, scale=settings.scale,
                              progress=None if progress is None else (lambda k, n=len(corners): progress(k * n)))
         sampled = x0[:, 0].float().cpu().numpy()
-        if match_stats:
+        if settings.match_source_stats:
             sampled = [match_source_stats(x, extract(source.numpy(), c, patch_shape), extract(mask, c, patch_shape))
                        for x, c in zip(sampled, corners)]
         outputs.extend(sampled)
@@ -180,39 +177,32 @@ def sample_volume(denoiser: GuidedDenoiser, cond: Conditioning, image: np.ndarra
 PREPROCESSED_MEDIAN = (0.8 * MEDIAN_TARGET, 1.25 * MEDIAN_TARGET)
 
 
-def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.ndarray, target_site: str, *,
-                    guidance: str = _H.guidance, scale: float = _H.scale, steps: int = _H.steps,
-                    batch_size: int = _H.batch_size, seed: int = _H.seed, device: str = "cpu",
-                    start_from: str = _H.start_from, strength: float = _H.strength, bf16: bool = False,
-                    channels_last: bool = False, compile: bool = False,
-                    min_overlap: float = 0.5, match_stats: bool = False, anatomy: np.ndarray | None = None,
-                    coarse: np.ndarray | None = None, progress: bool = False) -> tuple[np.ndarray, dict]:
+def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.ndarray, target_site: str,
+                    settings: HarmonizeConfig = HarmonizeConfig(), *, seed: int | None = None, device: str = "cpu",
+                    anatomy: np.ndarray | None = None, coarse: np.ndarray | None = None, min_overlap: float = 0.5,
+                    progress: bool = False) -> tuple[np.ndarray, dict]:
     """Harmonized image (brain-median-500 units, background 0) and timing statistics.
 
-    `bf16` runs the U-Net under bfloat16 autocast; `channels_last` stores 5-D tensors
-    channels-last (what cuDNN's fastest 3-D convolutions want); `compile` wraps the model in
-    torch.compile. All three change only speed and rounding (tests: within tolerance of fp32).
-    `match_stats` applies `match_source_stats` to each sampled patch before fusion. `anatomy` and
-    `coarse` are A and A_coarse as the anatomy stage wrote them (computed here when not given)."""
+    `settings` is the harmonize section whole (guidance, steps, start, batch; `bf16`, `channels_last`
+    and `compile` change only speed and rounding, tested within tolerance of fp32; `match_source_stats`
+    applies `match_source_stats` to each sampled patch before fusion). `seed` is the scan's noise seed
+    (`scan_seed`; settings.seed when not given). `anatomy` and `coarse` are A and A_coarse as the
+    anatomy stage wrote them (computed here when not given)."""
     from tqdm import tqdm
 
     t_all = time.perf_counter()
-    schedule = int(config["train"]["num_train_timesteps"])
-    if not 1 <= steps <= schedule:
-        raise InputError(f"steps must be in 1..{schedule} (the model's noise schedule), got {steps}")
+    schedule_length = int(config["train"]["num_train_timesteps"])
+    if not 1 <= settings.steps <= schedule_length:
+        raise InputError(f"steps must be in 1..{schedule_length} (the model's noise schedule), got {settings.steps}")
     cond = conditioning(config, labels, image, mask, target_site, anatomy, coarse)
-    if start_from not in ("noise", "source"):
-        raise InputError(f"start_from must be 'noise' or 'source', got {start_from!r}")
-    timesteps = smp.ddim_timesteps(schedule, steps)
-    if start_from == "source":
-        timesteps = smp.start_timesteps(timesteps, strength)
-    denoiser = GuidedDenoiser(model, config, guidance, device, bf16, channels_last, compile)
+    denoiser = GuidedDenoiser(model, config, settings, device)
+    strength = settings.strength if settings.start_from == "source" else 1.0
+    timesteps = denoiser.schedule.ddim_timesteps(settings.steps, strength)
     positions = grid_positions(image.shape, cond.patch_shape, min_overlap)
     passes = len(positions) * len(timesteps)
     with tqdm(total=passes, desc=f"harmonize -> {target_site}", disable=not progress) as bar:
-        fused = sample_volume(denoiser, cond, image, mask, positions, guidance=guidance, scale=scale,
-                              timesteps=timesteps, start_from=start_from, seed=seed, batch_size=batch_size,
-                              match_stats=match_stats, progress=bar.update)
+        fused = sample_volume(denoiser, cond, image, mask, positions, settings, timesteps,
+                              settings.seed if seed is None else seed, progress=bar.update)
     stats = {"patches": len(positions), "steps": len(timesteps), "unet_passes": passes * denoiser.branches,
              "unet_seconds": denoiser.seconds, "total_seconds": time.perf_counter() - t_all}
     return from_model_units(fused, mask), stats
@@ -243,18 +233,19 @@ def check_voxel_size(path, img, trained_mm, checkpoint) -> None:
                          f"on {'x'.join(f'{z:g}' for z in trained_mm)} mm (preprocess it with the training grid)")
 
 
-def provenance(args, noise_seed: int, stats: dict) -> dict:
-    """What a harmonized image was made from and with (the BIDS sidecar's content)."""
+def provenance(args, settings: HarmonizeConfig, noise_seed: int, stats: dict) -> dict:
+    """What a harmonized image was made from (the job's files, `args`) and with (one run's settings):
+    the BIDS sidecar's content."""
     from harmodiff import __version__
 
     return {"harmodiff_version": __version__, "checkpoint": str(args.checkpoint),
             "checkpoint_sha256": file_sha256(args.checkpoint), "source": str(args.input),
-            "target_site": args.target_site, "guidance": args.guidance, "guidance_scale": args.scale,
-            "steps": args.steps, "start_from": args.start_from,
-            "strength": args.strength if args.start_from == "source" else None,
-            "seed": args.seed, "noise_seed": noise_seed, "seed_key": args.seed_key,
-            "unet_passes": stats["unet_passes"], "ema": not args.no_ema, "bf16": args.bf16,
-            "match_source_stats": args.match_source_stats, "preprocessing": _preprocessing_record(args.input)}
+            "target_site": args.target_site, "guidance": settings.guidance, "guidance_scale": settings.scale,
+            "steps": settings.steps, "start_from": settings.start_from,
+            "strength": settings.strength if settings.start_from == "source" else None,
+            "seed": settings.seed, "noise_seed": noise_seed, "seed_key": args.seed_key,
+            "unet_passes": stats["unet_passes"], "ema": not args.no_ema, "bf16": settings.bf16,
+            "match_source_stats": settings.match_source_stats, "preprocessing": _preprocessing_record(args.input)}
 
 
 def _preprocessing_record(image) -> dict | None:
@@ -277,27 +268,25 @@ def scan_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def extra_runs(a: argparse.Namespace) -> list[argparse.Namespace]:
-    """The job's harmonizations: its own (a), then one per --run, each a copy of a with that run's
-    output, guidance, scale and seed ('-' keeps a's)."""
-    runs = [a]
-    for output, guidance, scale, seed in a.run:
-        run = argparse.Namespace(**{**vars(a), "output": output})
-        if guidance != "-":
-            if guidance not in smp.GUIDANCES:
-                raise InputError(f"--run {output}: guidance {guidance!r} is not one of {', '.join(smp.GUIDANCES)}")
-            run.guidance = guidance
+def extra_runs(output: str, settings: HarmonizeConfig, run_options) -> list[tuple[str, HarmonizeConfig]]:
+    """The job's harmonizations as (output, settings): its own, then one per --run (OUTPUT GUIDANCE
+    SCALE SEED), each the job's settings with that run's guidance, scale and seed ('-' keeps the job's)."""
+    runs = [(output, settings)]
+    for run_output, guidance, scale, seed in run_options:
+        if guidance != "-" and guidance not in smp.GUIDANCES:
+            raise InputError(f"--run {run_output}: guidance {guidance!r} is not one of {', '.join(smp.GUIDANCES)}")
         try:
-            run.scale = a.scale if scale == "-" else float(scale)
-            run.seed = a.seed if seed == "-" else int(seed)
+            changed = {"guidance": settings.guidance if guidance == "-" else guidance,
+                       "scale": settings.scale if scale == "-" else float(scale),
+                       "seed": settings.seed if seed == "-" else int(seed)}
         except ValueError:
-            raise InputError(f"--run {output}: scale {scale!r} must be a number and seed {seed!r} an integer") from None
-        try:  # the run's settings under the same rules as the job's own (finite scale, seed range)
-            HarmonizeConfig.from_dict({k: getattr(run, k) for k in ("guidance", "scale", "seed")})
+            raise InputError(f"--run {run_output}: scale {scale!r} must be a number and seed {seed!r} an "
+                             "integer") from None
+        try:  # replace checks the run's settings under the job's rules (finite scale, seed range)
+            runs.append((run_output, dataclasses.replace(settings, **changed)))
         except ConfigError as exc:
-            raise InputError(f"--run {output}: {exc}") from None
-        runs.append(run)
-    outputs = [r.output for r in runs]
+            raise InputError(f"--run {run_output}: {exc}") from None
+    outputs = [o for o, _ in runs]
     if len(set(outputs)) < len(outputs):
         raise InputError(f"two harmonizations would write one file: {sorted(o for o in outputs if outputs.count(o) > 1)[0]}")
     return runs
@@ -347,11 +336,10 @@ def main(argv=None) -> int:
         # the settings in force (file, then options), as the rest and the provenance read them; threads
         # only when given (else torch's default)
         settings = load_settings(HarmonizeConfig, a.config, a)
-        vars(a).update({k: v for k, v in settings.to_dict().items() if k not in PER_JOB})
         if a.threads:
             torch.set_num_threads(a.threads)
-        runs = extra_runs(a)
-        outputs = [r.output for r in runs]
+        runs = extra_runs(a.output, settings, a.run)
+        outputs = [o for o, _ in runs]
         if a.native and not (a.native_reference and a.transform and a.native_output):
             raise InputError("--native needs --native-reference, --transform and --native-output")
         sidecars = [json_sidecar(o) for o in outputs]
@@ -372,18 +360,14 @@ def main(argv=None) -> int:
             check_voxel_size(a.input, img, config.get("voxel_mm"), a.checkpoint)
             if a.anatomy:
                 anat.check_settings(a.anatomy, config.get("anatomy"), a.checkpoint)
-            for run in runs:
-                seed = run.seed if run.seed_key is None else scan_seed(run.seed, run.seed_key)
-                out, stats = harmonize_array(
-                    model, labels, config, image, mask, a.target_site,
-                    guidance=run.guidance, scale=run.scale, steps=a.steps, batch_size=a.batch_size, seed=seed,
-                    device=a.device, start_from=a.start_from, strength=a.strength, bf16=a.bf16,
-                    channels_last=a.channels_last, compile=a.compile, match_stats=a.match_source_stats,
-                    progress=True, **maps)
-                save_image(out, img.affine, run.output, header=img.header)
-                write_json(provenance(run, seed, stats), json_sidecar(run.output))
-                print(run.output, {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})
-                if run is a and a.native:  # the main run only
+            for k, (output, run) in enumerate(runs):
+                seed = run.seed if a.seed_key is None else scan_seed(run.seed, a.seed_key)
+                out, stats = harmonize_array(model, labels, config, image, mask, a.target_site, run, seed=seed,
+                                             device=a.device, progress=True, **maps)
+                save_image(out, img.affine, output, header=img.header)
+                write_json(provenance(a, run, seed, stats), json_sidecar(output))
+                print(output, {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})
+                if k == 0 and a.native:  # the main run only
                     to_native(nib.Nifti1Image(out, img.affine, img.header), a.native_reference, a.transform,
                               a.native_output)
     except (InputError, ConfigError) as exc:

@@ -11,9 +11,9 @@ Each training sample is drawn as the paper describes:
 5. a patch corner is drawn (`patches.random_patch`, overlapping the brain bounding box), and
    x0, A, A_coarse are cut there; with probability `null_prob` the label is the null label.
 
-Loss: MSE against the prediction target (`prediction`: eps as in the paper, v =
-sqrt(a) eps - sqrt(1 - a) x0, or x0 itself) with MONAI's linear-beta scheduler, optionally
-weighted per sample by min-SNR-gamma (Hang et al. 2023). Optimizer: AdamW with a linear warm-up
+Loss: MSE against the prediction target (`prediction`: eps as in the paper, v or x0; the noise
+schedule and its formulas are `harmodiff.diffusion.NoiseSchedule`), optionally weighted per sample
+by min-SNR-gamma. Optimizer: AdamW with a linear warm-up
 and an optional linear decay (the learning rate is a pure function of the step, so a resumed run
 follows the same schedule), optional gradient-norm clipping. An EMA copy of the weights is kept
 for sampling.
@@ -46,6 +46,7 @@ import torch
 from harmodiff import anatomy as anat
 from harmodiff.config import (PREDICTIONS, WORKFLOW_ONLY, AnatomyConfig, GridConfig, TrainConfig,  # noqa: F401
                               read_config_file)
+from harmodiff.diffusion import NoiseSchedule
 from harmodiff.io import InputError, atomic_path, file_sha256, load_image, load_mask, write_text
 from harmodiff.layout import add_list_options, resolve_lists
 from harmodiff.plotting import plot_loss
@@ -68,28 +69,6 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
         span = max(1, cfg.steps - cfg.warmup_steps)
         return lr * max(0.0, 1.0 - (step - cfg.warmup_steps) / span)
     return lr
-
-
-def prediction_target(prediction: str, x0, noise, alphas_cumprod_t):
-    """What the network is trained to output, given x0, the noise and alpha-bar_t (broadcastable)."""
-    a = alphas_cumprod_t
-    if prediction == "eps":
-        return noise
-    if prediction == "v":
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
-    if prediction == "x0":
-        return x0
-    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-
-
-def loss_weights(prediction: str, weighting: str, alphas_cumprod_t, gamma: float = 5.0):
-    """Per-sample loss weights. min_snr: min(SNR, gamma) expressed for the target (Hang et al. 2023):
-    eps -> min(SNR, g) / SNR, v -> min(SNR, g) / (SNR + 1), x0 -> min(SNR, g); SNR = a / (1 - a)."""
-    if weighting == "none":
-        return torch.ones_like(alphas_cumprod_t)
-    snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
-    clipped = torch.clamp(snr, max=gamma)
-    return {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[prediction]
 
 
 @dataclass
@@ -269,7 +248,6 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
 
     Returns {'step', 'loss_first', 'loss_last'}. `max_steps` stops early (the checkpoint then
     holds that step; `resume` continues from it)."""
-    from monai.networks.schedulers import DDPMScheduler
     from tqdm import tqdm
 
     anatomy_cfg = AnatomyConfig.of(anatomy_cfg)
@@ -321,7 +299,7 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
         net = torch.nn.parallel.DistributedDataParallel(model)
     if cfg.compile:
         net = torch.compile(net)
-    scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule="linear_beta", clip_sample=False)
+    schedule = NoiseSchedule.linear(cfg.num_train_timesteps)
     end = cfg.steps if max_steps is None else min(cfg.steps, int(max_steps))
     loss_csv = out / "loss.csv"
     rows = []
@@ -350,18 +328,15 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
         write_text(json.dumps(labels.to_dict(), indent=1) + "\n", out / "site_labels.json")
 
     model.train()
-    alphas = scheduler.alphas_cumprod.to(device)
     stream = batches(volumes, labels, cfg, patch_shape, anatomy_cfg, start, end,
                      range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size))
     for step in bar:
         x0, A, coarse, label, t, noise = (v.to(device) for v in next(stream))
-        x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
-        a_t = alphas[t].view(-1, 1, 1, 1, 1)
+        x_t = schedule.add_noise(x0, noise, t)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
             pred = net(x_t, t, A, coarse, label)
-        target = prediction_target(cfg.prediction, x0, noise, a_t)
-        per_sample = ((pred.float() - target) ** 2).flatten(1).mean(1)
-        loss = (loss_weights(cfg.prediction, cfg.loss_weighting, a_t.flatten(), cfg.min_snr_gamma) * per_sample).mean()
+        per_sample = ((pred.float() - schedule.target(cfg.prediction, x0, noise, t)) ** 2).flatten(1).mean(1)
+        loss = (schedule.loss_weight(cfg.prediction, cfg.loss_weighting, t, cfg.min_snr_gamma) * per_sample).mean()
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
