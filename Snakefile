@@ -1,5 +1,5 @@
 # harmodiff: multi-site T1 harmonization with a patch-level 3D diffusion model.
-# Data flow and decisions: docs/ and ../DESIGN. Each rule is one call of a harmodiff module.
+# Where each kind of change goes: docs/architecture.md; what the paper leaves open: docs/decisions.md.
 
 import os
 

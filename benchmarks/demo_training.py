@@ -78,6 +78,7 @@ def main(argv=None) -> int:
         return source_row(a)
     from harmodiff import harmonize as hz
     from harmodiff.config import HarmonizeConfig
+    from harmodiff import model as md
     from harmodiff import train as tr
     from harmodiff.model import ModelConfig
     from harmodiff.scans import read_scan_sheet
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
         rows = list(csv.DictReader(f))
     minutes = float(rows[-1]["seconds"]) / 60
     final_loss = float(np.mean([float(r["loss"]) for r in rows[-50:]]))
-    model, labels, ckpt_config = tr.load_model_for_inference(checkpoint)
+    model, labels, ckpt_config = md.load_model_for_inference(checkpoint)
     ckpt_config = {**ckpt_config, "patch_shape": config["grid"]["patch_shape"]}
     for label in a.settings:
         start_from, strength, steps = SETTINGS[label]

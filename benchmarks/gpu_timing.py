@@ -91,7 +91,6 @@ def main(argv=None) -> None:
                    help="the accelerator's dense bf16 peak, for the FLOP bound column")
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    base = TINY if a.tiny else yaml.safe_load(open("config/srpbs.yaml"))["model"]
     grid, patch = ((32, 40, 32), (16, 24, 16)) if a.tiny else ((160, 192, 160), (80, 96, 80))
     labels = SiteLabels(["A", "B"], [0.0])
     config = {"patch_shape": list(patch), "train": {"num_train_timesteps": 1000}, "anatomy": {}}

@@ -139,7 +139,7 @@ def activation_memory(batch: int = 5) -> list[dict]:
         tokens = {int(np.prod(np.array(PATCH) // 2 ** level)) for level in range(len(model_settings["channels"]))}
         kept = {"all": 0, "scores": 0}
 
-        def pack(t):
+        def pack(t, kept=kept, tokens=tokens):
             size = t.numel() * t.element_size()
             kept["all"] += size
             if t.dim() >= 2 and t.shape[-1] == t.shape[-2] and t.shape[-1] in tokens:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 
+from harmodiff import antsio
 from harmodiff import preprocess as pp
 from harmodiff.synth import SynthConfig, generate
 
@@ -27,7 +28,7 @@ def run(spacing: float, threads: int, workdir: Path) -> dict:
     shape = (160, 192, 160) if spacing == 1.0 else tuple(int(round(s / spacing)) for s in (160, 192, 160))
     t = {}
     t0 = time.perf_counter()
-    image = pp.to_ants(raw)
+    image = antsio.to_ants(raw)
     mask, initial, _ = pp.skullstrip_ants(image)
     t["skull strip (ants)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -50,15 +51,15 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    pp.set_threads(a.threads)
+    antsio.set_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         rows = {s: run(s, a.threads, Path(tmp)) for s in (2.0, 1.0)}
     steps = [k for k in rows[2.0] if k != "shape"]
     print(f"# Preprocessing: seconds per step per scan ({platform.processor() or platform.machine()}, "
           f"{a.threads} threads, CPU)\n")
-    print("Command: `python benchmarks/preprocess_steps.py --threads %d`\n" % a.threads)
-    print("| step | 2 mm (native %s) | 1 mm (native %s) |" % ("x".join(map(str, rows[2.0]["shape"])),
-                                                          "x".join(map(str, rows[1.0]["shape"]))))
+    print(f"Command: `python benchmarks/preprocess_steps.py --threads {a.threads}`\n")
+    native = {spacing: "x".join(map(str, rows[spacing]["shape"])) for spacing in (2.0, 1.0)}
+    print(f"| step | 2 mm (native {native[2.0]}) | 1 mm (native {native[1.0]}) |")
     print("|---|---:|---:|")
     for k in steps:
         print(f"| {k} | {rows[2.0][k]:.1f} | {rows[1.0][k]:.1f} |")

@@ -28,7 +28,8 @@ from harmodiff.synth import SynthConfig, generate
 
 
 def _preprocess(args):
-    from harmodiff.preprocess import preprocess, set_threads
+    from harmodiff.antsio import set_threads
+    from harmodiff.preprocess import preprocess
 
     raw, out, mask = args
     set_threads(1)

@@ -24,7 +24,7 @@ from harmodiff.evaluate import markdown_table
 from harmodiff.harmonize import harmonize_array
 from harmodiff.io import load_image, load_mask
 from harmodiff.metrics import ssim_psnr, truth_on_grid
-from harmodiff.train import load_model_for_inference
+from harmodiff.model import load_model_for_inference
 
 SETTINGS = [("noise", 1.0), ("source", 0.5), ("source", 0.2)]
 

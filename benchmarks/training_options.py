@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from harmodiff import harmonize as hz  # noqa: E402
+from harmodiff import model as md  # noqa: E402
 from harmodiff import phantom  # noqa: E402
 from harmodiff import train as tr  # noqa: E402
 from harmodiff.config import HarmonizeConfig  # noqa: E402
@@ -69,7 +70,7 @@ def scores(image, truth, brain, wm) -> dict:
 
 
 def harmonize(ckpt, source, brain, target_site="A", **kw):
-    model, labels, config = tr.load_model_for_inference(ckpt)
+    model, labels, config = md.load_model_for_inference(ckpt)
     settings = HarmonizeConfig(guidance="cfgpp", scale=0.6, steps=10, batch_size=27, start_from="noise", seed=0)
     return hz.harmonize_array(model, labels, config, source, brain, target_site, replace(settings, **kw))[0]
 
@@ -78,14 +79,14 @@ def harmonize(ckpt, source, brain, target_site="A", **kw):
 def broken(part: str):
     """One part of the method made wrong on purpose."""
     if part == "conditioning: the site label is ignored (every label -> null)":
-        real = tr.load_model_for_inference
+        real = md.load_model_for_inference
 
         def null_labels(*a, **k):
             model, labels, config = real(*a, **k)
             with torch.no_grad():
                 model.site_embedding.weight[:] = model.site_embedding.weight[0]
             return model, labels, config
-        with mock.patch.object(tr, "load_model_for_inference", null_labels):
+        with mock.patch.object(md, "load_model_for_inference", null_labels):
             yield
     elif part == "noise schedule: sampling with a cosine schedule (trained linear)":
         from monai.networks.schedulers import DDPMScheduler

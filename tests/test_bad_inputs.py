@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 
-def _write(path, data, affine=np.eye(4) * 2 + np.diag([0, 0, 0, -1])):
+AFFINE = np.eye(4) * 2 + np.diag([0, 0, 0, -1])
+
+
+def _write(path, data, affine=AFFINE):
     nib.save(nib.Nifti1Image(np.asarray(data, np.float32), affine), str(path))
     return path
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from harmodiff import derivatives
+from harmodiff import derivatives, layout
 from harmodiff.io import InputError
 from harmodiff.layout import Layout
 from harmodiff.workflow_support import scan_table
@@ -18,12 +18,12 @@ from harmodiff.workflow_support import scan_table
 @pytest.mark.parametrize("name, prefix, label", [("sub-ts01", "sub-", "ts01"), ("TSA", "ses-", "TSA"),
                                                  ("site_A-2", "", "siteA2"), ("sub-01", "sub-", "01")])
 def test_bids_labels_are_alphanumeric(name, prefix, label):
-    assert derivatives.bids_label(name, prefix) == label
+    assert layout.bids_label(name, prefix) == label
 
 
 def test_a_name_without_letters_or_digits_is_refused():
     with pytest.raises(InputError, match="no letters or digits"):
-        derivatives.bids_label("sub-__", "sub-")
+        layout.bids_label("sub-__", "sub-")
 
 
 def test_derivative_names_follow_the_scan_and_target():
@@ -45,7 +45,7 @@ def test_two_scans_with_one_bids_name_are_an_error():
     clash["scan_id"] = clash.index
     lay = Layout(config, pd.concat([scans, clash]))
     with pytest.raises(InputError, match="would share one BIDS name"):
-        lay.bids_index
+        _ = lay.bids_index
 
 
 def test_export_writes_both_spaces_with_provenance(tmp_path, monkeypatch):

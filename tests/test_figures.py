@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harmodiff import evaluate, figures
+from harmodiff import evaluate, figures, layout
 
 
 def _pairs():
@@ -35,8 +35,8 @@ def test_table1_sweep_rows_use_only_the_sweep_subjects():
 
 def test_sweep_method_names_round_trip():
     for guidance, scale in (("cfg", 2.0), ("cfgpp", 0.6), ("cfg", 0.5)):
-        assert figures.parse_sweep_method(figures.sweep_method(guidance, scale)) == (guidance, scale)
-    assert figures.sweep_method("cfgpp", 1.0) == "cfgpp_1"
+        assert layout.parse_sweep_method(layout.sweep_method(guidance, scale)) == (guidance, scale)
+    assert layout.sweep_method("cfgpp", 1.0) == "cfgpp_1"
 
 
 def test_significance_stars_follow_the_thresholds():

@@ -83,7 +83,7 @@ def test_unknown_target_site_lists_known_ones(scan):
 
 def _saved_case(tmp_path, scan):
     """A checkpoint of the tiny model and the scan with its mask as files; the CLI arguments."""
-    from harmodiff.train import save_checkpoint
+    from harmodiff.model import save_checkpoint
 
     image, mask = scan
     labels = SiteLabels(["A", "B"], [0.0])
@@ -318,7 +318,7 @@ def test_an_input_off_the_training_grid_is_a_one_line_error(scan):
 
 def test_an_input_at_another_voxel_size_is_refused_naming_both(tmp_path, scan, capsys):
     """Same shape, other spacing: the shape check passes, the recorded training voxel size does not."""
-    from harmodiff.train import save_checkpoint
+    from harmodiff.model import save_checkpoint
 
     image, mask = scan
     model = _model()

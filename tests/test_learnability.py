@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from harmodiff import phantom
+from harmodiff import model as md
 from harmodiff import train as tr
 from harmodiff.config import HarmonizeConfig
 from harmodiff.harmonize import harmonize_array
@@ -36,7 +37,7 @@ def trained(tmp_path_factory):
         volumes.append(tr.Volume(phantom.render(maps, brain, site, seed=k), brain, site))
     out = tmp_path_factory.mktemp("learn")
     tr.train(volumes, out, model_cfg=MODEL, cfg=TRAIN, patch_shape=(16, 16, 16), progress=False)
-    return tr.load_model_for_inference(out / "checkpoint.pt")
+    return md.load_model_for_inference(out / "checkpoint.pt")
 
 
 def harmonize(trained, image, mask, target, scale=0.6, guidance="cfgpp"):

@@ -7,6 +7,7 @@ import torch
 from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock, DiffusionUNetTransformerBlock
 from torch import nn
 
+from harmodiff import model as md
 from harmodiff import train as tr
 from harmodiff.model import ModelConfig, NoAttention, build_model, count_parameters
 
@@ -93,7 +94,7 @@ def _volumes():
 
     rng = np.random.default_rng(0)
     out = []
-    for k, site in enumerate("AB"):
+    for site in "AB":
         img = (500 + 80 * rng.normal(size=(16, 16, 16))).astype(np.float32)
         out.append(tr.Volume(img, np.ones(img.shape, bool), site))
     return out
@@ -138,7 +139,7 @@ def test_a_model_recorded_before_a_setting_existed_has_its_default():
     paper = tr.config_record(ModelConfig(**TINY, bottleneck_attention=False), tr.TrainConfig(), (16, 16, 16), None)
     assert tr.record_differences(saved, paper) == ["model.bottleneck_attention: True -> False"]
     # and the shipped demo model, exported before these settings, builds with MONAI's architecture
-    model, _, config = tr.load_model_for_inference("resources/demo-model/checkpoint.pt")
+    model, _, config = md.load_model_for_inference("resources/demo-model/checkpoint.pt")
     assert "bottleneck_attention" not in config["model"]
     assert not isinstance(model.unet.middle_block.attention, NoAttention) and model.anatomy_tokens is None
 

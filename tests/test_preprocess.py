@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from harmodiff import antsio, intensity
 from harmodiff import preprocess as pp
 from harmodiff.io import InputError
 from harmodiff.templates import mni_images, working_grid
-from conftest import dice
 
 
 def test_median_normalize_hits_target_and_zeroes_background():
@@ -17,7 +17,7 @@ def test_median_normalize_hits_target_and_zeroes_background():
     mask = np.zeros(x.shape, bool)
     mask[2:13, 2:13, 2:13] = True  # 1331 voxels: odd, the median is a voxel value
     y = pp.median_normalize(x, mask)
-    assert np.median(y[mask]) == pytest.approx(pp.MEDIAN_TARGET, rel=1e-6)
+    assert np.median(y[mask]) == pytest.approx(intensity.MEDIAN_TARGET, rel=1e-6)
     assert (y[~mask] == 0).all()
     np.testing.assert_allclose(y[mask] / x[mask], 500 / np.median(x[mask]), rtol=1e-5)
     with pytest.raises(InputError, match="empty"):
@@ -26,10 +26,10 @@ def test_median_normalize_hits_target_and_zeroes_background():
 
 def test_model_units_round_trip():
     y = np.array([0.0, 250.0, 500.0, 1000.0], np.float32)
-    x = pp.to_model_units(y)
+    x = intensity.to_model_units(y)
     np.testing.assert_allclose(x, [-1.0, -0.5, 0.0, 1.0])
-    np.testing.assert_allclose(pp.from_model_units(x), y)
-    assert pp.from_model_units(np.array([-1.7], np.float32))[0] == 0.0  # clipped at 0
+    np.testing.assert_allclose(intensity.from_model_units(x), y)
+    assert intensity.from_model_units(np.array([-1.7], np.float32))[0] == 0.0  # clipped at 0
 
 
 def test_working_grid_matches_paper_and_demo_boxes():
@@ -64,10 +64,13 @@ def test_n4_removes_a_known_multiplicative_bias():
     y = np.linspace(-1, 1, img.shape[1])[None, :, None]
     bias = np.exp(0.5 * x + 0.3 * y ** 2) * np.ones(img.shape)
     biased = (img * bias).astype(np.float32)
-    ants_img = pp.to_ants(nib.Nifti1Image(biased, aff))
-    mask = pp.to_ants(nib.Nifti1Image(brain.astype(np.float32), aff))
+    ants_img = antsio.to_ants(nib.Nifti1Image(biased, aff))
+    mask = antsio.to_ants(nib.Nifti1Image(brain.astype(np.float32), aff))
     corrected = pp.n4(ants_img, mask).numpy()
-    cv = lambda v: v[wm].std() / v[wm].mean()
+
+    def cv(v):
+        return v[wm].std() / v[wm].mean()
+
     assert cv(biased) > 0.08
     assert cv(corrected) < 0.5 * cv(biased)  # measured: 0.101 -> 0.036
 
@@ -83,7 +86,7 @@ def test_registration_recovers_a_known_rotation_within_one_voxel():
     pose = np.eye(4)
     pose[:3, :3] = [[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]]
     pose[:3, 3] = [6.0, -4.0, 3.0]
-    moving = pp.to_ants(nib.Nifti1Image(data, pose @ aff2))  # the template, moved by `pose`
+    moving = antsio.to_ants(nib.Nifti1Image(data, pose @ aff2))  # the template, moved by `pose`
     mat = pp.register_to_mni(moving, kind="affine", spacing=2.0)
     tx = ants.read_transform(mat)
     mask = np.asarray(mni_images()["mask"].dataobj) > 0.5

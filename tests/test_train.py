@@ -9,9 +9,10 @@ import torch
 import torch.multiprocessing as mp
 from scipy import ndimage
 
+from harmodiff import model as md
 from harmodiff import train as tr
 from harmodiff.model import NULL_LABEL, ModelConfig, SiteLabels, build_model
-from harmodiff.preprocess import median_normalize
+from harmodiff.intensity import median_normalize
 
 TINY = ModelConfig(channels=(8, 16, 16, 16), attention_levels=(False, True, True, False), num_res_blocks=1,
                    num_head_channels=8, context_dim=16, norm_num_groups=8)
@@ -89,7 +90,7 @@ def test_overfits_one_tiny_volume(tmp_path):
     torch.manual_seed(0)
     before = _fixed_eval_loss(build_model(TINY, 2), x0[0], A[0], coarse[0], label)
     tr.train([v], tmp_path, model_cfg=TINY, cfg=cfg, patch_shape=(16, 16, 16), progress=False)
-    model, _, _ = tr.load_model_for_inference(tmp_path / "checkpoint.pt", use_ema=False)
+    model, _, _ = md.load_model_for_inference(tmp_path / "checkpoint.pt", use_ema=False)
     after = _fixed_eval_loss(model, x0[0], A[0], coarse[0], label)
     assert before == pytest.approx(1.0, abs=0.15)  # a fresh model predicts 0: loss = E[eps^2]
     assert after < before / 5, (before, after)
@@ -117,7 +118,7 @@ def test_resume_gives_identical_weights(tmp_path):
     lb = list(csv.DictReader(open(tmp_path / "resumed/loss.csv")))
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
     # the site-label map travels with the checkpoint
-    _, labels, config = tr.load_model_for_inference(tmp_path / "resumed/checkpoint.pt")
+    _, labels, config = md.load_model_for_inference(tmp_path / "resumed/checkpoint.pt")
     assert labels.index("B", 0.2) == 6 and config["patch_shape"] == [16, 16, 16]
 
 
@@ -286,7 +287,7 @@ def test_exported_model_is_checked_against_the_config_before_it_stands_in_for_tr
     assert run({**settings, "workers": 3}) == 0  # speed-only settings may differ
     assert (tmp_path / "out/checkpoint.pt").read_bytes() == shipped.read_bytes()
     assert not (tmp_path / "state").exists()  # nothing was trained
-    model, labels, _ = tr.load_model_for_inference(tmp_path / "out/checkpoint.pt")
+    model, labels, _ = md.load_model_for_inference(tmp_path / "out/checkpoint.pt")
     assert labels.sites == ["A", "B"]
     for k, v in full["ema"].items():
         assert torch.equal(model.state_dict()[k], v), k
@@ -362,18 +363,18 @@ def test_damaged_foreign_and_unsafe_checkpoints_are_refused_in_one_line(tmp_path
              progress=False)
     ckpt = tmp_path / "run/checkpoint.pt"
     state = tr.load_checkpoint(ckpt)
-    assert state["sha256"]["model"] == tr.weights_sha256(state["model"])
-    assert state["sha256"]["ema"] == tr.weights_sha256(state["ema"])
+    assert state["sha256"]["model"] == md.weights_sha256(state["model"])
+    assert state["sha256"]["ema"] == md.weights_sha256(state["ema"])
     # the hash sees a change of one weight
     changed = {k: v.clone() for k, v in state["model"].items()}
     next(iter(changed.values())).view(-1)[0] += 1e-3
-    assert tr.weights_sha256(changed) != state["sha256"]["model"]
+    assert md.weights_sha256(changed) != state["sha256"]["model"]
     _flip_tensor_bytes(ckpt)
     with pytest.raises(tr.InputError, match=r"checkpoint.pt: damaged: the '(model|ema)' weights do not match"):
-        tr.load_model_for_inference(ckpt)
+        md.load_model_for_inference(ckpt)
     torch.save(state["model"], tmp_path / "bare.pt")  # a bare state_dict
     with pytest.raises(tr.InputError, match="bare.pt: not a harmodiff model"):
-        tr.load_model_for_inference(tmp_path / "bare.pt")
+        md.load_model_for_inference(tmp_path / "bare.pt")
 
     class Payload:
         def __reduce__(self):

@@ -30,6 +30,14 @@ def test_rules_are_snakefmt_clean():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_python_is_ruff_clean():
+    """The linter's rules (pyproject.toml [tool.ruff]) hold over the package, the tests and the benchmarks."""
+    ruff = str(Path(sys.executable).with_name("ruff"))
+    proc = subprocess.run([ruff, "check", "--no-cache", "src", "tests", "benchmarks"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_a_section_left_out_takes_the_class_defaults(tmp_path):
     """With --configfile, the demo's config.yaml is not read: a file without `model:` trains the
     authors' network, not the demo's 16-channel one."""
@@ -165,7 +173,7 @@ def test_e2e_leakage_table(e2e):
 def test_e2e_training_and_harmonization_outputs(e2e):
     import torch
 
-    from harmodiff.train import load_model_for_inference
+    from harmodiff.model import load_model_for_inference
 
     cfg = yaml.safe_load((ROOT / "config/test.yaml").read_text())
     loss = pd.read_csv(e2e / "results/model/diffusion/loss.csv")

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from harmodiff.config import AnatomyConfig, ConfigError, GridConfig, load_settings
-from harmodiff.io import (InputError, json_sidecar, load_image, load_mask, outputs_together,
+from harmodiff.config import AnatomyConfig, GridConfig, load_settings
+from harmodiff.io import (one_line_errors, InputError, json_sidecar, load_image, load_mask, outputs_together,
                           save_image, write_json)
 
 QUANTILES = (0.5, 99.5)
@@ -158,6 +157,7 @@ def coarse_patch(coarse: np.ndarray, corner, patch_shape, mode: str = _DEFAULT.c
     return coarse[sl]
 
 
+@one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.anatomy", description="Compute A and A_coarse.")
     p.add_argument("--input", required=True, help="preprocessed image (working grid)")
@@ -175,28 +175,24 @@ def main(argv=None) -> int:
     p.add_argument("--coarse-mode", choices=["local", "global"])
     p.add_argument("--patch-shape", type=int, nargs=3, help="the model's patch (coarse mode global)")
     a = p.parse_args(argv)
-    try:
-        settings = load_settings(AnatomyConfig, a.config, a)
-        patch_shape = load_settings(GridConfig, a.config, a).patch_shape
-        with outputs_together([a.output, a.coarse_output, json_sidecar(a.output)], inputs=[a.input, a.mask]):
-            img = load_image(a.input)
-            mask = load_mask(a.mask, like=img)
-            if not mask.any():
-                raise InputError(f"{a.mask}: brain mask is empty")
-            A = anatomy_map(np.asarray(img.dataobj, np.float32), mask, alpha=settings.alpha, sigma=settings.sigma,
-                            log_gamma=a.log_gamma, erosion=settings.normalize_erosion)
-            coarse = coarse_map(A, settings.coarse_factor, settings.coarse_mode, patch_shape)
-            save_image(A, img.affine, a.output)
-            coarse_affine = img.affine
-            if settings.coarse_mode == "global":  # the whole field of view at patch shape
-                coarse_affine = img.affine.copy()
-                coarse_affine[:3, :3] = img.affine[:3, :3] @ np.diag(np.array(img.shape) / np.array(coarse.shape))
-            save_image(coarse, coarse_affine, a.coarse_output)
-            write_json({"anatomy": settings.to_dict(), "log_gamma": a.log_gamma, "input": str(a.input)},
-                       json_sidecar(a.output))
-    except (InputError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings(AnatomyConfig, a.config, a)
+    patch_shape = load_settings(GridConfig, a.config, a).patch_shape
+    with outputs_together([a.output, a.coarse_output, json_sidecar(a.output)], inputs=[a.input, a.mask]):
+        img = load_image(a.input)
+        mask = load_mask(a.mask, like=img)
+        if not mask.any():
+            raise InputError(f"{a.mask}: brain mask is empty")
+        A = anatomy_map(np.asarray(img.dataobj, np.float32), mask, alpha=settings.alpha, sigma=settings.sigma,
+                        log_gamma=a.log_gamma, erosion=settings.normalize_erosion)
+        coarse = coarse_map(A, settings.coarse_factor, settings.coarse_mode, patch_shape)
+        save_image(A, img.affine, a.output)
+        coarse_affine = img.affine
+        if settings.coarse_mode == "global":  # the whole field of view at patch shape
+            coarse_affine = img.affine.copy()
+            coarse_affine[:3, :3] = img.affine[:3, :3] @ np.diag(np.array(img.shape) / np.array(coarse.shape))
+        save_image(coarse, coarse_affine, a.coarse_output)
+        write_json({"anatomy": settings.to_dict(), "log_gamma": a.log_gamma, "input": str(a.input)},
+                   json_sidecar(a.output))
     return 0
 
 

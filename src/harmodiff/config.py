@@ -491,7 +491,7 @@ class WorkflowConfig(Section):
                               f"({self.train.num_train_timesteps}), got {self.harmonize.steps}")
 
     @classmethod
-    def from_file(cls, path) -> "WorkflowConfig":
+    def from_file(cls, path) -> WorkflowConfig:
         data = read_config_file(path)
         try:
             return cls.from_dict(data)

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from harmodiff import __version__
 from harmodiff.antsio import to_native
-from harmodiff.io import InputError, atomic_path, json_sidecar, outputs_together, write_json
-from harmodiff.layout import DERIVATIVES, SPACE, bids_label  # noqa: F401 (the names are the layout's)
+from harmodiff.io import InputError, atomic_path, json_sidecar, outputs_together, write_json, one_line_errors
+from harmodiff.layout import SPACE
 
 BIDS_VERSION = "1.10.0"
 
@@ -58,6 +57,7 @@ def export_image(harmonized, raw, transform, mni_output, native_output) -> None:
                    json_sidecar(native_output))
 
 
+@one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.derivatives", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -67,14 +67,10 @@ def main(argv=None) -> int:
     for name in ("harmonized", "raw", "transform", "mni-output", "native-output"):
         i.add_argument(f"--{name}", required=True)
     a = p.parse_args(argv)
-    try:
-        if a.cmd == "description":
-            write_json(dataset_description(), a.output)
-        else:
-            export_image(a.harmonized, a.raw, a.transform, a.mni_output, a.native_output)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if a.cmd == "description":
+        write_json(dataset_description(), a.output)
+    else:
+        export_image(a.harmonized, a.raw, a.transform, a.mni_output, a.native_output)
     return 0
 
 

@@ -32,7 +32,7 @@ class NoiseSchedule:
         self._double = self.alphas_cumprod.double()
 
     @classmethod
-    def linear(cls, num_train_timesteps: int = 1000) -> "NoiseSchedule":
+    def linear(cls, num_train_timesteps: int = 1000) -> NoiseSchedule:
         """MONAI's linear-beta schedule (float32, as the scheduler builds it)."""
         from monai.networks.schedulers import DDPMScheduler
 

@@ -13,13 +13,12 @@ same voxels and the same intensity scale.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 
 from harmodiff.intensity import median_normalize
 from harmodiff.antsio import to_ants
-from harmodiff.io import InputError, check_outputs, load_image, load_mask, save_image
+from harmodiff.io import InputError, check_outputs, load_image, load_mask, save_image, one_line_errors
 
 SPACES = ("native", "mni")
 
@@ -48,6 +47,7 @@ def import_external(input_path, mask_path, space: str, transform=None) -> tuple[
     return median_normalize(moved, mask), grid.affine
 
 
+@one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.external", description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True, help="the external method's harmonized scan")
@@ -56,12 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--transform", help="the scan's *_to_mni.mat from preprocessing (space native)")
     p.add_argument("--output", required=True)
     a = p.parse_args(argv)
-    try:
-        check_outputs([a.output], inputs=[a.input, a.mask, a.transform])
-        data, affine = import_external(a.input, a.mask, a.space, a.transform)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    check_outputs([a.output], inputs=[a.input, a.mask, a.transform])
+    data, affine = import_external(a.input, a.mask, a.space, a.transform)
     save_image(data, affine, a.output)
     return 0
 

@@ -13,17 +13,16 @@ Each figure is written in every format named by --output (by suffix), atomically
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from harmodiff.evaluate import markdown_table
-from harmodiff.io import InputError, atomic_path, check_outputs_or_exit, load_image, write_text
+from harmodiff.io import InputError, atomic_path, check_outputs_or_exit, load_image, write_text, one_line_errors
 from harmodiff.metrics import DATA_RANGE, summarize
 from harmodiff.plotting import plot_loss
-from harmodiff.layout import add_list_options, parse_sweep_method, resolve_lists, sweep_method  # noqa: F401
+from harmodiff.layout import add_list_options, parse_sweep_method, resolve_lists
 
 GUIDANCE_LABELS = {"none": "no guidance", "cfg": "CFG w", "cfgpp": "CFG++ lambda"}
 
@@ -150,6 +149,7 @@ def figure3(ratios: pd.DataFrame, ttests: pd.DataFrame, reference: str, outputs)
     plt.close(fig)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.figures", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -174,23 +174,19 @@ def main(argv=None) -> int:
     a = resolve_lists(p, p.parse_args(argv))
     outputs = [a.output_csv, a.output_md] if a.cmd == "table1" else a.output
     check_outputs_or_exit(outputs, inputs=[getattr(a, n, None) for n in ("pairs", "ratios", "ttests", "loss")])
-    try:
-        if a.cmd == "table1":
-            t = table1(pd.read_csv(a.pairs), a.sweep_methods, a.sweep_subjects)
-            write_text(t.to_csv(index=False, float_format="%.6g"), a.output_csv)
-            write_text(table1_markdown(t), a.output_md)
-            print(t.to_string(index=False))
-        elif a.cmd == "figure2":
-            figure2(a.images, a.methods, a.sites, a.subject, a.output)
-        elif a.cmd == "figure3":
-            figure3(pd.read_csv(a.ratios), pd.read_csv(a.ttests), a.reference, a.output)
-        else:
-            rows = pd.read_csv(a.loss).to_dict("records")
-            for out in a.output:
-                plot_loss(rows, Path(out))
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if a.cmd == "table1":
+        t = table1(pd.read_csv(a.pairs), a.sweep_methods, a.sweep_subjects)
+        write_text(t.to_csv(index=False, float_format="%.6g"), a.output_csv)
+        write_text(table1_markdown(t), a.output_md)
+        print(t.to_string(index=False))
+    elif a.cmd == "figure2":
+        figure2(a.images, a.methods, a.sites, a.subject, a.output)
+    elif a.cmd == "figure3":
+        figure3(pd.read_csv(a.ratios), pd.read_csv(a.ttests), a.reference, a.output)
+    else:
+        rows = pd.read_csv(a.loss).to_dict("records")
+        for out in a.output:
+            plot_loss(rows, Path(out))
     return 0
 
 

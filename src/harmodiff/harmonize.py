@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from harmodiff import anatomy as anat
 from harmodiff import sample as smp
 from harmodiff.config import AnatomyConfig, ConfigError, HarmonizeConfig, TrainConfig, load_settings
 from harmodiff.diffusion import NoiseSchedule
+from harmodiff.io import one_line_errors
 from harmodiff.io import (InputError, file_sha256, json_sidecar, load_image, load_mask, outputs_together,
                           save_image, write_json)
 from harmodiff.antsio import to_native
@@ -161,9 +161,10 @@ def sample_volume(denoiser: GuidedDenoiser, cond: Conditioning, image: np.ndarra
         x = stack_patches(noise, corners, patch_shape).to(dev)
         if settings.start_from == "source":
             x = denoiser.schedule.add_noise(stack_patches(source, corners, patch_shape).to(dev), x, timesteps[0])
+        n = len(corners)
         x0 = smp.sample_ddim(denoiser.eps_fn(A_b, C_b, cond.target_label), x, denoiser.schedule, timesteps,
                              guidance=settings.guidance, scale=settings.scale,
-                             progress=None if progress is None else (lambda k, n=len(corners): progress(k * n)))
+                             progress=None if progress is None else (lambda k, n=n: progress(k * n)))
         sampled = x0[:, 0].float().cpu().numpy()
         if settings.match_source_stats:
             sampled = [match_source_stats(x, extract(source.numpy(), c, patch_shape), extract(mask, c, patch_shape))
@@ -178,7 +179,7 @@ PREPROCESSED_MEDIAN = (0.8 * MEDIAN_TARGET, 1.25 * MEDIAN_TARGET)
 
 
 def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.ndarray, target_site: str,
-                    settings: HarmonizeConfig = HarmonizeConfig(), *, seed: int | None = None, device: str = "cpu",
+                    settings: HarmonizeConfig, *, seed: int | None = None, device: str = "cpu",
                     anatomy: np.ndarray | None = None, coarse: np.ndarray | None = None, min_overlap: float = 0.5,
                     progress: bool = False) -> tuple[np.ndarray, dict]:
     """Harmonized image (brain-median-500 units, background 0) and timing statistics.
@@ -292,6 +293,7 @@ def extra_runs(output: str, settings: HarmonizeConfig, run_options) -> list[tupl
     return runs
 
 
+@one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.harmonize", description="Harmonize a scan to a target site.")
     p.add_argument("--checkpoint", required=True)
@@ -332,47 +334,43 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from harmodiff.model import load_model_for_inference
 
-    try:
         # the settings in force (file, then options), as the rest and the provenance read them; threads
         # only when given (else torch's default)
-        settings = load_settings(HarmonizeConfig, a.config, a)
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        runs = extra_runs(a.output, settings, a.run)
-        outputs = [o for o, _ in runs]
-        if a.native and not (a.native_reference and a.transform and a.native_output):
-            raise InputError("--native needs --native-reference, --transform and --native-output")
-        sidecars = [json_sidecar(o) for o in outputs]
-        with outputs_together([*outputs, *sidecars, a.native_output if a.native else None],
-                              inputs=[a.checkpoint, a.input, a.mask, a.anatomy, a.coarse, a.native_reference,
-                                      a.transform]):
-            img = load_image(a.input)
-            mask = load_mask(a.mask, like=img)
-            image = np.asarray(img.dataobj, np.float32)
-            check_preprocessed(a.input, image, mask)
-            if bool(a.anatomy) != bool(a.coarse):
-                raise InputError("--anatomy and --coarse go together")
-            maps = {}
-            if a.anatomy:
-                maps = {"anatomy": np.asarray(load_image(a.anatomy).dataobj, np.float32),
-                        "coarse": np.asarray(load_image(a.coarse).dataobj, np.float32)}
-            model, labels, config = load_model_for_inference(a.checkpoint, a.device, use_ema=not a.no_ema)
-            check_voxel_size(a.input, img, config.get("voxel_mm"), a.checkpoint)
-            if a.anatomy:
-                anat.check_settings(a.anatomy, config.get("anatomy"), a.checkpoint)
-            for k, (output, run) in enumerate(runs):
-                seed = run.seed if a.seed_key is None else scan_seed(run.seed, a.seed_key)
-                out, stats = harmonize_array(model, labels, config, image, mask, a.target_site, run, seed=seed,
-                                             device=a.device, progress=True, **maps)
-                save_image(out, img.affine, output, header=img.header)
-                write_json(provenance(a, run, seed, stats), json_sidecar(output))
-                print(output, {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})
-                if k == 0 and a.native:  # the main run only
-                    to_native(nib.Nifti1Image(out, img.affine, img.header), a.native_reference, a.transform,
-                              a.native_output)
-    except (InputError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings(HarmonizeConfig, a.config, a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    runs = extra_runs(a.output, settings, a.run)
+    outputs = [o for o, _ in runs]
+    if a.native and not (a.native_reference and a.transform and a.native_output):
+        raise InputError("--native needs --native-reference, --transform and --native-output")
+    sidecars = [json_sidecar(o) for o in outputs]
+    with outputs_together([*outputs, *sidecars, a.native_output if a.native else None],
+                          inputs=[a.checkpoint, a.input, a.mask, a.anatomy, a.coarse, a.native_reference,
+                                  a.transform]):
+        img = load_image(a.input)
+        mask = load_mask(a.mask, like=img)
+        image = np.asarray(img.dataobj, np.float32)
+        check_preprocessed(a.input, image, mask)
+        if bool(a.anatomy) != bool(a.coarse):
+            raise InputError("--anatomy and --coarse go together")
+        maps = {}
+        if a.anatomy:
+            maps = {"anatomy": np.asarray(load_image(a.anatomy).dataobj, np.float32),
+                    "coarse": np.asarray(load_image(a.coarse).dataobj, np.float32)}
+        model, labels, config = load_model_for_inference(a.checkpoint, a.device, use_ema=not a.no_ema)
+        check_voxel_size(a.input, img, config.get("voxel_mm"), a.checkpoint)
+        if a.anatomy:
+            anat.check_settings(a.anatomy, config.get("anatomy"), a.checkpoint)
+        for k, (output, run) in enumerate(runs):
+            seed = run.seed if a.seed_key is None else scan_seed(run.seed, a.seed_key)
+            out, stats = harmonize_array(model, labels, config, image, mask, a.target_site, run, seed=seed,
+                                         device=a.device, progress=True, **maps)
+            save_image(out, img.affine, output, header=img.header)
+            write_json(provenance(a, run, seed, stats), json_sidecar(output))
+            print(output, {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()})
+            if k == 0 and a.native:  # the main run only
+                to_native(nib.Nifti1Image(out, img.affine, img.header), a.native_reference, a.transform,
+                          a.native_output)
     return 0
 
 

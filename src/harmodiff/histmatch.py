@@ -15,12 +15,11 @@ monotonically onto that pool; the background stays 0. The pool is built once per
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 from skimage.exposure import match_histograms
 
-from harmodiff.io import InputError, atomic_path, check_outputs, load_image, load_mask, save_image
+from harmodiff.io import InputError, atomic_path, check_outputs, load_image, load_mask, save_image, one_line_errors
 from harmodiff.layout import add_list_options, resolve_lists
 
 QUANTILES_PER_SCAN = 4096
@@ -54,6 +53,7 @@ def load_reference(path) -> np.ndarray:
     return reference
 
 
+@one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.histmatch", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,25 +66,21 @@ def main(argv=None) -> int:
     m.add_argument("--reference", required=True, help="written by `histmatch reference`")
     m.add_argument("--output", required=True)
     a = resolve_lists(p, p.parse_args(argv))
-    try:
-        if a.command == "reference":
-            check_outputs([a.output], inputs=[*a.images, *a.masks])
-            refs, ref_masks = [], []
-            for ri, rm in zip(a.images, a.masks):
-                img = load_image(ri)
-                refs.append(np.asarray(img.dataobj, np.float32))
-                ref_masks.append(load_mask(rm, like=img))
-            reference = reference_distribution(refs, ref_masks)
-            with atomic_path(a.output) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, reference)
-            return 0
-        check_outputs([a.output], inputs=[a.input, a.mask, a.reference])
-        img = load_image(a.input)
-        mask = load_mask(a.mask, like=img)
-        out = histogram_match(np.asarray(img.dataobj, np.float32), mask, load_reference(a.reference))
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if a.command == "reference":
+        check_outputs([a.output], inputs=[*a.images, *a.masks])
+        refs, ref_masks = [], []
+        for ri, rm in zip(a.images, a.masks):
+            img = load_image(ri)
+            refs.append(np.asarray(img.dataobj, np.float32))
+            ref_masks.append(load_mask(rm, like=img))
+        reference = reference_distribution(refs, ref_masks)
+        with atomic_path(a.output) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, reference)
+        return 0
+    check_outputs([a.output], inputs=[a.input, a.mask, a.reference])
+    img = load_image(a.input)
+    mask = load_mask(a.mask, like=img)
+    out = histogram_match(np.asarray(img.dataobj, np.float32), mask, load_reference(a.reference))
     save_image(out, img.affine, a.output, header=img.header)
     return 0
 

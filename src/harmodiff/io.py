@@ -6,12 +6,14 @@ and the problem instead of a traceback from deep inside numpy or ANTs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -19,6 +21,21 @@ import numpy as np
 
 class InputError(ValueError):
     """A user-supplied file or value is unusable; the message names it and says why."""
+
+
+def one_line_errors(main):
+    """A stage's CLI entry point: an InputError or ConfigError (a file or setting the user gave is
+    unusable) becomes one `error: ...` line on stderr and exit status 2, not a traceback."""
+    from harmodiff.config import ConfigError
+
+    @functools.wraps(main)
+    def cli(argv=None) -> int:
+        try:
+            return main(argv)
+        except (InputError, ConfigError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return cli
 
 
 def _read_nifti(path: Path):

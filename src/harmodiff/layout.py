@@ -300,7 +300,7 @@ class Layout:
         table = self.manifest_table(name)
         return [f for c in self.FILE_COLUMNS if c in table for f in table[c]]
 
-    @functools.cache
+    @functools.cache  # noqa: B019 (one Layout per workflow run: the cache lives as long as the run)
     def manifest_table(self, name: str) -> pd.DataFrame:
         if name.startswith("histmatch-"):
             return self._scan_table(self.train[self.train["site"] == name.removeprefix("histmatch-")], "image", "mask")

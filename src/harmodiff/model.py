@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harmodiff.config import ModelConfig  # noqa: F401 (the network's settings)
+from harmodiff.config import ModelConfig
 from harmodiff.io import InputError, atomic_path
 
 NULL_LABEL = 0
@@ -64,7 +64,7 @@ class SiteLabels:
                 "index": [[s, g, i] for (s, g), i in self._index.items()]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SiteLabels":
+    def from_dict(cls, d: dict) -> SiteLabels:
         labels = cls(d["sites"], d["levels"])
         saved = {(s, round(float(g), 6)): int(i) for s, g, i in d["index"]}
         if saved != labels._index:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -31,11 +30,12 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from harmodiff.intensity import MEDIAN_TARGET, from_model_units, median_normalize, to_model_units  # noqa: F401
-from harmodiff.antsio import _ants, set_threads, to_ants, to_nib  # noqa: F401 (to_nib, set_threads: re-exported)
+from harmodiff.intensity import median_normalize
+from harmodiff.antsio import _ants, set_threads, to_ants
+from harmodiff.io import one_line_errors
 from harmodiff.io import (InputError, atomic_path, file_sha256, job_tempdir, json_sidecar, load_image, outputs_together,
                           save_image, write_json)
-from harmodiff.config import HDBET_FILES, ConfigError, GridConfig, PreprocessConfig, load_settings
+from harmodiff.config import HDBET_FILES, GridConfig, PreprocessConfig, load_settings
 from harmodiff.templates import mni_images, working_grid
 
 _GRID, _PRE = GridConfig(), PreprocessConfig()  # the defaults live in harmodiff.config
@@ -337,6 +337,7 @@ def preprocess(input_path, output, mask_output, *, transform_output=None, qc_out
     return normalized, moved_mask, affine
 
 
+@one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.preprocess", description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True, help="raw T1 NIfTI (any orientation and voxel size)")
@@ -358,18 +359,14 @@ def main(argv=None) -> int:
     p.add_argument("--min-template-correlation", type=float)
     p.add_argument("--max-brain-at-border", type=float)
     a = p.parse_args(argv)
-    try:
-        grid, pre = load_settings(GridConfig, a.config, a), load_settings(PreprocessConfig, a.config, a)
-        set_threads(pre.threads)
-        preprocess(a.input, a.output, a.mask_output, transform_output=a.transform_output, qc_output=a.qc_output,
-                   spacing=grid.spacing, shape=grid.shape, skullstrip=pre.skullstrip, hdbet_weights=pre.hdbet_weights,
-                   registration=pre.registration, seed=pre.seed, device=a.device, threads=pre.threads,
-                   checks={"brain_volume_ml": pre.brain_volume_ml,
-                           "min_template_correlation": pre.min_template_correlation,
-                           "max_brain_at_border": pre.max_brain_at_border})
-    except (InputError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    grid, pre = load_settings(GridConfig, a.config, a), load_settings(PreprocessConfig, a.config, a)
+    set_threads(pre.threads)
+    preprocess(a.input, a.output, a.mask_output, transform_output=a.transform_output, qc_output=a.qc_output,
+               spacing=grid.spacing, shape=grid.shape, skullstrip=pre.skullstrip, hdbet_weights=pre.hdbet_weights,
+               registration=pre.registration, seed=pre.seed, device=a.device, threads=pre.threads,
+               checks={"brain_volume_ml": pre.brain_volume_ml,
+                       "min_template_correlation": pre.min_template_correlation,
+                       "max_brain_at_border": pre.max_brain_at_border})
     return 0
 
 

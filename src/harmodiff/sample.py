@@ -13,7 +13,7 @@ CFG++ keeps the re-noising on the unconditional manifold; only the clean estimat
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from harmodiff.io import one_line_errors
 from harmodiff.io import InputError, check_outputs, job_tempdir, load_image, load_mask, save_image, write_json
 from harmodiff.templates import mni_images
 
@@ -194,6 +195,7 @@ def run_spm(image_path: Path, mask: np.ndarray, spm=None) -> dict[str, np.ndarra
     return maps
 
 
+@one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.segment", description="GM/WM/CSF fraction maps and tissue ratios.")
     p.add_argument("--input", required=True)
@@ -208,21 +210,17 @@ def main(argv=None) -> int:
 
     set_threads(a.threads)
     outputs = [f"{a.output_prefix}_{t}.nii.gz" for t in TISSUES] + [f"{a.output_prefix}_volumes.json"]
-    try:
-        check_outputs(outputs, inputs=[a.input, a.mask])
-        img = load_image(a.input)
-        mask = load_mask(a.mask, like=img)
-        if not mask.any():
-            raise InputError(f"{a.mask}: brain mask is empty")
-        data = np.asarray(img.dataobj, np.float32)
-        if a.backend == "atropos":
-            probs = segment_atropos(data, mask, img.affine)
-        else:
-            probs = run_spm(Path(a.input), mask)
-        chosen = tissue_fractions(data, mask, img.affine, probs, a.fractions)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    check_outputs(outputs, inputs=[a.input, a.mask])
+    img = load_image(a.input)
+    mask = load_mask(a.mask, like=img)
+    if not mask.any():
+        raise InputError(f"{a.mask}: brain mask is empty")
+    data = np.asarray(img.dataobj, np.float32)
+    if a.backend == "atropos":
+        probs = segment_atropos(data, mask, img.affine)
+    else:
+        probs = run_spm(Path(a.input), mask)
+    chosen = tissue_fractions(data, mask, img.affine, probs, a.fractions)
     for t in TISSUES:
         save_image(chosen[t], img.affine, f"{a.output_prefix}_{t}.nii.gz")
     voxel_ml = float(abs(np.linalg.det(img.affine[:3, :3]))) / 1000.0

@@ -88,8 +88,8 @@ def cohort_plan(cfg: SynthConfig) -> pd.DataFrame:
     train_sites, test_sites = site_names(cfg)
     rows = []
     k = 0
-    for s, site in enumerate(train_sites):
-        for j in range(cfg.train_subjects_per_site):
+    for site in train_sites:
+        for _ in range(cfg.train_subjects_per_site):
             k += 1
             subject = f"sub-tr{k:03d}"
             rows.append((subject, site, "train"))
@@ -215,7 +215,10 @@ def render_subject(cfg: SynthConfig, subject_index: int) -> dict:
     grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in mask.shape], indexing="ij", sparse=True)
     coords = [g + d for g, d in zip(grid, disp)]
     del disp
-    warp = lambda v: ndimage.map_coordinates(v, coords, order=1, mode="constant", output=np.float32)
+
+    def warp(v):
+        return ndimage.map_coordinates(v, coords, order=1, mode="constant", output=np.float32)
+
     brain, gm_w, wm_w = warp(mask), warp(gm), warp(wm)
     brain = np.clip(brain, 0, 1)
     total = np.maximum(gm_w + wm_w, 1.0)

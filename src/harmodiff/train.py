@@ -44,15 +44,14 @@ import numpy as np
 import torch
 
 from harmodiff import anatomy as anat
-from harmodiff.config import (PREDICTIONS, WORKFLOW_ONLY, AnatomyConfig, GridConfig, TrainConfig,  # noqa: F401
+from harmodiff.config import (AnatomyConfig, GridConfig, TrainConfig,
                               read_config_file)
 from harmodiff.diffusion import NoiseSchedule
-from harmodiff.io import InputError, atomic_path, file_sha256, load_image, load_mask, write_text
+from harmodiff.io import InputError, atomic_path, file_sha256, load_image, load_mask, write_text, one_line_errors
 from harmodiff.layout import add_list_options, resolve_lists
 from harmodiff.plotting import plot_loss
-from harmodiff.model import (GRID_KEYS, HASHED, NULL_LABEL, ModelConfig, SiteLabels, build_model, load_checkpoint,  # noqa: F401
-                             load_model_for_inference, require_harmodiff_checkpoint, save_checkpoint,
-                             weights_sha256)
+from harmodiff.model import (GRID_KEYS, NULL_LABEL, ModelConfig, SiteLabels, build_model, load_checkpoint,
+                             require_harmodiff_checkpoint, save_checkpoint)
 from harmodiff.patches import brain_bbox, extract, random_patch
 from harmodiff.intensity import median_normalize, to_model_units
 
@@ -502,17 +501,14 @@ def load_volumes(images, masks, sites) -> list[Volume]:
     return vols
 
 
+@one_line_errors
 def export_main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.train export",
                                 description="Write the inference part of a training checkpoint (e.g. the demo model).")
     p.add_argument("checkpoint")
     p.add_argument("output_dir")
     a = p.parse_args(argv)
-    try:
-        print(json.dumps(export_model(a.checkpoint, a.output_dir)))
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    print(json.dumps(export_model(a.checkpoint, a.output_dir)))
     return 0
 
 

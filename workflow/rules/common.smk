@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
 from harmodiff.config import HDBET_FILES, ConfigError, WorkflowConfig, settings_text  # noqa: E402
 from harmodiff.io import json_sidecar, write_text  # noqa: E402
-from harmodiff.layout import Layout, manifest_text, sweep_method  # noqa: E402
+from harmodiff.layout import Layout, manifest_text  # noqa: E402
 from harmodiff.workflow_support import scan_table, synthetic_config  # noqa: E402
 from harmodiff.snakemake_patches import coalesce_reevaluation_timers  # noqa: E402
 
@@ -37,12 +37,9 @@ wildcard_constraints:
 
 
 LAYOUT = Layout(config, SCANS)
-TEST = LAYOUT.test
-EVALUATION = config["evaluation"]
 EXTERNAL = LAYOUT.external
 METHODS = LAYOUT.methods
 stage_files = LAYOUT.stage_files
-method_targets = LAYOUT.method_targets
 image_methods = LAYOUT.image_methods
 sweep_settings = LAYOUT.sweep_settings
 test_mask = LAYOUT.test_mask
