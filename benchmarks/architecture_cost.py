@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 import yaml
 
-from harmodiff.evaluate import markdown_table
+from harmodiff.tables import markdown_table
 from harmodiff.model import ModelConfig, build_model, count_parameters, pass_flops
 
 NETWORKS = {"paper (config/srpbs.yaml)": ("config/srpbs.yaml", (80, 96, 80)),

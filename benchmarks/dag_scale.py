@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             rows.append({"test scans": n, "training scans": 20 if n == 97 else n // 5,
                          "sweep subjects": "all" if sweep is None else sweep, **r})
             print(rows[-1], file=sys.stderr)
-    from harmodiff.evaluate import markdown_table
+    from harmodiff.tables import markdown_table
 
     print(markdown_table(pd.DataFrame(rows)))
     return 0

@@ -27,7 +27,7 @@ import yaml
 
 from harmodiff.config import HarmonizeConfig
 from harmodiff.diffusion import steps_run
-from harmodiff.evaluate import markdown_table
+from harmodiff.tables import markdown_table
 from harmodiff.harmonize import harmonize_array
 from harmodiff.patches import grid_positions
 from harmodiff.model import ModelConfig, SiteLabels, build_model, pass_flops

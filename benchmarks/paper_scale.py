@@ -178,7 +178,7 @@ HARMONIZE_RUNS = [  # (network, DDIM steps, strength, patches per batch)
 
 
 def main_all(a) -> None:
-    from harmodiff.evaluate import markdown_table
+    from harmodiff.tables import markdown_table
     from harmodiff.model import pass_flops
     from harmodiff.diffusion import steps_run
 

@@ -31,7 +31,7 @@ import yaml
 
 from training_options import cohort, harmonize
 from harmodiff import train as tr
-from harmodiff.evaluate import markdown_table
+from harmodiff.tables import markdown_table
 from harmodiff.metrics import ssim_psnr
 from harmodiff.model import ModelConfig, pass_flops
 from harmodiff.diffusion import steps_run

@@ -24,7 +24,7 @@ import yaml
 from scipy import ndimage
 
 from harmodiff import train as tr
-from harmodiff.evaluate import markdown_table
+from harmodiff.tables import markdown_table
 from harmodiff.model import SiteLabels
 
 PAPER_STEP_TFLOP = 3 * 5 * 20.17  # forward + backward ~ 3 forward passes, batch 5 (benchmarks/model_cost.md)

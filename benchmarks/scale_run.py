@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     subprocess.run([*base, "--report", "results/report.html"], check=True, capture_output=True)
     wall = sum(earlier) + time.perf_counter() - t1
     own_cpu = sum(earlier_cpu) + own_cpu
-    from harmodiff.evaluate import markdown_table
+    from harmodiff.tables import markdown_table
 
     costs = rule_costs(a.workdir)
     sheet = pd.read_csv(a.workdir / "scans.tsv", sep="\t")

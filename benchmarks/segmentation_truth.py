@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from harmodiff import segment as sg
-from harmodiff.evaluate import markdown_table
+from harmodiff.tables import markdown_table
 from harmodiff.io import load_image, load_mask
 from harmodiff.metrics import truth_on_grid
 from harmodiff.synth import SynthConfig, generate

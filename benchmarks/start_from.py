@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from harmodiff.config import HarmonizeConfig
-from harmodiff.evaluate import markdown_table
+from harmodiff.tables import markdown_table
 from harmodiff.harmonize import harmonize_array
 from harmodiff.io import load_image, load_mask
 from harmodiff.metrics import ssim_psnr, truth_on_grid

@@ -34,7 +34,7 @@ from harmodiff import phantom  # noqa: E402
 from harmodiff import train as tr  # noqa: E402
 from harmodiff.config import HarmonizeConfig  # noqa: E402
 from harmodiff.diffusion import NoiseSchedule  # noqa: E402
-from harmodiff.evaluate import markdown_table  # noqa: E402
+from harmodiff.tables import markdown_table  # noqa: E402
 from harmodiff.metrics import ssim_psnr  # noqa: E402
 from harmodiff.model import ModelConfig  # noqa: E402
 from test_learnability import HELD_OUT, MODEL, TRAIN  # noqa: E402

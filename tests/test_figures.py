@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harmodiff import evaluate, figures, layout
+from harmodiff import evaluate, figures, layout, tables
 
 
 def _pairs():
@@ -19,7 +19,7 @@ def _pairs():
 
 def test_table1_sweep_rows_use_only_the_sweep_subjects():
     pairs = _pairs()
-    t = figures.table1(pairs, ["cfg_2", "cfgpp_0.6", "cfg_0.5"], ["s1"])
+    t = tables.table1(pairs, ["cfg_2", "cfgpp_0.6", "cfg_0.5"], ["s1"])
     sweep = t[t.section == "guidance sweep"]
     assert list(sweep.method) == ["preprocessed", "cfg_0.5", "cfg_2", "cfgpp_0.6"]  # baseline, then by guidance, scale
     base = pairs[(pairs.method == "preprocessed") & (pairs.subject == "s1")]
@@ -28,7 +28,7 @@ def test_table1_sweep_rows_use_only_the_sweep_subjects():
     assert (sweep.pairs == 3).all() and (sweep.subjects == 1).all()
     methods = t[t.section == "methods"]
     assert list(methods.method) == ["preprocessed", "diffusion"] and (methods.pairs == 6).all()
-    md = figures.table1_markdown(t)
+    md = tables.table1_markdown(t)
     assert "CFG++ lambda = 0.6" in md and "CFG w = 0.5" in md
     assert f"{sweep.ssim_mean.iloc[0]:.3f} ± {sweep.ssim_sd.iloc[0]:.3f}" in md
 
@@ -96,7 +96,7 @@ def test_table1_puts_seed_replicates_in_the_sweep_section():
     rows = [{"method": m, "target": "T", "subject": subj, "site_a": "A", "site_b": "B", "ssim": v, "psnr": 20.0}
             for m, subj, v in [("preprocessed", "s1", 0.5), ("diffusion", "s1", 0.8), ("diffusion", "s2", 0.6),
                                ("diffusion_seed1", "s1", 0.7), ("cfg_2", "s1", 0.9)]]
-    t = figures.table1(pd.DataFrame(rows), ["cfg_2"], ["s1"])
+    t = tables.table1(pd.DataFrame(rows), ["cfg_2"], ["s1"])
     assert list(t[t.section == "guidance sweep"].method) == ["preprocessed", "cfg_2", "diffusion_seed1"]
     methods = t[t.section == "methods"].set_index("method")
     assert list(methods.index) == ["preprocessed", "diffusion"] and methods.loc["diffusion", "ssim_mean"] == 0.7

@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-from harmodiff import metrics
+from harmodiff import metrics, tables
 
 
 def _pair(shape=(24, 28, 20), seed=0):
@@ -71,7 +71,7 @@ def test_truth_summary_means_and_the_spread_over_seeds():
     rows += [{"method": "diffusion_seed1", "target": "T", "scan_id": "s0", "ssim": 0.8, "psnr": 0, "mae": 14.0},
              {"method": "diffusion_seed2", "target": "T", "scan_id": "s0", "ssim": 1.0, "psnr": 0, "mae": 18.0},
              {"method": "preprocessed", "target": "T", "scan_id": "s0", "ssim": 0.5, "psnr": 15, "mae": 50.0}]
-    out = metrics.truth_summary(pd.DataFrame(rows)).set_index("method")
+    out = tables.truth_summary(pd.DataFrame(rows)).set_index("method")
     assert list(out.index) == ["diffusion", "preprocessed"]  # replicates fold into their method's row
     d = out.loc["diffusion"]
     assert d.scans == 3 and d.ssim_mean == pytest.approx(0.8) and d.mae_mean == pytest.approx(20.0)

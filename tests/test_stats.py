@@ -6,7 +6,7 @@ import pytest
 from scipy import stats as st
 from statsmodels.stats.multitest import multipletests
 
-from harmodiff import stats
+from harmodiff import stats, tables
 
 
 def _traveling(n_subjects, sites, site_effect, sd_subject, sd_resid, seed=0):
@@ -73,7 +73,7 @@ def test_evaluate_tables_per_method_and_tissue(tmp_path):
     assert len(t) == 2 * 2 * 2  # methods x tissues x non-reference sites
     pre = t[(t.method == "preprocessed") & (t.tissue == "GM")]
     assert (pre.p_fdr < 1e-6).all()
-    m = evaluate.mixed_models(ratios).set_index(["method", "tissue"])
+    m = tables.table2(ratios).set_index(["method", "tissue"])
     assert m.loc[("preprocessed", "GM"), "r2_marginal"] > 0.3 > m.loc[("harmonized", "GM"), "r2_marginal"]
     assert m.loc[("harmonized", "GM"), "r2_conditional"] > 0.8
 

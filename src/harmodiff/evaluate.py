@@ -3,14 +3,12 @@
     python -m harmodiff.evaluate ratios --volumes V1.json ... --methods M ... --targets T ... \
         --scan-ids S ... --subjects SUB ... --sites SITE ... [--combat-reference SITE] --output tissue_ratios.csv
     python -m harmodiff.evaluate ttests --ratios tissue_ratios.csv --reference KPM --output ttests.csv
-    python -m harmodiff.evaluate mixed --ratios tissue_ratios.csv --output table2.csv [--markdown table2.md]
-    python -m harmodiff.evaluate truth --ratios tissue_ratios.csv --truth subjects.tsv --output truth_ratios.csv
 
-`ttests` runs `stats.paired_site_tests` per method, target and tissue (GM, WM); `mixed` fits
-`stats.mixed_model_r2` per method, target and tissue (Table 2 of the paper). `ratios` with
+`ttests` runs `stats.paired_site_tests` per method, target and tissue (GM, WM). `ratios` with
 `--combat-reference` adds the ComBat baseline: the preprocessed scans' ratios adjusted by
 `combat.combat_ratios` (reference site if it is among the scans' sites, else the pooled mean).
-`truth` scores every method's ratios against the synthetic cohort's true ratios.
+`truth_errors` scores every method's ratios against the synthetic cohort's true ratios (its table is
+`harmodiff.tables truth`; Table 2 is `harmodiff.tables table2`).
 """
 
 from __future__ import annotations
@@ -86,15 +84,6 @@ def truth_errors(ratios: pd.DataFrame, truth: pd.DataFrame, target_truth: pd.Dat
     return pd.DataFrame(rows)
 
 
-def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
-    """A GitHub-flavoured Markdown table (no tabulate dependency)."""
-    def cell(v):
-        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
 def ttests(ratios: pd.DataFrame, reference: str) -> pd.DataFrame:
     out = []
     for (method, target), group in ratios.groupby(["method", "target"], sort=True):
@@ -107,17 +96,6 @@ def ttests(ratios: pd.DataFrame, reference: str) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
-def mixed_models(ratios: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for (method, target), group in ratios.groupby(["method", "target"], sort=True):
-        for tissue in TISSUES:
-            r = stats.mixed_model_r2(group, value=f"{tissue}_ratio")
-            rows.append({"method": method, "target": target, "tissue": tissue.upper(),
-                         "r2_marginal": r["marginal"], "r2_conditional": r["conditional"],
-                         "converged": r["converged"], "warnings": r["warnings"], "n_scans": len(group)})
-    return pd.DataFrame(rows)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.evaluate", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -126,41 +104,17 @@ def main(argv=None) -> int:
     r.add_argument("--combat-reference", help="add the ComBat baseline, mapped onto this site when present")
     t = sub.add_parser("ttests")
     t.add_argument("--reference", required=True)
-    m = sub.add_parser("mixed")
-    m.add_argument("--markdown", help="also write Table 2 as Markdown")
-    u = sub.add_parser("truth")
-    u.add_argument("--truth", required=True, help="the synthetic cohort's truth/subjects.tsv")
-    # segmentation volumes JSON of each subject rendered noise-free at a target site
-    add_list_options(u, ("volumes", "target", "subject"), manifest="--target-manifest", required=False,
-                     options={"volumes": "target-volumes", "target": "target-sites", "subject": "target-subjects"})
-    for q in (t, m, u):
-        q.add_argument("--ratios", required=True)
-    for q in (r, t, m, u):
+    t.add_argument("--ratios", required=True)
+    for q in (r, t):
         q.add_argument("--output", required=True)
     a = resolve_lists(p, p.parse_args(argv))
-    check_outputs_or_exit([a.output, getattr(a, "markdown", None)],
-                          inputs=[getattr(a, "ratios", None), getattr(a, "truth", None)])
+    check_outputs_or_exit([a.output], inputs=[getattr(a, "ratios", None)])
     if a.cmd == "ratios":
         df = collect_ratios(a.volumes, a.methods, a.targets, a.scan_ids, a.subjects, a.sites)
         if a.combat_reference:
             df = add_combat(df, a.combat_reference)
-    elif a.cmd == "ttests":
-        df = ttests(pd.read_csv(a.ratios), a.reference)
-    elif a.cmd == "truth":
-        target_truth = None
-        if a.target_volumes:
-            target_truth = collect_ratios(a.target_volumes, ["truth"] * len(a.target_volumes), a.target_sites,
-                                          a.target_subjects, a.target_subjects, a.target_sites)
-            keep = ["subject", "target"] + [f"{f}_{t}_ratio" for f in FRACTIONS for t in TISSUES]
-            target_truth = target_truth[[c for c in keep if c in target_truth]]
-        df = truth_errors(pd.read_csv(a.ratios), pd.read_csv(a.truth, sep="\t"), target_truth)
     else:
-        df = mixed_models(pd.read_csv(a.ratios))
-        if a.markdown:
-            show = df[["method", "target", "tissue", "r2_marginal", "r2_conditional", "converged", "n_scans"]]
-            write_text("Table 2: variance of the tissue ratios explained by site (marginal R2) and by site "
-                       "and subject (conditional R2), ratio ~ site + (1 | subject).\n\n" + markdown_table(show),
-                       a.markdown)
+        df = ttests(pd.read_csv(a.ratios), a.reference)
     write_text(df.to_csv(index=False, float_format="%.6g"), a.output)
     print(df.to_string(index=False))
     return 0

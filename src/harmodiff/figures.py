@@ -1,7 +1,5 @@
-"""Tables and figures of the evaluation (the paper's Table 1, Figure 2, Figure 3; loss curve).
+"""Figures of the evaluation (the paper's Figure 2 and Figure 3; the loss curve). The tables are `harmodiff.tables`.
 
-    python -m harmodiff.figures table1 --pairs similarity_pairs.csv --sweep-methods cfg_2 cfgpp_0.6 ... \
-        --sweep-subjects S1 ... --output-csv table1.csv --output-md table1.md
     python -m harmodiff.figures figure2 --images ... --methods ... --sites ... --subject S --output F.png [F.pdf]
     python -m harmodiff.figures figure3 --ratios tissue_ratios.csv --ttests ttests.csv --reference SITE \
         --output F.png [F.pdf]
@@ -18,55 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harmodiff.evaluate import markdown_table
-from harmodiff.io import InputError, atomic_path, check_outputs_or_exit, load_image, write_text, one_line_errors
-from harmodiff.metrics import DATA_RANGE, summarize
+from harmodiff.io import InputError, atomic_path, check_outputs_or_exit, load_image, one_line_errors
+from harmodiff.metrics import DATA_RANGE
 from harmodiff.plotting import plot_loss
-from harmodiff.layout import add_list_options, parse_sweep_method, resolve_lists
+from harmodiff.layout import add_list_options, resolve_lists
 
 GUIDANCE_LABELS = {"none": "no guidance", "cfg": "CFG w", "cfgpp": "CFG++ lambda"}
-
-
-SEED_SUFFIX = r"_seed\d+$"  # the main harmonization under another run seed (evaluation.guidance_sweep.seeds)
-
-
-def table1(pairs: pd.DataFrame, sweep_methods: list[str], sweep_subjects: list[str]) -> pd.DataFrame:
-    """Guidance sweep (on the sweep subjects, with the preprocessed baseline on the same subjects,
-    and the main setting's seed replicates `<method>_seed<N>`) followed by every image method on all
-    subjects; mean and sd over subject-site pairs."""
-    sweep_rows = pairs[pairs["subject"].isin(sweep_subjects)]
-    base = summarize(sweep_rows[sweep_rows["method"] == "preprocessed"]).assign(section="guidance sweep")
-    sweep = summarize(sweep_rows[sweep_rows["method"].isin(sweep_methods)]).assign(section="guidance sweep")
-    if len(sweep):
-        parsed = [parse_sweep_method(m) for m in sweep["method"]]
-        sweep["guidance"] = [g for g, _ in parsed]
-        sweep["scale"] = [s for _, s in parsed]
-        sweep = sweep.sort_values(["guidance", "scale"])
-    seeded = pairs["method"].str.contains(SEED_SUFFIX, regex=True)
-    seeds = summarize(sweep_rows[seeded.loc[sweep_rows.index]]).assign(section="guidance sweep")
-    methods = summarize(pairs[~pairs["method"].isin(sweep_methods) & ~seeded]).assign(section="methods")
-    out = pd.concat([base, sweep, seeds, methods], ignore_index=True)
-    cols = ["section", "method", "target", "guidance", "scale", "ssim_mean", "ssim_sd", "psnr_mean", "psnr_sd",
-            "pairs", "subjects"]
-    return out.reindex(columns=cols)
-
-
-def _mean_sd(mean: float, sd: float, digits: int) -> str:
-    return f"{mean:.{digits}f}" if pd.isna(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"  # one pair: no sd
-
-
-def table1_markdown(t: pd.DataFrame) -> str:
-    show = pd.DataFrame({
-        "section": t["section"],
-        "method": [m if pd.isna(g) else f"{GUIDANCE_LABELS.get(g, g)} = {s:g}"
-                   for m, g, s in zip(t["method"], t["guidance"], t["scale"])],
-        "target": t["target"],
-        "SSIM": [_mean_sd(m, s, 3) for m, s in zip(t["ssim_mean"], t["ssim_sd"])],
-        "PSNR (dB)": [_mean_sd(m, s, 2) for m, s in zip(t["psnr_mean"], t["psnr_sd"])],
-        "pairs": t["pairs"], "subjects": t["subjects"],
-    })
-    return ("Table 1: SSIM and PSNR between the volumes of the same subject at two sites, mean ± sd over "
-            "subject-site pairs.\n\n" + markdown_table(show))
 
 
 def _save(fig, outputs) -> None:
@@ -153,13 +108,6 @@ def figure3(ratios: pd.DataFrame, ttests: pd.DataFrame, reference: str, outputs)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.figures", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    t1 = sub.add_parser("table1")
-    t1.add_argument("--pairs", required=True)
-    t1.add_argument("--sweep-methods", nargs="*", default=[])
-    add_list_options(t1, ("subject",), manifest="--sweep-manifest", required=False,
-                     options={"subject": "sweep-subjects"})
-    t1.add_argument("--output-csv", required=True)
-    t1.add_argument("--output-md", required=True)
     f2 = sub.add_parser("figure2")
     add_list_options(f2, ("image", "method", "site"))
     f2.add_argument("--subject", required=True)
@@ -172,14 +120,8 @@ def main(argv=None) -> int:
     for q in (f2, f3, lo):
         q.add_argument("--output", nargs="+", required=True, help="one path per format (.png, .pdf)")
     a = resolve_lists(p, p.parse_args(argv))
-    outputs = [a.output_csv, a.output_md] if a.cmd == "table1" else a.output
-    check_outputs_or_exit(outputs, inputs=[getattr(a, n, None) for n in ("pairs", "ratios", "ttests", "loss")])
-    if a.cmd == "table1":
-        t = table1(pd.read_csv(a.pairs), a.sweep_methods, a.sweep_subjects)
-        write_text(t.to_csv(index=False, float_format="%.6g"), a.output_csv)
-        write_text(table1_markdown(t), a.output_md)
-        print(t.to_string(index=False))
-    elif a.cmd == "figure2":
+    check_outputs_or_exit(a.output, inputs=[getattr(a, n, None) for n in ("ratios", "ttests", "loss")])
+    if a.cmd == "figure2":
         figure2(a.images, a.methods, a.sites, a.subject, a.output)
     elif a.cmd == "figure3":
         figure3(pd.read_csv(a.ratios), pd.read_csv(a.ttests), a.reference, a.output)

@@ -2,16 +2,14 @@
 
     python -m harmodiff.metrics pairs --images ... --masks ... --methods ... --targets ... \
         --subjects ... --sites ... --output similarity_pairs.csv
-    python -m harmodiff.metrics truth --images ... --masks ... --methods ... --targets ... \
-        --scan-ids ... --truths ... --truth-masks ... --output truth_similarity.csv
-    python -m harmodiff.metrics preprocessing --images ... --masks ... --scan-ids ... \
-        --truths ... --truth-masks ... --output truth_preprocessing.csv
+    python -m harmodiff.metrics truth-image --truth T --truth-mask TM --like SCAN --output O --mask-output OM
 
 `pairs` compares the volumes of the same subject from every two sites (per method and target),
-as the paper's Table 1 does; `truth` compares each harmonized scan with the same subject
-rendered noise-free at the target site; `preprocessing` scores each preprocessed scan against its
-own noise- and bias-free rendering: brain-mask Dice and correlation inside both masks (synthetic
-cohort only).
+as the paper's Table 1 does; `truth_similarity` compares each harmonized scan with the same subject
+rendered noise-free at the target site; `preprocessing_scores` scores each preprocessed scan against
+its own noise- and bias-free rendering: brain-mask Dice and correlation inside both masks (synthetic
+cohort only; their tables are `harmodiff.tables truth`). `truth-image` puts a truth rendering on a
+scan's working grid.
 
 Conventions (the paper does not state them): each volume is zero outside its own brain mask;
 both are cropped to the bounding box of the union of the two masks, so the empty field of view
@@ -118,30 +116,6 @@ def truth_similarity(images, masks, truths, truth_masks) -> list[dict]:
     return out
 
 
-def truth_summary(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per method and target: mean (and sd over scans) of SSIM, PSNR and MAE against the truth.
-
-    Methods named `<method>_seed<N>` are the same harmonization under other run seeds: their
-    scans' spread over seeds (mean over scans of the per-scan sd across `<method>` and its seed
-    replicates) is reported on `<method>`'s row as `ssim_seed_sd` / `mae_seed_sd`, with the number
-    of seeds; the replicates get no row of their own."""
-    base = scores["method"].str.replace(r"_seed\d+$", "", regex=True)
-    replicated = scores.assign(base=base)
-    rows = []
-    for (method, target), group in scores[base == scores["method"]].groupby(["method", "target"], sort=False):
-        row = {"method": method, "target": target, "scans": len(group),
-               "ssim_mean": group["ssim"].mean(), "ssim_sd": group["ssim"].std(),
-               "psnr_mean": group["psnr"].mean(), "mae_mean": group["mae"].mean(), "mae_sd": group["mae"].std()}
-        runs = replicated[(replicated["base"] == method) & (replicated["target"] == target)]
-        runs = runs[runs["scan_id"].isin(runs.loc[runs["method"] != method, "scan_id"])]
-        if len(runs):
-            spread = runs.groupby("scan_id")[["ssim", "mae"]].std()
-            row.update(seeds=int(runs.groupby("scan_id").size().max()), seed_scans=len(spread),
-                       ssim_seed_sd=spread["ssim"].mean(), mae_seed_sd=spread["mae"].mean())
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def preprocessing_scores(images, masks, truths, truth_masks) -> list[dict]:
     """Per preprocessed scan: Dice of its brain mask with the true one, and the correlation of the
     image with the scan's noise- and bias-free rendering inside both masks."""
@@ -167,23 +141,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.metrics", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pairs = sub.add_parser("pairs")
-    truth = sub.add_parser("truth")
-    pre = sub.add_parser("preprocessing")
     image = sub.add_parser("truth-image", help="a truth rendering on a scan's working grid (median 500) + its mask")
     for name in ("truth", "truth-mask", "like", "output", "mask-output"):
         image.add_argument(f"--{name}", required=True)
-    summary = sub.add_parser("summary", help="truth_similarity.csv -> mean scores per method (CSV + markdown)")
-    summary.add_argument("--scores", required=True)
-    summary.add_argument("--output", required=True)
-    summary.add_argument("--output-md", required=True)
-    for q, columns in ((pairs, ("image", "mask", "method", "target", "subject", "site")),
-                       (truth, ("image", "mask", "method", "target", "scan_id", "truth", "truth_mask")),
-                       (pre, ("image", "mask", "scan_id", "truth", "truth_mask"))):
-        add_list_options(q, columns)
-        q.add_argument("--output", required=True)
+    add_list_options(pairs, ("image", "mask", "method", "target", "subject", "site"))
+    pairs.add_argument("--output", required=True)
     a = resolve_lists(p, p.parse_args(argv))
-    check_outputs_or_exit([a.output, getattr(a, "mask_output", None), getattr(a, "output_md", None)],
-                          inputs=[getattr(a, n, None) for n in ("truth", "truth_mask", "like", "scores")])
+    check_outputs_or_exit([a.output, getattr(a, "mask_output", None)],
+                          inputs=[getattr(a, n, None) for n in ("truth", "truth_mask", "like")])
     try:
         if a.cmd == "truth-image":
             from harmodiff.io import save_image
@@ -193,22 +158,9 @@ def main(argv=None) -> int:
             save_image(truth_on_grid(a.truth, like, mask), like.affine, a.output)
             save_image(mask, like.affine, a.mask_output, dtype=np.uint8)
             return 0
-        if a.cmd == "summary":
-            from harmodiff.evaluate import markdown_table
-
-            df = truth_summary(pd.read_csv(a.scores))
-            write_text(markdown_table(df) + "\n", a.output_md)
-        elif a.cmd == "pairs":
-            entries = pd.DataFrame({"image": a.images, "mask": a.masks, "method": a.methods, "target": a.targets,
-                                    "subject": a.subjects, "site": a.sites})
-            df = pairwise_similarity(entries)
-        elif a.cmd == "preprocessing":
-            df = pd.DataFrame(preprocessing_scores(a.images, a.masks, a.truths, a.truth_masks))
-            df.insert(0, "scan_id", a.scan_ids)
-        else:
-            scores = truth_similarity(a.images, a.masks, a.truths, a.truth_masks)
-            df = pd.DataFrame({"method": a.methods, "target": a.targets, "scan_id": a.scan_ids})
-            df = pd.concat([df, pd.DataFrame(scores)], axis=1)
+        entries = pd.DataFrame({"image": a.images, "mask": a.masks, "method": a.methods, "target": a.targets,
+                                "subject": a.subjects, "site": a.sites})
+        df = pairwise_similarity(entries)
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,79 +1,37 @@
 """The tiny workflow on a real (one-node, localhost) SLURM through the executor plugin.
 
-`slurm_up.sh` installs Debian's slurm-wlm and munge when missing (root only) and starts the
-daemons; the test then runs the README's cluster command (`snakemake --profile
-workflow/profiles/slurm`, plus `--slurm-status-command squeue` because this cluster has no
-accounting database and `--slurm-init-seconds-before-status-checks 2` because its jobs take
-seconds, not hours) on config/test.yaml and checks that every job was a SLURM job, that the GPU
-rules and only they asked for a GPU in the GPU partition, and that the results equal the local
-run's. The daemons are stopped by pid afterwards.
+The suite's one end-to-end run (conftest `e2e`) goes through SLURM wherever one can run here:
+conftest's `slurm` fixture brings it up (`slurm_up.sh` installs Debian's slurm-wlm and munge when
+missing, as root, and starts the daemons; they are stopped by pid afterwards) and the run is the
+README's cluster command (`snakemake --profile workflow/profiles/slurm`) on config/test.yaml. These
+tests check that every job was a SLURM job, that the GPU rules and only they asked for a GPU in the GPU
+partition, and that a job of each kind rerun locally (a copy of the run with those outputs deleted)
+gives what it gave on the cluster.
 """
 
 import json
 import re
 import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+from conftest import ROOT, snakemake
+
 GPU_RULES = {"train", "harmonize", "harmonize_all_settings"}
 
 pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    if sys.platform != "linux" or (shutil.which("slurmctld") is None and shutil.which("apt-get") is None):
-        pytest.skip("needs Linux with SLURM installed or apt-get to install it")
-    state = tmp_path_factory.mktemp("slurm")
-    t0 = time.perf_counter()
-    proc = subprocess.run(["bash", str(HERE / "slurm_up.sh"), str(state)], capture_output=True, text=True, timeout=900)
-    if proc.returncode == 3:
-        pytest.skip(proc.stderr.strip())
-    try:
-        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
-        (state / "timing.json").write_text(json.dumps({"bring_up_s": time.perf_counter() - t0}))
-        yield state
-    finally:
-        subprocess.run(["bash", str(HERE / "slurm_down.sh"), str(state)], capture_output=True, timeout=120)
-
-
-def _env():
-    import os
-
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-@pytest.fixture(scope="module")
-def cluster_run(slurm, tmp_path_factory):
-    wd = tmp_path_factory.mktemp("cluster")
-    # the README's command, with the profile addressed from the repository root
-    cmd = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(wd),
-           "--profile", str(ROOT / "workflow/profiles/slurm"), "--configfile", str(ROOT / "config/test.yaml"),
-           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2", "--verbose"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(["timeout", "-k", "30", "2400", *cmd], capture_output=True, text=True, env=_env())
-    seconds = time.perf_counter() - t0
-    log = proc.stdout + proc.stderr
-    (wd / "snakemake_cluster.log").write_text(log)
-    timing = json.loads((slurm / "timing.json").read_text())
-    timing["cluster_run_s"] = seconds
-    (slurm / "timing.json").write_text(json.dumps(timing))
-    print(f"cluster timing: {timing}")
-    assert proc.returncode == 0, f"rc {proc.returncode}\n{log[-6000:]}\n" + \
-        (slurm / "log/slurmctld.log").read_text()[-3000:]
-    return wd, log, (slurm / "log/slurmctld.log").read_text()
+def cluster_run(slurm, e2e):
+    if slurm.failed:
+        pytest.fail(slurm.failed)
+    if slurm.state is None:
+        pytest.skip(slurm.skipped)
+    return e2e, (e2e / "snakemake_cluster.log").read_text(), (slurm.state / "log/slurmctld.log").read_text()
 
 
 def _sbatch_calls(log):
@@ -119,33 +77,52 @@ def test_gpu_rules_and_only_they_request_a_gpu(cluster_run):
         assert started[slurm_id] == ("gpu" if rule in GPU_RULES else "cpu"), (rule, slurm_id)
 
 
-def _images(root, stage):
-    return sorted(p.relative_to(root) for p in (root / "results" / stage).rglob("*.nii.gz"))
-
-
 def _load(path):
     return np.asarray(nib.load(path).dataobj, np.float64)
 
 
-def test_cluster_results_equal_the_local_run(cluster_run, e2e):
-    """Same files. Images byte-equal up to the model (preprocessing is single-threaded and
-    seeded, so ANTs is reproducible; anatomy maps are plain numpy); training loss and
-    harmonized images equal within float tolerance; tissue ratios (multi-threaded Atropos)
-    within 0.005."""
+X, Y = "sub-ts01_ses-TSA", "sub-ts02_ses-TSB"  # the sweep subject's scan (harmonize_all_settings), another's
+RERUN = {  # a job of each kind: the file that names it -> how its output compares with the cluster's
+    f"results/preprocessed/test/TSB/{Y}.nii.gz": "equal",
+    f"results/preprocessed/test/TSB/{Y}_mask.nii.gz": "equal",
+    f"results/anatomy/test/TSB/{Y}_A.nii.gz": "equal",
+    f"results/anatomy/test/TSB/{Y}_Acoarse.nii.gz": "equal",
+    "results/model/diffusion/checkpoint.pt": "loss",
+    f"results/harmonized/diffusion/TRA/TSB/{Y}.nii.gz": "close",
+    f"results/harmonized/diffusion/TRA/TSA/{X}.nii.gz": "close",
+    f"results/sweep/cfg_1/TRA/TSA/{X}.nii.gz": "close",
+    f"results/seeds/1/TRA/TSA/{X}.nii.gz": "close",
+    f"results/segmentation/diffusion/TRA/TSA/{X}_volumes.json": "ratios",
+    "results/tables/ttests.csv": "table",
+}
+
+
+def test_jobs_rerun_locally_give_the_cluster_results(cluster_run, tmp_path):
+    """Preprocessing and anatomy maps byte-equal (single-threaded, seeded ANTs; plain numpy), the
+    training loss and harmonized images equal within float tolerance, tissue ratios (multi-threaded
+    Atropos) within 0.005, a table equal; and only those jobs ran."""
     wd, _, _ = cluster_run
-    for stage in ("synthetic", "preprocessed", "anatomy", "harmonized", "sweep", "segmentation"):
-        assert _images(wd, stage) == _images(e2e, stage), stage
-    for stage in ("synthetic", "preprocessed", "anatomy"):
-        for rel in _images(wd, stage):
-            np.testing.assert_array_equal(_load(wd / rel), _load(e2e / rel), err_msg=str(rel))
-    loss = [pd.read_csv(r / "results/model/diffusion/loss.csv").drop(columns="seconds") for r in (wd, e2e)]
-    pd.testing.assert_frame_equal(*loss, rtol=1e-5)
-    for stage in ("harmonized", "sweep"):
-        for rel in _images(wd, stage):
-            np.testing.assert_allclose(_load(wd / rel), _load(e2e / rel), rtol=1e-4, atol=0.05, err_msg=str(rel))
-    tables = sorted(p.name for p in (e2e / "results/tables").glob("*.csv"))
-    assert tables == sorted(p.name for p in (wd / "results/tables").glob("*.csv"))
-    ratios = [pd.read_csv(r / "results/tables/tissue_ratios.csv") for r in (wd, e2e)]
-    assert (ratios[0][["method", "scan_id"]] == ratios[1][["method", "scan_id"]]).all().all()
-    for tissue in ("gm_ratio", "wm_ratio", "csf_ratio"):
-        np.testing.assert_allclose(ratios[0][tissue], ratios[1][tissue], atol=0.005)
+    local = tmp_path / "local"
+    shutil.copytree(wd, local, symlinks=True)
+    for rel in RERUN:
+        (local / rel).unlink()
+    proc = snakemake(local, "--cores", "2", "--configfile", str(ROOT / "config/test.yaml"), *RERUN)
+    stats = proc.stdout.split("Job stats:")[1].split("\n\n")[0]
+    ran = {p[0]: int(p[1]) for p in (line.split() for line in stats.splitlines()[3:]) if len(p) == 2 and p[1].isdigit()}
+    assert ran == {"preprocess": 1, "anatomy": 1, "train": 1, "harmonize": 1, "harmonize_all_settings": 1,
+                   "segment": 1, "ttests": 1, "total": 7}, stats
+    for rel, how in RERUN.items():
+        ours, theirs = local / rel, wd / rel
+        if how == "equal":
+            np.testing.assert_array_equal(_load(ours), _load(theirs), err_msg=rel)
+        elif how == "close":
+            np.testing.assert_allclose(_load(ours), _load(theirs), rtol=1e-4, atol=0.05, err_msg=rel)
+        elif how == "loss":
+            loss = [pd.read_csv(d / "results/model/diffusion/loss.csv").drop(columns="seconds") for d in (local, wd)]
+            pd.testing.assert_frame_equal(*loss, rtol=1e-5)
+        elif how == "ratios":
+            a, b = (json.loads(f.read_text()) for f in (ours, theirs))
+            for tissue in ("gm_ratio", "wm_ratio", "csf_ratio"):
+                assert a[tissue] == pytest.approx(b[tissue], abs=0.005), (rel, tissue)
+        else:
+            pd.testing.assert_frame_equal(pd.read_csv(ours), pd.read_csv(theirs))

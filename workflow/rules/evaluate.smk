@@ -110,8 +110,8 @@ rule mixed_models:
         mem_mb=1000,
         runtime=5,
     shell:
-        "python -m harmodiff.evaluate mixed --ratios {input:q} --output {output.csv:q} "
-        "--markdown {output.markdown:q} > {log:q} 2>&1"
+        "python -m harmodiff.tables table2 --ratios {input:q} --output-csv {output.csv:q} "
+        "--output-md {output.markdown:q} > {log:q} 2>&1"
 
 
 rule similarity:
@@ -153,7 +153,7 @@ rule table1:
     params:
         sweep=[name for _, _, name in sweep_settings()],
     shell:
-        "python -m harmodiff.figures table1 --pairs {input.pairs:q} --sweep-methods {params.sweep:q} "
+        "python -m harmodiff.tables table1 --pairs {input.pairs:q} --sweep-methods {params.sweep:q} "
         "--sweep-manifest {input.subjects:q} --output-csv {output.csv:q} --output-md {output.markdown:q} > {log:q} 2>&1"
 
 
@@ -237,13 +237,11 @@ rule truth_scores:
         targets=LAYOUT.manifest("truth_targets"),
         preprocessing=LAYOUT.manifest("truth_preprocessing"),
     shell:
-        "(python -m harmodiff.evaluate truth --ratios {input.ratios:q} --truth {input.truth:q} "
-        "--target-manifest {params.targets:q} --output {output.ratios:q} && "
-        "python -m harmodiff.metrics truth --manifest {params.similarity:q} --output {output.similarity:q} && "
-        "python -m harmodiff.metrics summary --scores {output.similarity:q} --output {output.summary:q} "
-        "--output-md {output.summary_md:q} && "
-        "python -m harmodiff.metrics preprocessing --manifest {params.preprocessing:q} "
-        "--output {output.preprocessing:q}) > {log:q} 2>&1"
+        "python -m harmodiff.tables truth --ratios {input.ratios:q} --truth {input.truth:q} "
+        "--similarity-manifest {params.similarity:q} --preprocessing-manifest {params.preprocessing:q} "
+        "--target-manifest {params.targets:q} --output-ratios {output.ratios:q} "
+        "--output-similarity {output.similarity:q} --output-summary {output.summary:q} "
+        "--output-summary-md {output.summary_md:q} --output-preprocessing {output.preprocessing:q} > {log:q} 2>&1"
 
 
 rule figure2:
