@@ -145,7 +145,7 @@ def test_a_stage_reads_its_settings_file_with_the_command_line_on_top(tmp_path):
             else:
                 assert "threads" not in written[name]
                 assert loaded == {**cfg[name], **{k: v for k, v in classes[name]().to_dict().items()
-                                                  if k in hc.PER_JOB}}
+                                                  if k in hc.keys_with_role(classes[name], "per_job")}}
     harmonize = tmp_path / "harmonize.yaml"
     import argparse
 
@@ -168,3 +168,18 @@ def test_a_bad_settings_file_or_option_is_one_line_naming_it(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(hc.ConfigError, match="a config file is a mapping of sections, got list"):
         hc.read_config_file(tmp_path / "list.yaml")
+
+
+def test_each_keys_role_is_its_field_metadata():
+    """What reruns, what a checkpoint records and what a settings file holds is decided by the
+    fields' roles (the lists the code kept before, in field order)."""
+    assert hc.keys_with_role(hc.TrainConfig, "workflow") == ("run", "threads", "pretrained", "pretrained_sha256")
+    assert hc.keys_with_role(hc.TrainConfig, "speed") == ("checkpoint_every", "compile", "activation_checkpointing",
+                                                          "workers")
+    for cls in (hc.PreprocessConfig, hc.HarmonizeConfig, hc.TrainConfig):
+        assert hc.keys_with_role(cls, "per_job") == ("threads",)
+    assert hc.keys_with_role(hc.AnatomyConfig, "per_job") == ()
+    assert set(hc.TrainConfig().training_settings()) == {f.name for f in hc.dataclasses.fields(hc.TrainConfig)} - {
+        "run", "threads", "pretrained", "pretrained_sha256"}
+    with pytest.raises(ValueError, match="unknown role"):
+        hc.setting(1, "x", roles=("fast",))

@@ -28,10 +28,24 @@ GUIDANCES = ("none", "cfg", "cfgpp")
 PREDICTIONS = ("eps", "v", "x0")
 
 
-def setting(default, help: str, **rules):
-    """A config field: its default, one line of help, and rules (choices, minimum, maximum,
+# what a key does besides setting its stage, as field metadata (`setting(..., roles=...)`); the
+# workflow asks `keys_with_role` instead of keeping lists of names
+ROLES = {
+    "workflow": "read by the stage's rule, not by the stage: not recorded in a checkpoint",
+    "per_job": "a job's own resource (from its rule): left out of the stage's settings file, so changing it "
+               "reruns nothing",
+    "speed": "changes how fast a run goes, not what it learns: a model trained with another value still "
+             "counts as trained with these settings",
+}
+
+
+def setting(default, help: str, *, roles: tuple[str, ...] = (), **rules):
+    """A config field: its default, one line of help, its ROLES, and rules (choices, minimum, maximum,
     exclusive_minimum, exclusive_maximum, min_items, items_minimum)."""
-    metadata = {"help": help, **rules}
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown role(s) {sorted(unknown)}; known: {sorted(ROLES)}")
+    metadata = {"help": help, **rules, **({"roles": tuple(roles)} if roles else {})}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -44,6 +58,13 @@ def required(help: str, **rules):
 
 def section(cls, help: str):
     return field(default_factory=cls, metadata={"help": help})
+
+
+def keys_with_role(cls, role: str) -> tuple[str, ...]:
+    """The fields of section `cls` that have `role` (ROLES)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; known: {sorted(ROLES)}")
+    return tuple(f.name for f in dataclasses.fields(cls) if role in f.metadata.get("roles", ()))
 
 
 class ConfigError(ValueError):
@@ -299,7 +320,8 @@ class PreprocessConfig(Section):
                                  "fold_all/checkpoint_final.pth); never downloaded")
     registration: str = setting("affine", "to MNI152: affine (the paper) | rigid", choices=("affine", "rigid"))
     seed: int = setting(0, "ANTs' random seed", minimum=0, maximum=2**31 - 1)
-    threads: int = setting(1, "ANTs is reproducible only single-threaded: run scans in parallel", minimum=1)
+    threads: int = setting(1, "ANTs is reproducible only single-threaded: run scans in parallel", minimum=1,
+                           roles=("per_job",))
     # self-checks: a scan failing one stops at preprocessing, naming the scan and the check
     brain_volume_ml: tuple[float, float] = setting((700.0, 2500.0), "plausible volume of the native brain mask "
                                                    "(ml; adults ~1,100-1,900)", length=2, items_minimum=0)
@@ -355,13 +377,11 @@ class ModelConfig(Section):
 
 
 
-WORKFLOW_ONLY = ("run", "threads", "pretrained", "pretrained_sha256")  # train keys the rule reads, not training
-
 
 @dataclass(frozen=True)
 class TrainConfig(Section):
     where: typing.ClassVar[str] = "train"
-    run: str = setting("diffusion", "name of the run: results/model/<run>/")
+    run: str = setting("diffusion", "name of the run: results/model/<run>/", roles=("workflow",))
     steps: int = setting(100000, "optimizer steps (the paper: 411,600, config/srpbs.yaml)",
                          exclusive_minimum=0)
     batch_size: int = setting(2, "patches per step (the paper: 5)", exclusive_minimum=0)
@@ -376,12 +396,13 @@ class TrainConfig(Section):
     spatial_augmentation: bool = setting(True, "TorchIO flips/affine/elastic per sample")
     ema_decay: float = setting(0.999, "EMA of the weights used for sampling", minimum=0, exclusive_maximum=1)
     checkpoint_every: int = setting(500, "steps between checkpoints (a killed run resumes from the last)",
-                                    exclusive_minimum=0)
+                                    exclusive_minimum=0, roles=("speed",))
     seed: int = setting(0, "training seed", minimum=0, maximum=SEED_MAX)
     bf16: bool = setting(False, "bfloat16 autocast (GPU)")
-    compile: bool = setting(False, "torch.compile the U-Net (pays off on long GPU runs)")
+    compile: bool = setting(False, "torch.compile the U-Net (pays off on long GPU runs)", roles=("speed",))
     activation_checkpointing: bool = setting(False, "recompute each U-Net block's activations in the backward "
-                                             "pass (a paper-size step in far less memory, benchmarks/paper_scale.md)")
+                                             "pass (a paper-size step in far less memory, benchmarks/paper_scale.md)",
+                                             roles=("speed",))
     prediction: str = setting("eps", "what the network outputs: eps (the paper) | v | x0 (learns fastest, "
                               "benchmarks/training_options.md)", choices=PREDICTIONS)
     loss_weighting: str = setting("none", "none | min_snr", choices=("none", "min_snr"))
@@ -391,14 +412,14 @@ class TrainConfig(Section):
     lr_decay: str = setting("none", "none | linear (to 0 at `steps`)", choices=("none", "linear"))
     grad_clip: float = setting(0.0, "max gradient norm; 0 = off", minimum=0)
     workers: int = setting(0, "sample-building processes (a GPU machine: several; benchmarks/sample_rate.md)",
-                           minimum=0)
+                           minimum=0, roles=("speed",))
     crop_shape: list[int] | None = setting(None, "train on crops of this shape instead of the patch (nets "
                                            "without self-attention only); null = the patch", length=3,
                                            items_minimum=1)
-    threads: int = setting(1, "CPU threads of the training job", minimum=1)
+    threads: int = setting(1, "CPU threads of the training job", minimum=1, roles=("workflow", "per_job"))
     pretrained: str | None = setting(None, "a model trained elsewhere with exactly these settings (checked), "
-                                     "used instead of training; null: train here")
-    pretrained_sha256: str | None = setting(None, "the sha256 `pretrained` must have")
+                                     "used instead of training; null: train here", roles=("workflow",))
+    pretrained_sha256: str | None = setting(None, "the sha256 `pretrained` must have", roles=("workflow",))
 
     def check(self):
         if 0.0 not in [round(float(g), 6) for g in self.contrast_levels]:
@@ -407,7 +428,8 @@ class TrainConfig(Section):
 
     def training_settings(self) -> dict:
         """The settings that shape the trained weights (what a checkpoint records)."""
-        return {k: v for k, v in to_dict(self).items() if k not in WORKFLOW_ONLY}
+        workflow = keys_with_role(type(self), "workflow")
+        return {k: v for k, v in to_dict(self).items() if k not in workflow}
 
 
 @dataclass(frozen=True)
@@ -423,7 +445,7 @@ class HarmonizeConfig(Section):
                               maximum=1)
     batch_size: int = setting(4, "patches per forward pass (x2 for the guidance branches)", exclusive_minimum=0)
     seed: int = setting(0, "noise seed (each scan draws its own field from it)", minimum=0, maximum=SEED_MAX)
-    threads: int = setting(1, "CPU threads of a harmonization job", minimum=1)
+    threads: int = setting(1, "CPU threads of a harmonization job", minimum=1, roles=("per_job",))
     bf16: bool = setting(False, "GPU: bfloat16 autocast (same images within rounding)")
     channels_last: bool = setting(False, "channels-last 3-D memory format")
     compile: bool = setting(False, "torch.compile the U-Net")
@@ -504,9 +526,6 @@ class WorkflowConfig(Section):
 # results/config/<stage>.yaml; a workflow config file works too)
 STAGE_SECTIONS = {"preprocess": ("grid", "preprocess"), "anatomy": ("grid", "anatomy"),
                   "harmonize": ("harmonize",), "train": ("grid", "anatomy", "model", "train")}
-# keys a job takes from its rule (threads: {threads}), left out of the settings files so that
-# changing them reruns nothing
-PER_JOB = ("threads",)
 
 
 def read_config_file(path) -> dict:
@@ -542,7 +561,9 @@ def settings_text(config: dict, stage: str) -> str:
     """The settings file of one stage (STAGE_SECTIONS) from a validated workflow config."""
     sections = {name: config[name] for name in STAGE_SECTIONS[stage]}
     if stage != "train":  # train-<run>.yaml keeps its keys as they were (its checkpoints record them)
-        sections = {name: {k: v for k, v in sec.items() if k not in PER_JOB} for name, sec in sections.items()}
+        classes = typing.get_type_hints(WorkflowConfig)
+        per_job = {name: keys_with_role(classes[name], "per_job") for name in sections}
+        sections = {name: {k: v for k, v in sec.items() if k not in per_job[name]} for name, sec in sections.items()}
     return yaml.safe_dump(sections, sort_keys=False)
 
 
@@ -620,6 +641,8 @@ def readme() -> str:
             rule = ""
             if "choices" in f.metadata:
                 rule = " (one of: " + ", ".join(map(str, f.metadata["choices"])) + ")"
+            if f.metadata.get("roles"):
+                rule += " [" + "; ".join(ROLES[r].split(":")[0] for r in f.metadata["roles"]) + "]"
             rows.append((_kind(hint), key, f.metadata.get("help", "") + rule, default))
         return rows + sections
 

@@ -44,8 +44,7 @@ import numpy as np
 import torch
 
 from harmodiff import anatomy as anat
-from harmodiff.config import (AnatomyConfig, GridConfig, TrainConfig,
-                              read_config_file)
+from harmodiff.config import AnatomyConfig, GridConfig, TrainConfig, keys_with_role, read_config_file
 from harmodiff.diffusion import NoiseSchedule
 from harmodiff.io import InputError, atomic_path, file_sha256, load_image, load_mask, write_text, one_line_errors
 from harmodiff.layout import add_list_options, resolve_lists
@@ -365,9 +364,6 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
 # --------------------------------------------------------------------------------------------
 # a model trained elsewhere (the demo's shipped model)
 
-# settings that change how fast a run goes, not what it learns (tested: workers give the same
-# batches), so a shipped model still counts as "trained with this config" when they differ
-SPEED_ONLY = ("workers", "checkpoint_every", "compile", "activation_checkpointing")
 
 
 def data_fingerprint(volumes) -> str:
@@ -414,7 +410,7 @@ def record_differences(saved: dict, wanted: dict) -> list[str]:
             # a setting added after a model was trained: that model has its default (the old behaviour)
             a = {**defaults.get(section, {}), **a}
             for key in sorted(set(a) | set(b)):
-                if section == "train" and key in SPEED_ONLY:
+                if section == "train" and key in keys_with_role(TrainConfig, "speed"):
                     continue
                 if a.get(key) != b.get(key):
                     out.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
