@@ -29,11 +29,13 @@ from harmodiff.synth import SynthConfig, generate
 
 def _preprocess(args):
     from harmodiff.antsio import set_threads
-    from harmodiff.preprocess import preprocess
+    from harmodiff.config import GridConfig, PreprocessConfig
+    from harmodiff.preprocess import PreprocessPaths, preprocess
 
     raw, out, mask = args
     set_threads(1)
-    preprocess(raw, out, mask, seed=0, spacing=2.0, shape=(80, 96, 80))  # the demo grid
+    preprocess(PreprocessPaths(raw, out, mask), GridConfig(spacing=2.0, shape=[80, 96, 80]),  # the demo grid
+               PreprocessConfig(seed=0))
     return out
 
 

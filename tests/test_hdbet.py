@@ -14,7 +14,7 @@ from conftest import ROOT
 
 from harmodiff import hdbet_weights as hw
 from harmodiff import preprocess as pp
-from harmodiff.config import HDBET_FILES
+from harmodiff.config import HDBET_FILES, GridConfig, PreprocessConfig
 from harmodiff.io import InputError
 from harmodiff.synth import SynthConfig, generate, native_brain_mask
 
@@ -94,8 +94,9 @@ def test_resamples_back_onto_a_finer_scan(cohort, tmp_path):
 def test_preprocess_records_the_weights_sha256(cohort, tmp_path):
     scan, _ = _held_out(cohort)[2]
     out = tmp_path / "pre.nii.gz"
-    pp.preprocess(scan, out, tmp_path / "mask.nii.gz", spacing=4.0, shape=(40, 48, 40), skullstrip="hdbet",
-                  hdbet_weights=TINY, threads=1, checks={"brain_volume_ml": (500, 3500)})
+    pp.preprocess(pp.PreprocessPaths(scan, out, tmp_path / "mask.nii.gz"),
+                  GridConfig(spacing=4.0, shape=[40, 48, 40]),
+                  PreprocessConfig(skullstrip="hdbet", hdbet_weights=str(TINY), threads=1, brain_volume_ml=(500, 3500)))
     record = json.loads((tmp_path / "pre.json").read_text())
     expected = hashlib.sha256("".join(
         f"{n}:{hashlib.sha256((TINY / n).read_bytes()).hexdigest()}\n" for n in HDBET_FILES).encode()).hexdigest()

@@ -7,6 +7,7 @@ from scipy import ndimage
 
 from harmodiff import antsio, intensity
 from harmodiff import preprocess as pp
+from harmodiff.config import GridConfig, PreprocessConfig
 from harmodiff.io import InputError
 from harmodiff.templates import mni_images, working_grid
 
@@ -182,7 +183,7 @@ def test_refuses_to_overwrite_input(tmp_path):
     src = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(img, aff), str(src))
     with pytest.raises(InputError, match="overwrite the input"):
-        pp.preprocess(src, src, tmp_path / "m.nii.gz")
+        pp.preprocess(pp.PreprocessPaths(src, src, tmp_path / "m.nii.gz"), GridConfig(), PreprocessConfig())
 
 
 def test_hdbet_without_weights_says_where_to_put_them(tmp_path):
@@ -222,12 +223,12 @@ def test_self_checks_follow_their_formulas():
     mask = np.zeros((20, 20, 20), bool)
     mask[5:15, 5:15, 5:15] = True                      # 1,000 voxels
     template = np.where(mask, rng.uniform(1, 2, mask.shape), 0)
-    measures, failed = pp.self_checks(mask, 1.5, 3 * template + 7, template)
+    measures, failed = pp.self_checks(mask, 1.5, 3 * template + 7, template, PreprocessConfig())
     assert measures == {"brain_volume_ml": 1500.0, "template_correlation": 1.0, "brain_at_border": 0.0}
     assert failed == []
     edge = mask.copy()
     edge[0, 5:15, 5:15] = True                         # 100 of 1,100 voxels on the outer layer
-    measures, failed = pp.self_checks(edge, 0.5, -template, template)
+    measures, failed = pp.self_checks(edge, 0.5, -template, template, PreprocessConfig())
     assert measures["brain_volume_ml"] == 550.0 and measures["template_correlation"] == -1.0
     assert measures["brain_at_border"] == round(100 / 1100, 5)
     assert [f.split(" ")[0] for f in failed] == ["brain", "correlation", f"{100 / 1100:.1%}"]

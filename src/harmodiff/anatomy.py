@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from harmodiff.config import AnatomyConfig, GridConfig, load_settings
+from harmodiff.config import AnatomyConfig, GridConfig, add_setting_options, load_settings
 from harmodiff.io import (one_line_errors, InputError, json_sidecar, load_image, load_mask, outputs_together,
                           save_image, write_json)
 
@@ -166,14 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--coarse-output", required=True, help="A_coarse (.nii.gz)")
     p.add_argument("--config", help="settings file (its grid and anatomy sections: the workflow's "
                    "results/config/anatomy.yaml, or a workflow config); the options below override it")
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--sigma", type=float, help="voxels")
-    p.add_argument("--log-gamma", type=float, default=0.0)
-    p.add_argument("--normalize-erosion", type=int, help="voxels of the brain rim left out of the normalizing "
-                   "percentiles")
-    p.add_argument("--coarse-factor", type=int)
-    p.add_argument("--coarse-mode", choices=["local", "global"])
-    p.add_argument("--patch-shape", type=int, nargs=3, help="the model's patch (coarse mode global)")
+    add_setting_options(p, AnatomyConfig, GridConfig, skip=("spacing", "shape"))
+    p.add_argument("--log-gamma", type=float, default=0.0, help="A under this log-gamma contrast (training "
+                   "perturbs it; inference: 0)")
     a = p.parse_args(argv)
     settings = load_settings(AnatomyConfig, a.config, a)
     patch_shape = load_settings(GridConfig, a.config, a).patch_shape

@@ -557,6 +557,35 @@ def load_settings(cls, path=None, given=None):
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
 
 
+def add_setting_options(parser: argparse.ArgumentParser, *sections, skip: tuple[str, ...] = ()) -> None:
+    """One option per field of each section (`--patch-shape` for `patch_shape`), typed and with the
+    choices and help of the field; a list field takes its items (a fixed count where the field has one).
+    Every option defaults to None (not given), so that `load_settings` keeps the settings file's value;
+    the field's own rules are checked there, once."""
+    seen = set(skip)
+    for cls in sections:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            hint = hints[f.name]
+            if typing.get_origin(hint) in (typing.Union, types.UnionType):
+                hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
+            options = {"default": None, "help": f.metadata.get("help", "").replace("%", "%%")}
+            if hint is bool:
+                options["action"] = "store_true"
+            elif typing.get_origin(hint) in (list, tuple):
+                items = typing.get_args(hint)
+                fixed = typing.get_origin(hint) is tuple and Ellipsis not in items
+                options.update(type=items[0], nargs=len(items) if fixed else f.metadata.get("length", "+"))
+            else:
+                options["type"] = hint
+            if "choices" in f.metadata and hint is not bool:
+                options["choices"] = list(f.metadata["choices"])
+            parser.add_argument("--" + f.name.replace("_", "-"), **options)
+
+
 def settings_text(config: dict, stage: str) -> str:
     """The settings file of one stage (STAGE_SECTIONS) from a validated workflow config."""
     sections = {name: config[name] for name in STAGE_SECTIONS[stage]}

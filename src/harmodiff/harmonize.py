@@ -27,7 +27,7 @@ import torch
 
 from harmodiff import anatomy as anat
 from harmodiff import sample as smp
-from harmodiff.config import AnatomyConfig, ConfigError, HarmonizeConfig, TrainConfig, load_settings
+from harmodiff.config import AnatomyConfig, ConfigError, HarmonizeConfig, TrainConfig, add_setting_options, load_settings
 from harmodiff.diffusion import NoiseSchedule
 from harmodiff.io import one_line_errors
 from harmodiff.io import (InputError, file_sha256, json_sidecar, load_image, load_mask, outputs_together,
@@ -303,25 +303,11 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True)
     p.add_argument("--config", help="settings file (its harmonize section: the workflow's "
                    "results/config/harmonize.yaml, or a workflow config); the options below override it")
-    p.add_argument("--guidance", choices=smp.GUIDANCES)
-    p.add_argument("--scale", type=float, help="CFG w or CFG++ lambda")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int, help="patches per forward pass (doubled for guidance)")
-    p.add_argument("--seed", type=int)
+    add_setting_options(p, HarmonizeConfig)
     p.add_argument("--seed-key", help="a scan id: the noise seed becomes scan_seed(seed, key), one per scan")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--start-from", choices=["noise", "source"])
-    p.add_argument("--strength", type=float, help="with --start-from source: fraction of the schedule")
-    # switches default to None (not given), so that a settings file's true is not overridden
-    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast (GPU speed; same result "
-                   "within rounding)")
-    p.add_argument("--channels-last", action="store_true", default=None, help="channels-last 3-D memory format")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the U-Net (pays off on long "
-                   "GPU runs)")
     p.add_argument("--anatomy", help="A of the input as the anatomy stage wrote it (else computed here)")
     p.add_argument("--coarse", help="A_coarse of the input as the anatomy stage wrote it (with --anatomy)")
-    p.add_argument("--match-source-stats", action="store_true", default=None,
-                   help="give each sampled patch the source patch's brain mean/sd and range (the authors' code)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA copy")
     p.add_argument("--native", action="store_true", help="also write the result in the scan's native space")
     p.add_argument("--native-reference", help="the raw scan (native grid), with --native")
@@ -330,7 +316,6 @@ def main(argv=None) -> int:
     p.add_argument("--run", nargs=4, action="append", default=[], metavar=("OUTPUT", "GUIDANCE", "SCALE", "SEED"),
                    help="one more harmonization of the scan under one model load (the guidance sweep, other run "
                    "seeds): its output, guidance, scale and run seed, '-' for this job's; repeatable")
-    p.add_argument("--threads", type=int)
     a = p.parse_args(argv)
     from harmodiff.model import load_model_for_inference
 

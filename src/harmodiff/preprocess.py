@@ -22,6 +22,7 @@ Skull stripping backends:
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,10 +36,9 @@ from harmodiff.antsio import _ants, set_threads, to_ants
 from harmodiff.io import one_line_errors
 from harmodiff.io import (InputError, atomic_path, file_sha256, job_tempdir, json_sidecar, load_image, outputs_together,
                           save_image, write_json)
-from harmodiff.config import HDBET_FILES, GridConfig, PreprocessConfig, load_settings
+from harmodiff.config import HDBET_FILES, GridConfig, PreprocessConfig, add_setting_options, load_settings
 from harmodiff.templates import mni_images, working_grid
 
-_GRID, _PRE = GridConfig(), PreprocessConfig()  # the defaults live in harmodiff.config
 SKULLSTRIP_BACKENDS = ("ants", "hdbet")
 REGISTRATIONS = ("affine", "rigid")
 
@@ -256,12 +256,14 @@ def template_correlation(moved: np.ndarray, template: np.ndarray, inside: np.nda
     return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
 
 
-def self_checks(native_mask: np.ndarray, voxel_ml: float, moved: np.ndarray, template: np.ndarray, *,
-                brain_volume_ml=_PRE.brain_volume_ml, min_template_correlation=_PRE.min_template_correlation,
-                max_brain_at_border=_PRE.max_brain_at_border) -> tuple[dict, list[str]]:
+def self_checks(native_mask: np.ndarray, voxel_ml: float, moved: np.ndarray, template: np.ndarray,
+                settings: PreprocessConfig) -> tuple[dict, list[str]]:
     """The preprocessing's own QC: (measures, failed checks). Brain volume of the native mask;
     Pearson correlation of the registered brain with the template inside the template's brain;
-    fraction of the native mask on the scan's outermost voxel layer."""
+    fraction of the native mask on the scan's outermost voxel layer; thresholds from `settings`."""
+    brain_volume_ml = settings.brain_volume_ml
+    min_template_correlation = settings.min_template_correlation
+    max_brain_at_border = settings.max_brain_at_border
     volume = float(native_mask.sum()) * voxel_ml
     corr = template_correlation(moved, template, template > 0)
     border = np.zeros(native_mask.shape, bool)
@@ -287,50 +289,60 @@ def self_checks(native_mask: np.ndarray, voxel_ml: float, moved: np.ndarray, tem
 # the whole stage
 
 
-def preprocess(input_path, output, mask_output, *, transform_output=None, qc_output=None,
-               spacing: float = _GRID.spacing, shape=tuple(_GRID.shape), skullstrip: str = _PRE.skullstrip,
-               hdbet_weights=None, registration: str = _PRE.registration, seed: int = _PRE.seed,
-               device: str = "cpu", checks: dict | None = None, threads: int | None = None):
-    """Preprocess one raw scan; writes the outputs atomically (with `self_checks`' measures in a
-    JSON next to the image) and returns (image, mask, affine). A failed self-check (thresholds:
-    `checks`, else the config defaults) writes nothing and names the scan and the check."""
-    if skullstrip not in SKULLSTRIP_BACKENDS:
-        raise InputError(f"skull stripping backend must be one of {SKULLSTRIP_BACKENDS}, got {skullstrip!r}")
-    input_path = Path(input_path)
-    outputs = [Path(p) for p in (output, json_sidecar(output), mask_output, transform_output, qc_output) if p]
+@dataclass(frozen=True)
+class PreprocessPaths:
+    """One scan's preprocessing: the raw scan and what is written from it (transform and QC optional)."""
+
+    input: str | Path
+    output: str | Path
+    mask_output: str | Path
+    transform_output: str | Path | None = None
+    qc_output: str | Path | None = None
+
+
+def preprocess(paths: PreprocessPaths, grid: GridConfig, settings: PreprocessConfig, *, device: str = "cpu"):
+    """Preprocess one raw scan onto `grid` under `settings`; writes the outputs atomically (with
+    `self_checks`' measures in a JSON next to the image) and returns (image, mask, affine). A failed
+    self-check writes nothing and names the scan and the check. `device` runs HD-BET."""
+    input_path, output, qc_output = Path(paths.input), paths.output, paths.qc_output
+    skullstrip, hdbet_weights, seed = settings.skullstrip, settings.hdbet_weights, settings.seed
+    outputs = [Path(p) for p in (output, json_sidecar(output), paths.mask_output, paths.transform_output, qc_output)
+               if p]
     # every output checked first (not an input or its sidecar, a regular file or new path, a writable folder);
     # all of them or none
     with outputs_together(outputs, inputs=[input_path, hdbet_weights]), job_tempdir("harmodiff-preprocess-"):
         raw = load_image(input_path)
         image = to_ants(raw)
-        initial, provenance = None, {"source": str(input_path), "skullstrip": skullstrip, "registration": registration}
+        initial, provenance = None, {"source": str(input_path), "skullstrip": skullstrip,
+                                     "registration": settings.registration}
         if skullstrip == "ants":
             brain_mask, initial, provenance["skullstrip_linear_stage"] = skullstrip_ants(image, seed=seed)
         else:
-            weights = hdbet_weights or _PRE.hdbet_weights
-            brain_mask = skullstrip_hdbet(input_path, weights, device=device, threads=threads)
+            weights = hdbet_weights
+            brain_mask = skullstrip_hdbet(input_path, weights, device=device, threads=settings.threads)
             provenance["hdbet_weights"] = str(weights)
             provenance["hdbet_weights_sha256"] = hdbet_weights_sha256(weights)
         if brain_mask.numpy().sum() == 0:
             raise InputError(f"{input_path}: skull stripping found no brain")
         corrected = n4(image, brain_mask)
         brain = corrected * brain_mask
-        transform = register_to_mni(brain, kind=registration, seed=seed, spacing=spacing, initial_transform=initial)
-        reference, affine = working_reference(spacing, shape)
+        transform = register_to_mni(brain, kind=settings.registration, seed=seed, spacing=grid.spacing,
+                                    initial_transform=initial)
+        reference, affine = working_reference(grid.spacing, grid.shape)
         moved = resample_to_grid(brain, transform, reference).numpy()
         moved_mask = resample_to_grid(brain_mask, transform, reference).numpy() > 0.5
         moved_mask = _largest_component_filled(moved_mask)
         template = _ants().resample_image_to_target(_template("t1"), reference, interp_type="linear")
         measures, failed = self_checks(brain_mask.numpy() > 0.5, float(np.prod(brain_mask.spacing)) / 1000.0, moved,
-                                       template.numpy(), **(checks or {}))
+                                       template.numpy(), settings)
         if failed:
             raise InputError(f"{input_path}: preprocessing failed its self-check: {'; '.join(failed)}")
         normalized = median_normalize(moved, moved_mask)
         save_image(normalized, affine, output)
-        save_image(moved_mask, affine, mask_output, dtype=np.uint8)
+        save_image(moved_mask, affine, paths.mask_output, dtype=np.uint8)
         write_json({**provenance, **measures}, json_sidecar(output))
-        if transform_output:
-            with atomic_path(transform_output) as tmp:
+        if paths.transform_output:
+            with atomic_path(paths.transform_output) as tmp:
                 shutil.copyfile(transform, tmp)
         if qc_output:
             qc_png(normalized, moved_mask, Path(qc_output), title=input_path.name)
@@ -347,26 +359,13 @@ def main(argv=None) -> int:
     p.add_argument("--qc-output", help="QC PNG")
     p.add_argument("--config", help="settings file (its grid and preprocess sections: the workflow's "
                    "results/config/preprocess.yaml, or a workflow config); the options below override it")
-    p.add_argument("--spacing", type=float, help=f"working grid spacing in mm (default {_GRID.spacing})")
-    p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"))
-    p.add_argument("--skullstrip", choices=SKULLSTRIP_BACKENDS)
-    p.add_argument("--hdbet-weights")
-    p.add_argument("--registration", choices=REGISTRATIONS)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int)
+    add_setting_options(p, GridConfig, PreprocessConfig, skip=("patch_shape",))
     p.add_argument("--device", default="cpu", help="device for HD-BET")
-    p.add_argument("--brain-volume-ml", type=float, nargs=2, metavar=("LOW", "HIGH"))
-    p.add_argument("--min-template-correlation", type=float)
-    p.add_argument("--max-brain-at-border", type=float)
     a = p.parse_args(argv)
     grid, pre = load_settings(GridConfig, a.config, a), load_settings(PreprocessConfig, a.config, a)
     set_threads(pre.threads)
-    preprocess(a.input, a.output, a.mask_output, transform_output=a.transform_output, qc_output=a.qc_output,
-               spacing=grid.spacing, shape=grid.shape, skullstrip=pre.skullstrip, hdbet_weights=pre.hdbet_weights,
-               registration=pre.registration, seed=pre.seed, device=a.device, threads=pre.threads,
-               checks={"brain_volume_ml": pre.brain_volume_ml,
-                       "min_template_correlation": pre.min_template_correlation,
-                       "max_brain_at_border": pre.max_brain_at_border})
+    preprocess(PreprocessPaths(a.input, a.output, a.mask_output, a.transform_output, a.qc_output), grid, pre,
+               device=a.device)
     return 0
 
 
