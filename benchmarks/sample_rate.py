@@ -25,7 +25,6 @@ from scipy import ndimage
 
 from harmodiff import train as tr
 from harmodiff.tables import markdown_table
-from harmodiff.model import SiteLabels
 
 PAPER_STEP_TFLOP = 3 * 5 * 20.17  # forward + backward ~ 3 forward passes, batch 5 (benchmarks/model_cost.md)
 PEAK_TFLOPS = 790.0               # H200 bf16 dense
@@ -56,8 +55,7 @@ def main(argv=None) -> None:
     rows = []
     for workers in a.workers:
         cfg = tr.TrainConfig.from_dict({**settings, "workers": workers, "batch_size": 5})
-        labels = SiteLabels(sorted({v.site for v in volumes}), cfg.contrast_levels)
-        stream = tr.batches(volumes, labels, cfg, (80, 96, 80), srpbs["anatomy"], 0, a.batches + 1, range(5))
+        stream = tr.batches(tr.SampleSpec.of(volumes, cfg, (80, 96, 80), srpbs["anatomy"]), 0, a.batches + 1, range(5))
         next(stream)  # worker start-up and the first batch are not the steady rate
         t0 = time.perf_counter()
         for _ in range(a.batches):

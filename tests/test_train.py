@@ -12,6 +12,7 @@ from scipy import ndimage
 from harmodiff import model as md
 from harmodiff import train as tr
 from harmodiff.model import NULL_LABEL, ModelConfig, SiteLabels, build_model
+from harmodiff.config import AnatomyConfig
 from harmodiff.intensity import median_normalize
 
 TINY = ModelConfig(channels=(8, 16, 16, 16), attention_levels=(False, True, True, False), num_res_blocks=1,
@@ -52,7 +53,8 @@ def test_null_label_rate_matches_config():
     cfg = tr.TrainConfig(null_prob=0.15, spatial_augmentation=False, contrast_levels=[-0.2, 0.0, 0.2])
     labels = SiteLabels(["A", "B"], cfg.contrast_levels)
     n = 1200
-    drawn = [tr.make_sample(vols, labels, cfg, (8, 8, 8), {}, step, 0)[3] for step in range(n)]
+    spec = tr.SampleSpec(tuple(vols), labels, cfg, (8, 8, 8), AnatomyConfig())
+    drawn = [tr.make_sample(spec, step, 0)[3] for step in range(n)]
     rate = np.mean(np.array(drawn) == NULL_LABEL)
     assert abs(rate - 0.15) < 3 * np.sqrt(0.15 * 0.85 / n)
     # the other labels cover every (site, level) pair
@@ -86,7 +88,7 @@ def test_overfits_one_tiny_volume(tmp_path):
     cfg = tr.TrainConfig(steps=150, batch_size=4, lr=3e-3, checkpoint_every=10**6, contrast_levels=[0.0],
                          null_prob=0.0, anatomy_log_gamma=0.0, spatial_augmentation=False, ema_decay=0.9)
     labels = SiteLabels(["A"], [0.0])
-    x0, A, coarse, label, _, _ = tr.make_batch([v], labels, cfg, (16, 16, 16), {}, 0, [0])
+    x0, A, coarse, label, _, _ = tr.make_batch(tr.SampleSpec((v,), labels, cfg, (16, 16, 16), AnatomyConfig()), 0, [0])
     torch.manual_seed(0)
     before = _fixed_eval_loss(build_model(TINY, 2), x0[0], A[0], coarse[0], label)
     tr.train([v], tmp_path, model_cfg=TINY, cfg=cfg, patch_shape=(16, 16, 16), progress=False)
@@ -165,9 +167,10 @@ def test_dataloader_workers_build_the_same_batches_as_the_loop():
     vols = [phantom("A", 0), phantom("B", 1)]
     cfg = tr.TrainConfig(batch_size=2, spatial_augmentation=True, contrast_levels=[-0.2, 0.0, 0.2], workers=2)
     labels = SiteLabels(["A", "B"], cfg.contrast_levels)
-    stream = tr.batches(vols, labels, cfg, (8, 8, 8), {}, 3, 6, [2, 3])
+    spec = tr.SampleSpec(tuple(vols), labels, cfg, (8, 8, 8), AnatomyConfig())
+    stream = tr.batches(spec, 3, 6, [2, 3])
     for step in range(3, 6):
-        expected = tr.make_batch(vols, labels, cfg, (8, 8, 8), {}, step, [2, 3])
+        expected = tr.make_batch(spec, step, [2, 3])
         for got, want in zip(next(stream), expected):
             torch.testing.assert_close(got, want)
 
@@ -220,7 +223,8 @@ def test_crop_shape_cuts_training_samples_from_the_same_draws(tmp_path):
     an = {"alpha": 0.5, "sigma": 1.0, "coarse_factor": 2, "coarse_mode": "local"}
     cfg = tr.TrainConfig(spatial_augmentation=False, contrast_levels=[0.0], anatomy_log_gamma=0.0,
                          crop_shape=[8, 8, 16])
-    x0, A, coarse, label, t, noise = tr.make_sample(vols, labels, cfg, (16, 16, 16), an, 4, 1)
+    x0, A, coarse, label, t, noise = tr.make_sample(tr.SampleSpec(tuple(vols), labels, cfg, (16, 16, 16),
+                                                                  AnatomyConfig.of(an)), 4, 1)
     assert x0.shape == A.shape == coarse.shape == (1, 8, 8, 16) and noise.shape == (1, 8, 8, 16)
     rng = np.random.default_rng([cfg.seed, 4, 1])
     rng.integers(1)  # the volume draw

@@ -131,27 +131,42 @@ def training_shape(cfg: TrainConfig, patch_shape) -> tuple[int, ...]:
     return shape
 
 
-def make_sample(volumes, labels: SiteLabels, cfg: TrainConfig, patch_shape, anatomy_cfg: dict,
-                step: int, index: int):
-    """Sample `index` of training step `step`: (x0, A, A_coarse, label, t, noise) as arrays.
+@dataclass(frozen=True, eq=False)
+class SampleSpec:
+    """What every training sample is drawn from: the volumes, their site labels, the training
+    settings, the inference patch (A_coarse `global` is at its shape; a sample has
+    `training_shape(train, patch_shape)`) and the anatomy settings."""
 
-    `patch_shape` is the inference patch (A_coarse `global` is resampled to it); the sample itself
-    has `training_shape(cfg, patch_shape)`."""
-    crop = training_shape(cfg, patch_shape)
+    volumes: tuple[Volume, ...]
+    labels: SiteLabels
+    train: TrainConfig
+    patch_shape: tuple[int, int, int]
+    anatomy: AnatomyConfig
+
+    @classmethod
+    def of(cls, volumes, train: TrainConfig, patch_shape, anatomy=None) -> SampleSpec:
+        """The spec of a training run: site labels from the volumes' sites and `train.contrast_levels`."""
+        return cls(tuple(volumes), SiteLabels(sorted({v.site for v in volumes}), train.contrast_levels), train,
+                   tuple(int(p) for p in patch_shape), AnatomyConfig.of(anatomy))
+
+
+def make_sample(spec: SampleSpec, step: int, index: int):
+    """Sample `index` of training step `step`: (x0, A, A_coarse, label, t, noise) as arrays."""
+    cfg, anatomy_cfg = spec.train, spec.anatomy
+    crop = training_shape(cfg, spec.patch_shape)
     rng = np.random.default_rng([cfg.seed, step, index])
-    vol = volumes[int(rng.integers(len(volumes)))]
+    vol = spec.volumes[int(rng.integers(len(spec.volumes)))]
     if cfg.spatial_augmentation:
         vol = spatial_augment(vol, rng)
     level = float(rng.choice(cfg.contrast_levels))
     image = contrast_augment(vol.image, vol.mask, level)
     u = float(rng.uniform(-cfg.anatomy_log_gamma, cfg.anatomy_log_gamma))
-    anatomy_cfg = AnatomyConfig.of(anatomy_cfg)
     A = anat.anatomy_map_from_config(image, vol.mask, anatomy_cfg, log_gamma=u)
     mode = anatomy_cfg.coarse_mode
-    coarse = anat.coarse_map(A, anatomy_cfg.coarse_factor, mode, patch_shape)
+    coarse = anat.coarse_map(A, anatomy_cfg.coarse_factor, mode, spec.patch_shape)
     corner = random_patch(image.shape, crop, brain_bbox(vol.mask), rng)
     x0 = to_model_units(extract(image, corner, crop), extract(vol.mask, corner, crop))
-    label = NULL_LABEL if rng.random() < cfg.null_prob else labels.index(vol.site, level)
+    label = NULL_LABEL if rng.random() < cfg.null_prob else spec.labels.index(vol.site, level)
     gen = torch.Generator().manual_seed(_torch_seed(rng))
     t = int(torch.randint(0, cfg.num_train_timesteps, (1,), generator=gen))
     noise = torch.randn((1, *crop), generator=gen)
@@ -161,18 +176,18 @@ def make_sample(volumes, labels: SiteLabels, cfg: TrainConfig, patch_shape, anat
 
 class TrainingSamples(torch.utils.data.Dataset):
     """Sample (step, index) of the training stream as a Dataset item, so a DataLoader's workers
-    can build them. Item k of step s is `make_sample(..., s, k)`: the draws depend only on
+    can build them. Item k of step s is `make_sample(spec, s, k)`: the draws depend only on
     (seed, step, index), whichever process builds them."""
 
-    def __init__(self, volumes, labels, cfg, patch_shape, anatomy_cfg):
-        self.args = (volumes, labels, cfg, tuple(patch_shape), AnatomyConfig.of(anatomy_cfg))
+    def __init__(self, spec: SampleSpec):
+        self.spec = spec
 
     def __len__(self) -> int:
         return 2**62
 
     def __getitem__(self, key):
         step, index = key
-        return make_sample(*self.args, step, index)
+        return make_sample(self.spec, step, index)
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -199,16 +214,16 @@ def collate(samples):
     return x0, A, coarse, label, t, noise
 
 
-def make_batch(volumes, labels, cfg, patch_shape, anatomy_cfg, step, indices):
-    return collate([make_sample(volumes, labels, cfg, patch_shape, anatomy_cfg, step, i) for i in indices])
+def make_batch(spec: SampleSpec, step: int, indices):
+    return collate([make_sample(spec, step, i) for i in indices])
 
 
-def batches(volumes, labels, cfg: TrainConfig, patch_shape, anatomy_cfg, start, end, indices):
-    """The training batches of steps start..end-1, built by `cfg.workers` DataLoader processes."""
+def batches(spec: SampleSpec, start: int, end: int, indices):
+    """The training batches of steps start..end-1, built by `spec.train.workers` DataLoader processes."""
+    workers = spec.train.workers
     loader = torch.utils.data.DataLoader(
-        TrainingSamples(volumes, labels, cfg, patch_shape, anatomy_cfg),
-        batch_sampler=StepBatches(start, end, indices), collate_fn=collate, num_workers=cfg.workers,
-        persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+        TrainingSamples(spec), batch_sampler=StepBatches(start, end, indices), collate_fn=collate,
+        num_workers=workers, persistent_workers=False, prefetch_factor=4 if workers else None)
     return iter(loader)
 
 
@@ -239,6 +254,143 @@ def _dist():
     return rank, world
 
 
+class Trainer:
+    """One training run in `output_dir`: the network, optimizer and EMA built from the settings,
+    resumed from the run's checkpoint when it was made with the same settings and data (else that
+    checkpoint is set aside and the run restarts), stepped, and saved (checkpoint.pt, loss.csv,
+    site_labels.json) every `checkpoint_every` steps and at the end."""
+
+    def __init__(self, spec: SampleSpec, model_cfg: ModelConfig, output_dir, device: str = "cpu"):
+        cfg = spec.train
+        if cfg.crop_shape and (spec.anatomy.coarse_mode == "global" or model_cfg.self_attention):
+            raise InputError("train.crop_shape needs a convolutional net: model.self_attention false and "
+                             "anatomy.coarse_mode local (self-attention and a global A_coarse see the whole patch)")
+        self.spec, self.cfg, self.device = spec, cfg, device
+        self.out = Path(output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world = _dist()
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(model_cfg, spec.labels.num_embeddings).to(device)
+        for name, shape in (("patch shape", spec.patch_shape), ("train.crop_shape", training_shape(cfg, spec.patch_shape))):
+            if any(p % self.model.downsampling for p in shape):
+                raise InputError(f"{name} {shape}: every side must be divisible by {self.model.downsampling} "
+                                 f"(2^(levels-1) for {len(model_cfg.channels)} levels)")
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = _ema(self.model, cfg.ema_decay)
+        self.schedule = NoiseSchedule.linear(cfg.num_train_timesteps)
+        self.record = config_record(model_cfg, cfg, spec.patch_shape, spec.anatomy)
+        self.data = data_fingerprint(spec.volumes)
+        self.checkpoint_path, self.loss_csv = self.out / CHECKPOINT, self.out / "loss.csv"
+        self.step, self.rows = 0, []
+        if self.rank == 0:
+            for stale in [*self.out.glob(".checkpoint.*.pt"), *self.out.glob(".loss.*.csv"),
+                          *self.out.glob(".loss.*.png")]:
+                stale.unlink(missing_ok=True)  # temporaries of a write that was killed
+
+    def resume_or_restart(self) -> None:
+        """Continue from the run's checkpoint, or set it aside (and start at step 0) when it was made
+        with other settings, data or site labels."""
+        if not self.checkpoint_path.is_file():
+            return
+        state = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        changed = record_differences(state.get("config") or {}, self.record)
+        if state.get("data") not in (None, self.data):
+            changed.append("the training data (images, masks or sites)")
+        if SiteLabels.from_dict(state["site_labels"]).to_dict() != self.spec.labels.to_dict():
+            changed.append("the site labels")
+        if changed:
+            aside = set_aside(self.out) if self.rank == 0 else None
+            print(f"train: {self.checkpoint_path} was made with other settings or data ({'; '.join(changed)}): "
+                  f"moved to {aside}, starting a fresh run", file=sys.stderr)
+            return
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema_state"])
+        self.step = int(state["step"])
+        if state.get("loss_rows") is not None:  # the log as the checkpoint saw it (loss.csv may lag by one write)
+            self.rows = [dict(r) for r in state["loss_rows"]]
+        elif self.step > 0 and self.loss_csv.is_file():
+            with open(self.loss_csv) as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+
+    def save(self, step: int) -> None:
+        if self.rank != 0:
+            return
+        first = self.spec.volumes[0]
+        save_checkpoint(self.checkpoint_path, {
+            "model": self.model.state_dict(), "ema": _ema_weights(self.ema), "ema_state": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "step": step, "config": self.record,
+            "site_labels": self.spec.labels.to_dict(), "torch_rng": torch.get_rng_state(), "data": self.data,
+            "volume_shape": [int(n) for n in first.image.shape], **_voxel_record(first),
+            "loss_rows": [dict(r) for r in self.rows],
+        })
+        with atomic_path(self.loss_csv) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
+            w.writeheader()
+            w.writerows(self.rows)
+        write_text(json.dumps(self.spec.labels.to_dict(), indent=1) + "\n", self.out / "site_labels.json")
+
+    def _network(self):
+        """The network the steps run: activation checkpointing (after the EMA copy, which must keep its
+        own forward), data parallel across processes, torch.compile, as the settings ask."""
+        if self.cfg.activation_checkpointing:
+            self.model.use_activation_checkpointing()
+        net = self.model
+        if self.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(self.model)
+        return torch.compile(net) if self.cfg.compile else net
+
+    def train_step(self, net, step: int, batch) -> tuple[torch.Tensor, float]:
+        """One optimizer step on a batch; (the loss averaged over processes, the learning rate)."""
+        cfg, schedule = self.cfg, self.schedule
+        x0, A, coarse, label, t, noise = (v.to(self.device) for v in batch)
+        x_t = schedule.add_noise(x0, noise, t)
+        with torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            pred = net(x_t, t, A, coarse, label)
+        per_sample = ((pred.float() - schedule.target(cfg.prediction, x0, noise, t)) ** 2).flatten(1).mean(1)
+        loss = (schedule.loss_weight(cfg.prediction, cfg.loss_weighting, t, cfg.min_snr_gamma) * per_sample).mean()
+        lr = learning_rate(cfg, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.ema.update_parameters(self.model)
+        value = loss.detach()
+        if self.world > 1:
+            torch.distributed.all_reduce(value)
+            value /= self.world
+        return value, lr
+
+    def run(self, end: int, progress: bool = True) -> dict:
+        """Steps from the current one to `end`, saving on the way and at the end; loss.png at the end."""
+        from tqdm import tqdm
+
+        net = self._network()
+        t_start = time.perf_counter()
+        bar = tqdm(range(self.step, end), initial=self.step, total=end, desc="train",
+                   disable=not progress or self.rank != 0)
+        self.model.train()
+        size = self.cfg.batch_size
+        stream = batches(self.spec, self.step, end, range(self.rank * size, (self.rank + 1) * size))
+        for step in bar:
+            value, lr = self.train_step(net, step, next(stream))
+            self.rows.append({"step": step + 1, "loss": f"{float(value):.6g}", "lr": f"{lr:.6g}",
+                              "seconds": f"{time.perf_counter() - t_start:.3f}"})
+            bar.set_postfix(loss=f"{float(value):.4f}")
+            if (step + 1) % self.cfg.checkpoint_every == 0 and step + 1 < end:
+                self.save(step + 1)
+        self.step = end
+        self.save(end)
+        if self.rank == 0:
+            plot_loss(self.rows, self.out / "loss.png")
+        losses = [float(r["loss"]) for r in self.rows]
+        return {"step": end, "loss_first": losses[0] if losses else math.nan,
+                "loss_last": losses[-1] if losses else math.nan}
+
+
 def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: TrainConfig, patch_shape,
           anatomy_cfg: dict | None = None, resume: bool = False, max_steps: int | None = None,
           device: str = "cpu", progress: bool = True) -> dict:
@@ -246,119 +398,10 @@ def train(volumes: list[Volume], output_dir, *, model_cfg: ModelConfig, cfg: Tra
 
     Returns {'step', 'loss_first', 'loss_last'}. `max_steps` stops early (the checkpoint then
     holds that step; `resume` continues from it)."""
-    from tqdm import tqdm
-
-    anatomy_cfg = AnatomyConfig.of(anatomy_cfg)
-    patch_shape = tuple(int(p) for p in patch_shape)
-    if cfg.crop_shape and (anatomy_cfg.coarse_mode == "global" or model_cfg.self_attention):
-        raise InputError("train.crop_shape needs a convolutional net: model.self_attention false and "
-                         "anatomy.coarse_mode local (self-attention and a global A_coarse see the whole patch)")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rank, world = _dist()
-    torch.manual_seed(cfg.seed)
-    labels = SiteLabels(sorted({v.site for v in volumes}), cfg.contrast_levels)
-    model = build_model(model_cfg, labels.num_embeddings).to(device)
-    for name, shape in (("patch shape", patch_shape), ("train.crop_shape", training_shape(cfg, patch_shape))):
-        if any(p % model.downsampling for p in shape):
-            raise InputError(f"{name} {shape}: every side must be divisible by {model.downsampling} "
-                             f"(2^(levels-1) for {len(model_cfg.channels)} levels)")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = _ema(model, cfg.ema_decay)
-    start = 0
-    ckpt_path = out / CHECKPOINT
-    record = config_record(model_cfg, cfg, patch_shape, anatomy_cfg)
-    data = data_fingerprint(volumes)
-    resumed_rows = None
-    if rank == 0:
-        for stale in [*out.glob(".checkpoint.*.pt"), *out.glob(".loss.*.csv"), *out.glob(".loss.*.png")]:
-            stale.unlink(missing_ok=True)  # temporaries of a write that was killed
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, map_location=device)
-        changed = record_differences(state.get("config") or {}, record)
-        if state.get("data") not in (None, data):
-            changed.append("the training data (images, masks or sites)")
-        if SiteLabels.from_dict(state["site_labels"]).to_dict() != labels.to_dict():
-            changed.append("the site labels")
-        if changed:
-            aside = set_aside(out) if rank == 0 else None
-            print(f"train: {ckpt_path} was made with other settings or data ({'; '.join(changed)}): "
-                  f"moved to {aside}, starting a fresh run", file=sys.stderr)
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            ema.load_state_dict(state["ema_state"])
-            start = int(state["step"])
-            resumed_rows = state.get("loss_rows")
-    if cfg.activation_checkpointing:  # after the EMA copy: the copy must keep its own forward
-        model.use_activation_checkpointing()
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
-    if cfg.compile:
-        net = torch.compile(net)
-    schedule = NoiseSchedule.linear(cfg.num_train_timesteps)
-    end = cfg.steps if max_steps is None else min(cfg.steps, int(max_steps))
-    loss_csv = out / "loss.csv"
-    rows = []
-    if resumed_rows is not None:  # the log as the checkpoint saw it (loss.csv may lag by one write)
-        rows = [dict(r) for r in resumed_rows]
-    elif start > 0 and loss_csv.is_file():
-        with open(loss_csv) as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
-    t_start = time.perf_counter()
-    bar = tqdm(range(start, end), initial=start, total=end, desc="train", disable=not progress or rank != 0)
-
-    def checkpoint(step):
-        if rank != 0:
-            return
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "ema": _ema_weights(ema), "ema_state": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "step": step, "config": record,
-            "site_labels": labels.to_dict(), "torch_rng": torch.get_rng_state(), "data": data,
-            "volume_shape": [int(n) for n in volumes[0].image.shape], **_voxel_record(volumes[0]),
-            "loss_rows": [dict(r) for r in rows],
-        })
-        with atomic_path(loss_csv) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
-            w.writeheader()
-            w.writerows(rows)
-        write_text(json.dumps(labels.to_dict(), indent=1) + "\n", out / "site_labels.json")
-
-    model.train()
-    stream = batches(volumes, labels, cfg, patch_shape, anatomy_cfg, start, end,
-                     range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size))
-    for step in bar:
-        x0, A, coarse, label, t, noise = (v.to(device) for v in next(stream))
-        x_t = schedule.add_noise(x0, noise, t)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            pred = net(x_t, t, A, coarse, label)
-        per_sample = ((pred.float() - schedule.target(cfg.prediction, x0, noise, t)) ** 2).flatten(1).mean(1)
-        loss = (schedule.loss_weight(cfg.prediction, cfg.loss_weighting, t, cfg.min_snr_gamma) * per_sample).mean()
-        lr = learning_rate(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        ema.update_parameters(model)
-        value = loss.detach()
-        if world > 1:
-            torch.distributed.all_reduce(value)
-            value /= world
-        rows.append({"step": step + 1, "loss": f"{float(value):.6g}", "lr": f"{lr:.6g}",
-                     "seconds": f"{time.perf_counter() - t_start:.3f}"})
-        bar.set_postfix(loss=f"{float(value):.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < end:
-            checkpoint(step + 1)
-    checkpoint(end)
-    if rank == 0:
-        plot_loss(rows, out / "loss.png")
-    losses = [float(r["loss"]) for r in rows]
-    return {"step": end, "loss_first": losses[0] if losses else math.nan,
-            "loss_last": losses[-1] if losses else math.nan}
+    trainer = Trainer(SampleSpec.of(volumes, cfg, patch_shape, anatomy_cfg), model_cfg, output_dir, device)
+    if resume:
+        trainer.resume_or_restart()
+    return trainer.run(cfg.steps if max_steps is None else min(cfg.steps, int(max_steps)), progress)
 
 
 # --------------------------------------------------------------------------------------------
