@@ -93,24 +93,25 @@ RERUN = {  # a job of each kind: the file that names it -> how its output compar
     f"results/sweep/cfg_1/TRA/TSA/{X}.nii.gz": "close",
     f"results/seeds/1/TRA/TSA/{X}.nii.gz": "close",
     f"results/segmentation/diffusion/TRA/TSA/{X}_volumes.json": "ratios",
-    "results/tables/ttests.csv": "table",
+    "results/tables/leakage.csv": "table",
 }
 
 
 def test_jobs_rerun_locally_give_the_cluster_results(cluster_run, tmp_path):
     """Preprocessing and anatomy maps byte-equal (single-threaded, seeded ANTs; plain numpy), the
     training loss and harmonized images equal within float tolerance, tissue ratios (multi-threaded
-    Atropos) within 0.005, a table equal; and only those jobs ran."""
+    Atropos) within 0.005, a table (the leakage check, over the rerun preprocessing) equal; and only
+    those jobs ran."""
     wd, _, _ = cluster_run
     local = tmp_path / "local"
     shutil.copytree(wd, local, symlinks=True)
     for rel in RERUN:
         (local / rel).unlink()
-    proc = snakemake(local, "--cores", "2", "--configfile", str(ROOT / "config/test.yaml"), *RERUN)
-    stats = proc.stdout.split("Job stats:")[1].split("\n\n")[0]
+    proc = snakemake(local, *RERUN, "--cores", "2", "--configfile", str(ROOT / "config/test.yaml"))
+    stats = (proc.stdout + proc.stderr).split("Job stats:")[1].split("\n\n")[0]
     ran = {p[0]: int(p[1]) for p in (line.split() for line in stats.splitlines()[3:]) if len(p) == 2 and p[1].isdigit()}
     assert ran == {"preprocess": 1, "anatomy": 1, "train": 1, "harmonize": 1, "harmonize_all_settings": 1,
-                   "segment": 1, "ttests": 1, "total": 7}, stats
+                   "segment": 1, "leakage": 1, "total": 7}, stats
     for rel, how in RERUN.items():
         ours, theirs = local / rel, wd / rel
         if how == "equal":
