@@ -22,6 +22,7 @@ import csv
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -108,8 +109,8 @@ def main(argv=None) -> int:
         rows = list(csv.DictReader(f))
     minutes = float(rows[-1]["seconds"]) / 60
     final_loss = float(np.mean([float(r["loss"]) for r in rows[-50:]]))
-    model, labels, ckpt_config = md.load_model_for_inference(checkpoint)
-    ckpt_config = {**ckpt_config, "patch_shape": config["grid"]["patch_shape"]}
+    model, record = md.load_model_for_inference(checkpoint)
+    record = replace(record, config={**record.config, "patch_shape": config["grid"]["patch_shape"]})
     for label in a.settings:
         start_from, strength, steps = SETTINGS[label]
         scores = []
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
             img, image, mask = load_scan(pre / "test" / r.site / f"{scan}.nii.gz")
             settings = HarmonizeConfig(guidance="cfgpp", scale=0.6, steps=steps, batch_size=2, start_from=start_from,
                                        strength=strength, match_source_stats=label.endswith("+match"))
-            harmonized, _ = hz.harmonize_array(model, labels, ckpt_config, image, mask, a.target, settings,
+            harmonized, _ = hz.harmonize_array(model, record, image, mask, a.target, settings,
                                                seed=hz.scan_seed(0, scan))
             np.save(out / f"{scan}_{label}.npy", harmonized)
             scores.append(score(harmonized, mask, img, r.subject, a.target, results))

@@ -30,7 +30,7 @@ from harmodiff.diffusion import steps_run
 from harmodiff.tables import markdown_table
 from harmodiff.harmonize import harmonize_array
 from harmodiff.patches import grid_positions
-from harmodiff.model import ModelConfig, SiteLabels, build_model, pass_flops
+from harmodiff.model import ModelConfig, ModelRecord, SiteLabels, build_model, pass_flops
 
 TINY = {"channels": [8, 16, 16, 16], "attention_levels": [False, False, True, False], "num_res_blocks": 1,
         "num_head_channels": 8, "context_dim": 16, "norm_num_groups": 8, "time_embed_dim": None,
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     device = torch.device(a.device)
     grid, patch = ((32, 40, 32), (16, 24, 16)) if a.tiny else ((160, 192, 160), (80, 96, 80))
     labels = SiteLabels(["A", "B"], [0.0])
-    config = {"patch_shape": list(patch), "train": {"num_train_timesteps": 1000}, "anatomy": {}}
+    record = ModelRecord({"patch_shape": list(patch), "train": {"num_train_timesteps": 1000}, "anatomy": {}}, labels)
     rng = np.random.default_rng(0)
     image = np.zeros(grid, np.float32)
     mask = np.zeros(grid, bool)
@@ -124,13 +124,13 @@ def main(argv=None) -> None:
                 model.eval()
                 settings = HarmonizeConfig(guidance="cfgpp", scale=0.6, batch_size=4, bf16=bf16,
                                            channels_last=channels_last, compile=compile_, **sampling)
-                harmonize_array(model, labels, config, image, mask, "A", replace(settings, steps=1, strength=1.0),
+                harmonize_array(model, record, image, mask, "A", replace(settings, steps=1, strength=1.0),
                                 device=a.device)
                 sync(device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
-                _, stats = harmonize_array(model, labels, config, image, mask, "A", settings, device=a.device)
+                _, stats = harmonize_array(model, record, image, mask, "A", settings, device=a.device)
                 sync(device)
                 seconds = time.perf_counter() - t0
                 rows.append({**name, "train step s (batch 5)": train_s, "train peak GiB": train_gib,

@@ -77,7 +77,7 @@ def train_step(name):
 def sampler_bench(steps=2):
     from harmodiff import harmonize as hz
     from harmodiff.config import HarmonizeConfig
-    from harmodiff.model import SiteLabels
+    from harmodiff.model import ModelRecord, SiteLabels
     from harmodiff.patches import grid_positions
 
     torch.set_num_threads(2)
@@ -88,9 +88,9 @@ def sampler_bench(steps=2):
     r = np.sqrt(sum(z * z for z in zz))
     mask = r < 0.9
     image = np.where(mask, 500 + 200 * np.cos(8 * r), 0).astype(np.float32)
-    config = {"patch_shape": list(patch), "train": {"num_train_timesteps": 1000}, "anatomy": {}}
+    record = ModelRecord({"patch_shape": list(patch), "train": {"num_train_timesteps": 1000}, "anatomy": {}}, labels)
     # (b) batched, through the real harmonize path
-    _, stats = hz.harmonize_array(model, labels, config, image, mask, "S0",
+    _, stats = hz.harmonize_array(model, record, image, mask, "S0",
                                      HarmonizeConfig(steps=steps, batch_size=4))
     batched_pps = stats["unet_passes"] / stats["unet_seconds"]
     outside = 1 - stats["unet_seconds"] / stats["total_seconds"]

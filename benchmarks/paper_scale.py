@@ -95,7 +95,7 @@ def train_step(recipe_name: str, batch: int, checkpointing: bool, self_attention
 def harmonize(network: str, steps: int, strength: float, batch_size: int) -> dict:
     from harmodiff.config import HarmonizeConfig
     from harmodiff.harmonize import harmonize_array
-    from harmodiff.model import ModelConfig, SiteLabels, build_model
+    from harmodiff.model import ModelConfig, ModelRecord, SiteLabels, build_model
     from harmodiff.patches import grid_positions
 
     model_settings = SMALL if network == "small" else recipe(network)[0]
@@ -103,12 +103,12 @@ def harmonize(network: str, steps: int, strength: float, batch_size: int) -> dic
     labels = SiteLabels(["A", "B"], [0.0])
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_dict(model_settings), labels.num_embeddings).eval()
-    config = {"patch_shape": list(PATCH), "train": {"num_train_timesteps": 1000, "prediction": "x0"},
-              "anatomy": {}, "volume_shape": list(GRID), "voxel_mm": [1.0] * 3}
+    record = ModelRecord({"patch_shape": list(PATCH), "train": {"num_train_timesteps": 1000, "prediction": "x0"},
+                          "anatomy": {}}, labels, volume_shape=tuple(GRID), voxel_mm=(1.0,) * 3)
     t0 = time.perf_counter()
     settings = HarmonizeConfig(guidance="cfgpp", scale=0.6, steps=steps, start_from="source" if strength < 1 else "noise",
                                strength=strength, batch_size=batch_size, seed=0)
-    out, stats = harmonize_array(model, labels, config, image, brain, "A", settings)
+    out, stats = harmonize_array(model, record, image, brain, "A", settings)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "patches": len(grid_positions(GRID, PATCH)), "U-Net passes": stats["unet_passes"],
             "patches per forward": 2 * batch_size, "finite": bool(np.isfinite(out).all()),

@@ -39,7 +39,7 @@ def main(results="results") -> None:
     test = scans[scans.cohort == "test"]
     subject = sorted(set(test.subject))[0]
     rows = test[test.subject == subject].sort_values("site").iloc[:2]
-    model, labels, mconfig = load_model_for_inference(results / f"model/{cfg['train']['run']}/checkpoint.pt")
+    model, record = load_model_for_inference(results / f"model/{cfg['train']['run']}/checkpoint.pt")
     images = []
     for r in rows.itertuples():
         img = load_image(results / f"preprocessed/test/{r.site}/{r.scan_id}.nii.gz")
@@ -59,7 +59,7 @@ def main(results="results") -> None:
             t0 = time.perf_counter()
             settings = HarmonizeConfig(guidance="cfgpp", scale=0.6, steps=h["steps"], batch_size=h["batch_size"],
                                        seed=h["seed"], start_from=start, strength=strength)
-            out, stats = harmonize_array(model, labels, mconfig, np.asarray(img.dataobj, np.float32), mask, target,
+            out, stats = harmonize_array(model, record, np.asarray(img.dataobj, np.float32), mask, target,
                                          settings)
             secs.append(time.perf_counter() - t0)
             passes = stats["unet_passes"]

@@ -70,9 +70,9 @@ def scores(image, truth, brain, wm) -> dict:
 
 
 def harmonize(ckpt, source, brain, target_site="A", **kw):
-    model, labels, config = md.load_model_for_inference(ckpt)
+    model, record = md.load_model_for_inference(ckpt)
     settings = HarmonizeConfig(guidance="cfgpp", scale=0.6, steps=10, batch_size=27, start_from="noise", seed=0)
-    return hz.harmonize_array(model, labels, config, source, brain, target_site, replace(settings, **kw))[0]
+    return hz.harmonize_array(model, record, source, brain, target_site, replace(settings, **kw))[0]
 
 
 @contextmanager
@@ -82,10 +82,10 @@ def broken(part: str):
         real = md.load_model_for_inference
 
         def null_labels(*a, **k):
-            model, labels, config = real(*a, **k)
+            model, record = real(*a, **k)
             with torch.no_grad():
                 model.site_embedding.weight[:] = model.site_embedding.weight[0]
-            return model, labels, config
+            return model, record
         with mock.patch.object(md, "load_model_for_inference", null_labels):
             yield
     elif part == "noise schedule: sampling with a cosine schedule (trained linear)":

@@ -13,6 +13,7 @@ import pytest
 from harmodiff import config as hc
 from harmodiff import harmonize
 from harmodiff.config import HarmonizeConfig
+from harmodiff.model import ModelRecord, SiteLabels
 from harmodiff.io import InputError, load_image, save_image, write_text
 
 
@@ -62,7 +63,8 @@ def test_harmonize_refuses_a_bad_number_in_one_line_before_any_work(tmp_path, ca
 def test_steps_beyond_the_models_schedule_are_one_line():
     config = {"train": {"num_train_timesteps": 100}}
     with pytest.raises(InputError, match=r"steps must be in 1..100 \(the model's noise schedule\), got 500"):
-        harmonize.harmonize_array(None, None, {**config, "patch_shape": [4, 4, 4], "model": {}, "anatomy": {}},
+        harmonize.harmonize_array(None, ModelRecord({**config, "patch_shape": [4, 4, 4], "model": {}, "anatomy": {}},
+                                              SiteLabels(["A"], [0.0])),
                                   np.ones((8, 8, 8), np.float32), np.ones((8, 8, 8), bool), "A",
                                   HarmonizeConfig(steps=500))
 

@@ -35,8 +35,8 @@ def test_shipped_demo_model_matches_the_default_config():
     assert (path.parent / "checkpoint.pt.sha256").read_text().split()[0] == train["pretrained_sha256"]
     assert json.loads((path.parent / "model.json").read_text())["sha256"] == train["pretrained_sha256"]
     assert path.stat().st_size < 20 * 2**20
-    model, labels, _ = md.load_model_for_inference(path)
-    assert labels.sites == sorted(set(sites))
+    model, record = md.load_model_for_inference(path)
+    assert record.labels.sites == sorted(set(sites))
 
 
 def test_the_shipped_model_checks_the_voxel_size_of_what_it_harmonizes(tmp_path):
@@ -53,7 +53,7 @@ def test_the_shipped_model_checks_the_voxel_size_of_what_it_harmonizes(tmp_path)
     one_mm = tr.GridConfig.from_dict({**config["grid"], "spacing": 1.0})
     with pytest.raises(InputError, match=r"trained on a \[80, 96, 80\] grid of \[2.0, 2.0, 2.0\] mm voxels"):
         tr.check_pretrained(path, None, record, sites, one_mm)
-    _, _, checkpoint_config = md.load_model_for_inference(path)
+    _, checkpoint = md.load_model_for_inference(path)
     scan = nib.Nifti1Image(np.ones((80, 96, 80), np.float32), np.eye(4))
     with pytest.raises(InputError, match=r"voxels of 1x1x1 mm, but .* was trained on 2x2x2 mm"):
-        check_voxel_size("scan.nii.gz", scan, checkpoint_config.get("voxel_mm"), path)
+        check_voxel_size("scan.nii.gz", scan, checkpoint.voxel_mm, path)

@@ -9,7 +9,7 @@ import torch
 from harmodiff import harmonize as hz
 from harmodiff.config import HarmonizeConfig
 from harmodiff.io import InputError
-from harmodiff.model import SiteLabels, build_model
+from harmodiff.model import ModelRecord, SiteLabels, build_model
 from harmodiff.patches import grid_positions, seam_ratio
 from test_train import TINY, phantom
 
@@ -25,6 +25,9 @@ def _model(seed=0, num_labels=3):
 
 
 CONFIG = {"patch_shape": list(PATCH), "train": {"num_train_timesteps": 1000}, "anatomy": {}}
+# from the noised source at 40 % of the schedule: an untrained model keeps values finite there
+FROM_SOURCE = HarmonizeConfig(steps=5, batch_size=36, seed=1, guidance="cfgpp", scale=0.6, start_from="source",
+                              strength=0.4)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +41,9 @@ def test_same_seed_same_bytes_and_seed_matters(scan):
     labels = SiteLabels(["A", "B"], [0.0])
     # from the noised source at 40 % of the schedule: an untrained model keeps values finite there
     settings = HarmonizeConfig(steps=5, batch_size=5, guidance="cfgpp", scale=0.6, start_from="source", strength=0.4)
-    a, stats = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", settings, seed=1)
-    b, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", settings, seed=1)
-    c, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", settings, seed=2)
+    a, stats = hz.harmonize_array(_model(), ModelRecord(CONFIG, labels), image, mask, "B", settings, seed=1)
+    b, _ = hz.harmonize_array(_model(), ModelRecord(CONFIG, labels), image, mask, "B", settings, seed=1)
+    c, _ = hz.harmonize_array(_model(), ModelRecord(CONFIG, labels), image, mask, "B", settings, seed=2)
     assert a.tobytes() == b.tobytes()
     assert not np.array_equal(a, c)
     n = len(grid_positions(image.shape, PATCH, 0.5))
@@ -52,8 +55,8 @@ def test_batch_size_does_not_change_the_result(scan):
     image, mask = scan
     labels = SiteLabels(["A", "B"], [0.0])
     settings = HarmonizeConfig(steps=5, seed=3, start_from="source", strength=0.4)
-    a, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "A", replace(settings, batch_size=1))
-    b, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "A", replace(settings, batch_size=36))
+    a, _ = hz.harmonize_array(_model(), ModelRecord(CONFIG, labels), image, mask, "A", replace(settings, batch_size=1))
+    b, _ = hz.harmonize_array(_model(), ModelRecord(CONFIG, labels), image, mask, "A", replace(settings, batch_size=36))
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-2)
 
 
@@ -61,7 +64,7 @@ def test_no_seams_across_patch_borders(scan):
     image, _ = scan
     mask = np.ones(image.shape, bool)
     labels = SiteLabels(["A", "B"], [0.0])
-    out, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B",
+    out, _ = hz.harmonize_array(_model(), ModelRecord(CONFIG, labels), image, mask, "B",
                                 HarmonizeConfig(steps=5, batch_size=36, seed=0, start_from="source", strength=0.4))
     positions = grid_positions(image.shape, PATCH, 0.5)
     ratio = seam_ratio(out, positions, PATCH)
@@ -78,7 +81,7 @@ def test_unknown_target_site_lists_known_ones(scan):
     image, mask = scan
     labels = SiteLabels(["A", "B"], [0.0])
     with pytest.raises(InputError, match="unknown site 'Z'; known sites: A, B"):
-        hz.harmonize_array(_model(), labels, CONFIG, image, mask, "Z", HarmonizeConfig(steps=1))
+        hz.harmonize_array(_model(), ModelRecord(CONFIG, labels), image, mask, "Z", HarmonizeConfig(steps=1))
 
 
 def _saved_case(tmp_path, scan):
@@ -242,12 +245,11 @@ def test_bf16_and_channels_last_match_fp32(scan):
     layout: equal to fp32 up to summation order."""
     image, mask = scan
     labels = SiteLabels(["A", "B"], [0.0])
-    settings = HarmonizeConfig(steps=5, batch_size=36, seed=1, guidance="cfgpp", scale=0.6, start_from="source",
-                               strength=0.4)
-    ref, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", settings)
-    bf16, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", replace(settings, bf16=True))
-    layout, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", replace(settings, channels_last=True))
-    other, _ = hz.harmonize_array(_model(seed=1), labels, CONFIG, image, mask, "B", settings)
+    settings = FROM_SOURCE
+    ref, _ = hz.harmonize_array(_model(), ModelRecord(CONFIG, labels), image, mask, "B", settings)
+    bf16, _ = hz.harmonize_array(_model(), ModelRecord(CONFIG, labels), image, mask, "B", replace(settings, bf16=True))
+    layout, _ = hz.harmonize_array(_model(), ModelRecord(CONFIG, labels), image, mask, "B", replace(settings, channels_last=True))
+    other, _ = hz.harmonize_array(_model(seed=1), ModelRecord(CONFIG, labels), image, mask, "B", settings)
     diff_bf16 = np.abs(bf16 - ref)[mask]
     assert diff_bf16.mean() < 0.003 * ref[mask].mean() and diff_bf16.max() < 0.03 * ref[mask].mean()
     assert diff_bf16.mean() > 0  # autocast really ran in bf16
@@ -261,10 +263,9 @@ def test_compiled_model_matches_eager(scan):
     computes the same thing: equal to eager up to float summation order (measured max 5e-4)."""
     image, mask = scan
     labels = SiteLabels(["A", "B"], [0.0])
-    settings = HarmonizeConfig(steps=5, batch_size=36, seed=1, guidance="cfgpp", scale=0.6, start_from="source",
-                               strength=0.4)
-    ref, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", settings)
-    compiled, _ = hz.harmonize_array(_model(), labels, CONFIG, image, mask, "B", replace(settings, compile=True))
+    settings = FROM_SOURCE
+    ref, _ = hz.harmonize_array(_model(), ModelRecord(CONFIG, labels), image, mask, "B", settings)
+    compiled, _ = hz.harmonize_array(_model(), ModelRecord(CONFIG, labels), image, mask, "B", replace(settings, compile=True))
     np.testing.assert_allclose(compiled, ref, atol=0.05)
 
 
@@ -310,10 +311,10 @@ def test_an_input_off_the_training_grid_is_a_one_line_error(scan):
     labels = SiteLabels(["A", "B"], [0.0])
     with pytest.raises(InputError, match=r"input grid \(32, 40, 32\) is not the grid the model was trained on "
                                          r"\(40, 48, 40\)"):
-        hz.harmonize_array(_model(), labels, {**CONFIG, "volume_shape": [40, 48, 40]}, image, mask, "A",
+        hz.harmonize_array(_model(), ModelRecord(CONFIG, labels, volume_shape=(40, 48, 40)), image, mask, "A",
                            HarmonizeConfig(steps=1))
     with pytest.raises(InputError, match=r"input grid \(8, 40, 32\) is smaller than the model's patch"):
-        hz.harmonize_array(_model(), labels, CONFIG, image[:8], mask[:8], "A", HarmonizeConfig(steps=1))
+        hz.harmonize_array(_model(), ModelRecord(CONFIG, labels), image[:8], mask[:8], "A", HarmonizeConfig(steps=1))
 
 
 def test_an_input_at_another_voxel_size_is_refused_naming_both(tmp_path, scan, capsys):

@@ -41,8 +41,8 @@ def trained(tmp_path_factory):
 
 
 def harmonize(trained, image, mask, target, scale=0.6, guidance="cfgpp"):
-    model, labels, config = trained
-    out, _ = harmonize_array(model, labels, config, image, mask, target,
+    model, record = trained
+    out, _ = harmonize_array(model, record, image, mask, target,
                              HarmonizeConfig(guidance=guidance, scale=scale, steps=10, batch_size=27, start_from="noise",
                                              seed=0))
     return out

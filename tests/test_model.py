@@ -139,8 +139,8 @@ def test_a_model_recorded_before_a_setting_existed_has_its_default():
     paper = tr.config_record(ModelConfig(**TINY, bottleneck_attention=False), tr.TrainConfig(), (16, 16, 16), None)
     assert tr.record_differences(saved, paper) == ["model.bottleneck_attention: True -> False"]
     # and the shipped demo model, exported before these settings, builds with MONAI's architecture
-    model, _, config = md.load_model_for_inference("resources/demo-model/checkpoint.pt")
-    assert "bottleneck_attention" not in config["model"]
+    model, record = md.load_model_for_inference("resources/demo-model/checkpoint.pt")
+    assert "bottleneck_attention" not in record.config["model"]
     assert not isinstance(model.unet.middle_block.attention, NoAttention) and model.anatomy_tokens is None
 
 

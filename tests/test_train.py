@@ -92,7 +92,7 @@ def test_overfits_one_tiny_volume(tmp_path):
     torch.manual_seed(0)
     before = _fixed_eval_loss(build_model(TINY, 2), x0[0], A[0], coarse[0], label)
     tr.train([v], tmp_path, model_cfg=TINY, cfg=cfg, patch_shape=(16, 16, 16), progress=False)
-    model, _, _ = md.load_model_for_inference(tmp_path / "checkpoint.pt", use_ema=False)
+    model, _ = md.load_model_for_inference(tmp_path / "checkpoint.pt", use_ema=False)
     after = _fixed_eval_loss(model, x0[0], A[0], coarse[0], label)
     assert before == pytest.approx(1.0, abs=0.15)  # a fresh model predicts 0: loss = E[eps^2]
     assert after < before / 5, (before, after)
@@ -120,8 +120,8 @@ def test_resume_gives_identical_weights(tmp_path):
     lb = list(csv.DictReader(open(tmp_path / "resumed/loss.csv")))
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
     # the site-label map travels with the checkpoint
-    _, labels, config = md.load_model_for_inference(tmp_path / "resumed/checkpoint.pt")
-    assert labels.index("B", 0.2) == 6 and config["patch_shape"] == [16, 16, 16]
+    _, record = md.load_model_for_inference(tmp_path / "resumed/checkpoint.pt")
+    assert record.labels.index("B", 0.2) == 6 and record.patch_shape == (16, 16, 16)
 
 
 def _free_port():
@@ -291,8 +291,8 @@ def test_exported_model_is_checked_against_the_config_before_it_stands_in_for_tr
     assert run({**settings, "workers": 3}) == 0  # speed-only settings may differ
     assert (tmp_path / "out/checkpoint.pt").read_bytes() == shipped.read_bytes()
     assert not (tmp_path / "state").exists()  # nothing was trained
-    model, labels, _ = md.load_model_for_inference(tmp_path / "out/checkpoint.pt")
-    assert labels.sites == ["A", "B"]
+    model, record = md.load_model_for_inference(tmp_path / "out/checkpoint.pt")
+    assert record.labels.sites == ["A", "B"]
     for k, v in full["ema"].items():
         assert torch.equal(model.state_dict()[k], v), k
     assert run({**settings, "lr": 2e-4}) == 2

@@ -181,7 +181,8 @@ def test_e2e_training_and_harmonization_outputs(e2e):
     assert np.isfinite(loss.loss).all()
     ckpt = torch.load(e2e / "results/model/diffusion/checkpoint.pt", weights_only=True)
     assert ckpt["step"] == cfg["train"]["steps"]
-    _, labels, _ = load_model_for_inference(e2e / "results/model/diffusion/checkpoint.pt")
+    _, record = load_model_for_inference(e2e / "results/model/diffusion/checkpoint.pt")
+    labels = record.labels
     scans = pd.read_csv(e2e / "results/synthetic/scans.tsv", sep="\t")
     assert labels.sites == sorted(set(scans[scans.cohort == "train"].site))
     test = scans[scans.cohort == "test"]

@@ -586,6 +586,24 @@ def add_setting_options(parser: argparse.ArgumentParser, *sections, skip: tuple[
             parser.add_argument("--" + f.name.replace("_", "-"), **options)
 
 
+def setting_arguments(section) -> list[str]:
+    """The command-line options that give `section`'s values back through `add_setting_options`,
+    field by field in order (a list: the shell quotes each)."""
+    args = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, (list, tuple)):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
 def settings_text(config: dict, stage: str) -> str:
     """The settings file of one stage (STAGE_SECTIONS) from a validated workflow config."""
     sections = {name: config[name] for name in STAGE_SECTIONS[stage]}

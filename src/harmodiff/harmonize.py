@@ -27,13 +27,13 @@ import torch
 
 from harmodiff import anatomy as anat
 from harmodiff import sample as smp
-from harmodiff.config import AnatomyConfig, ConfigError, HarmonizeConfig, TrainConfig, add_setting_options, load_settings
+from harmodiff.config import ConfigError, HarmonizeConfig, add_setting_options, load_settings
 from harmodiff.diffusion import NoiseSchedule
 from harmodiff.io import one_line_errors
 from harmodiff.io import (InputError, file_sha256, json_sidecar, load_image, load_mask, outputs_together,
                           save_image, write_json)
 from harmodiff.antsio import to_native
-from harmodiff.model import NULL_LABEL
+from harmodiff.model import NULL_LABEL, ModelRecord
 from harmodiff.patches import extract, fuse, grid_positions, hann_window
 from harmodiff.intensity import MEDIAN_TARGET, from_model_units, to_model_units
 
@@ -75,22 +75,22 @@ def stack_patches(volume, corners, patch_shape) -> torch.Tensor:
     return torch.stack([torch.as_tensor(extract(volume, c, patch_shape)) for c in corners])[:, None]
 
 
-def conditioning(config: dict, labels, image: np.ndarray, mask: np.ndarray, target_site: str,
+def conditioning(record: ModelRecord, image: np.ndarray, mask: np.ndarray, target_site: str,
                  anatomy: np.ndarray | None = None, coarse: np.ndarray | None = None) -> Conditioning:
-    """The scan's conditioning under the checkpoint's settings (`config`): A and A_coarse as the
-    anatomy stage wrote them, or computed here; the input must be on the training grid."""
+    """The scan's conditioning under the checkpoint's settings: A and A_coarse as the anatomy stage
+    wrote them, or computed here; the input must be on the training grid."""
     try:
-        target = labels.index(target_site, 0.0)
+        target = record.labels.index(target_site, 0.0)
     except KeyError as exc:
         raise InputError(str(exc).strip("'\"")) from None
-    patch_shape = tuple(int(p) for p in config["patch_shape"])
-    trained_on = config.get("volume_shape")
+    patch_shape = record.patch_shape
+    trained_on = record.volume_shape
     if trained_on and tuple(trained_on) != tuple(image.shape):
         raise InputError(f"input grid {tuple(image.shape)} is not the grid the model was trained on "
                          f"{tuple(trained_on)} (preprocess it with the training config's grid)")
     if any(n < p for n, p in zip(image.shape, patch_shape)):
         raise InputError(f"input grid {tuple(image.shape)} is smaller than the model's patch {patch_shape}")
-    settings = AnatomyConfig.of(config.get("anatomy"))
+    settings = record.anatomy
     mode = settings.coarse_mode
     A = anat.anatomy_map_from_config(image, mask, settings) if anatomy is None else np.asarray(anatomy, np.float32)
     if coarse is None:
@@ -108,7 +108,7 @@ class GuidedDenoiser:
     guidance, of the unconditional one (null label), run as one batch of 2n patches. The guidance
     maths itself is `sample.guided_noise`."""
 
-    def __init__(self, model, config: dict, settings: HarmonizeConfig, device: str = "cpu"):
+    def __init__(self, model, record: ModelRecord, settings: HarmonizeConfig, device: str = "cpu"):
         self.device = torch.device(device)
         self.bf16 = settings.bf16
         self.memory_format = torch.channels_last_3d if settings.channels_last else torch.contiguous_format
@@ -116,8 +116,8 @@ class GuidedDenoiser:
             model = model.to(memory_format=self.memory_format)
         self.model = torch.compile(model) if settings.compile else model
         self.branches = 1 if settings.guidance == "none" else 2
-        self.prediction = TrainConfig.of(config["train"]).prediction
-        self.schedule = NoiseSchedule.linear(int(config["train"]["num_train_timesteps"]))
+        self.prediction = record.prediction
+        self.schedule = NoiseSchedule.linear(record.num_train_timesteps)
         self.seconds = 0.0  # time spent in the U-Net
 
     def eps_fn(self, A_b, C_b, target_label: int):
@@ -178,7 +178,7 @@ def sample_volume(denoiser: GuidedDenoiser, cond: Conditioning, image: np.ndarra
 PREPROCESSED_MEDIAN = (0.8 * MEDIAN_TARGET, 1.25 * MEDIAN_TARGET)
 
 
-def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.ndarray, target_site: str,
+def harmonize_array(model, record: ModelRecord, image: np.ndarray, mask: np.ndarray, target_site: str,
                     settings: HarmonizeConfig, *, seed: int | None = None, device: str = "cpu",
                     anatomy: np.ndarray | None = None, coarse: np.ndarray | None = None, min_overlap: float = 0.5,
                     progress: bool = False) -> tuple[np.ndarray, dict]:
@@ -192,11 +192,11 @@ def harmonize_array(model, labels, config: dict, image: np.ndarray, mask: np.nda
     from tqdm import tqdm
 
     t_all = time.perf_counter()
-    schedule_length = int(config["train"]["num_train_timesteps"])
+    schedule_length = record.num_train_timesteps
     if not 1 <= settings.steps <= schedule_length:
         raise InputError(f"steps must be in 1..{schedule_length} (the model's noise schedule), got {settings.steps}")
-    cond = conditioning(config, labels, image, mask, target_site, anatomy, coarse)
-    denoiser = GuidedDenoiser(model, config, settings, device)
+    cond = conditioning(record, image, mask, target_site, anatomy, coarse)
+    denoiser = GuidedDenoiser(model, record, settings, device)
     strength = settings.strength if settings.start_from == "source" else 1.0
     timesteps = denoiser.schedule.ddim_timesteps(settings.steps, strength)
     positions = grid_positions(image.shape, cond.patch_shape, min_overlap)
@@ -342,13 +342,13 @@ def main(argv=None) -> int:
         if a.anatomy:
             maps = {"anatomy": np.asarray(load_image(a.anatomy).dataobj, np.float32),
                     "coarse": np.asarray(load_image(a.coarse).dataobj, np.float32)}
-        model, labels, config = load_model_for_inference(a.checkpoint, a.device, use_ema=not a.no_ema)
-        check_voxel_size(a.input, img, config.get("voxel_mm"), a.checkpoint)
+        model, record = load_model_for_inference(a.checkpoint, a.device, use_ema=not a.no_ema)
+        check_voxel_size(a.input, img, record.voxel_mm, a.checkpoint)
         if a.anatomy:
-            anat.check_settings(a.anatomy, config.get("anatomy"), a.checkpoint)
+            anat.check_settings(a.anatomy, record.config.get("anatomy"), a.checkpoint)
         for k, (output, run) in enumerate(runs):
             seed = run.seed if a.seed_key is None else scan_seed(run.seed, a.seed_key)
-            out, stats = harmonize_array(model, labels, config, image, mask, a.target_site, run, seed=seed,
+            out, stats = harmonize_array(model, record, image, mask, a.target_site, run, seed=seed,
                                          device=a.device, progress=True, **maps)
             save_image(out, img.affine, output, header=img.header)
             write_json(provenance(a, run, seed, stats), json_sidecar(output))

@@ -23,6 +23,40 @@ DERIVATIVES = "derivatives/harmodiff"  # the BIDS-Derivatives dataset, under res
 SPACE = "MNI152NLin2009aSym"  # nilearn's MNI152 2009a template: the working grid's space
 
 
+class _Wildcards(dict):
+    def __missing__(self, key):
+        return "{" + key + "}"
+
+
+# every per-scan (or per-subject) result's path, written once: a stem pattern, the files being stem +
+# suffix. The rules' output: and input: and the Layout's paths all format these (`result_path`).
+PATTERNS = {
+    "stage": "{results}/{stage}/{cohort}/{site}/{scan}",           # preprocessed, anatomy, qc
+    "harmonized": "{results}/harmonized/{method}/{target}/{site}/{scan}",
+    "sweep": "{results}/sweep/{method}/{target}/{site}/{scan}",    # the guidance sweep's other settings
+    "seed": "{results}/seeds/{seed}/{target}/{site}/{scan}",       # the main setting under another run seed
+    "segmentation": "{results}/segmentation/{method}/{target}/{site}/{scan}",
+    "truth_at_site": "{results}/synthetic/truth/at_site/{target}/{subject}",
+    "truth_subject": "{results}/synthetic/truth/subjects/{subject}",
+    "truth_target": "{results}/segmentation/truth/{target}/{subject}",
+    "derivative": "{results}/" + DERIVATIVES + "/sub-{sub}/ses-site{ses}/anat/sub-{sub}_ses-site{ses}",
+    "manifest": "{results}/manifests/{name}",
+}
+
+
+def result_path(pattern: str, suffix: str = "", results: str = "results", **fields) -> str:
+    """PATTERNS[pattern] + suffix with `fields` filled in; a field not given stays a Snakemake wildcard
+    (`result_path("stage", ".nii.gz", stage="preprocessed", cohort="test")` is
+    `results/preprocessed/test/{site}/{scan}.nii.gz`)."""
+    return PATTERNS[pattern].format_map(_Wildcards(results=results, **fields)) + suffix
+
+
+def derivative_suffixes(target_label: str = "{tgt}") -> tuple[str, str]:
+    """(MNI-space, native-space) suffixes of a derivative image harmonized to a target."""
+    desc = f"desc-harmonizedTO{target_label}_T1w.nii.gz"
+    return f"_space-{SPACE}_{desc}", f"_{desc}"
+
+
 def bids_label(name: str, prefix: str = "") -> str:
     """A BIDS label from a subject, session or site name: the prefix (sub-, ses-) dropped and only
     letters and digits kept (BIDS labels are alphanumeric)."""
@@ -161,7 +195,7 @@ class Layout:
 
     # paths
     def stage_file(self, stage: str, cohort: str, site: str, scan: str, suffix: str) -> str:
-        return f"{self.results}/{stage}/{cohort}/{site}/{scan}{suffix}"
+        return result_path("stage", suffix, self.results, stage=stage, cohort=cohort, site=site, scan=scan)
 
     def stage_files(self, stage: str, suffix: str, scans: pd.DataFrame | None = None) -> list[str]:
         scans = self.scans if scans is None else scans
@@ -170,31 +204,32 @@ class Layout:
     def method_image(self, method: str, target: str, site: str, scan: str) -> str:
         if method == "preprocessed":
             return self.stage_file("preprocessed", "test", site, scan, ".nii.gz")
-        return f"{self.results}/harmonized/{method}/{target}/{site}/{scan}.nii.gz"
+        return result_path("harmonized", ".nii.gz", self.results, method=method, target=target, site=site, scan=scan)
 
     def test_mask(self, site: str, scan: str) -> str:
         return self.stage_file("preprocessed", "test", site, scan, "_mask.nii.gz")
 
     def seed_image(self, seed, target: str, site: str, scan: str) -> str:
-        return f"{self.results}/seeds/{seed}/{target}/{site}/{scan}.nii.gz"
+        return result_path("seed", ".nii.gz", self.results, seed=seed, target=target, site=site, scan=scan)
 
     def sweep_image(self, guidance: str, scale, target: str, site: str, scan: str) -> str:
         """The main harmonization's file when the setting is the main one (nothing is run twice)."""
         if (guidance, float(scale)) == self.main_setting:
             return self.method_image("diffusion", target, site, scan)
-        return f"{self.results}/sweep/{sweep_method(guidance, scale)}/{target}/{site}/{scan}.nii.gz"
+        return result_path("sweep", ".nii.gz", self.results, method=sweep_method(guidance, scale), target=target,
+                           site=site, scan=scan)
 
     def truth_at_site(self, target: str, subject: str) -> str:
-        return f"{self.results}/synthetic/truth/at_site/{target}/{subject}.nii.gz"
+        return result_path("truth_at_site", ".nii.gz", self.results, target=target, subject=subject)
 
     def truth_subject_mask(self, subject: str) -> str:
-        return f"{self.results}/synthetic/truth/subjects/{subject}_mask.nii.gz"
+        return result_path("truth_subject", "_mask.nii.gz", self.results, subject=subject)
 
     def target_truth_volumes(self, target: str, subject: str) -> str:
-        return f"{self.results}/segmentation/truth/{target}/{subject}_volumes.json"
+        return result_path("truth_target", "_volumes.json", self.results, target=target, subject=subject)
 
     def manifest(self, name: str) -> str:
-        return f"{self.results}/manifests/{name}.tsv"
+        return result_path("manifest", ".tsv", self.results, name=name)
 
     # the BIDS-Derivatives dataset of the harmonized scans (harmodiff.derivatives)
     def derivatives_root(self) -> str:
@@ -203,10 +238,10 @@ class Layout:
     def derivative_images(self, target: str, site: str, scan: str) -> tuple[str, str]:
         """(MNI-space, native-space) paths of a scan harmonized to target."""
         r = self.scans.loc[scan]
-        sub, ses = bids_label(r.subject, "sub-"), bids_label(site, "ses-")
-        stem = f"{self.derivatives_root()}/sub-{sub}/ses-site{ses}/anat/sub-{sub}_ses-site{ses}"
-        desc = f"desc-harmonizedTO{bids_label(target)}_T1w.nii.gz"
-        return f"{stem}_space-{SPACE}_{desc}", f"{stem}_{desc}"
+        stem = result_path("derivative", "", self.results, sub=bids_label(r.subject, "sub-"),
+                           ses=bids_label(site, "ses-"))
+        mni, native = derivative_suffixes(bids_label(target))
+        return stem + mni, stem + native
 
     @functools.cached_property
     def bids_index(self) -> dict[tuple[str, str, str], tuple[str, str, str]]:
@@ -325,7 +360,8 @@ class Layout:
         return pd.DataFrame(table, columns=list(columns))
 
     def _segmentations(self) -> pd.DataFrame:
-        rows = [{"volumes": f"{self.results}/segmentation/{m}/{t}/{r.site}/{r.Index}_volumes.json", "method": m,
+        rows = [{"volumes": result_path("segmentation", "_volumes.json", self.results, method=m, target=t, site=r.site,
+                                        scan=r.Index), "method": m,
                  "target": t, "scan_id": r.Index, "subject": r.subject, "site": r.site}
                 for m, t, r, _ in self._image_rows()]
         return pd.DataFrame(rows)

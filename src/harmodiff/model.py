@@ -22,12 +22,13 @@ inference the target is (target site, 0).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from harmodiff.config import ModelConfig
+from harmodiff.config import AnatomyConfig, ModelConfig, TrainConfig
 from harmodiff.io import InputError, atomic_path
 
 NULL_LABEL = 0
@@ -262,17 +263,49 @@ def require_harmodiff_checkpoint(ckpt, path) -> dict:
 GRID_KEYS = ("volume_shape", "voxel_mm")
 
 
-def load_model_for_inference(path, device="cpu", use_ema: bool = True):
-    """(model in eval mode, SiteLabels, checkpoint config) from a checkpoint."""
+@dataclass(frozen=True)
+class ModelRecord:
+    """What a checkpoint carries besides its weights: the settings it was trained with (`config`: the
+    model, train and anatomy sections and the patch shape, as training recorded them), its site labels,
+    and the working grid it was trained on (None in checkpoints from before it was recorded)."""
+
+    config: dict
+    labels: SiteLabels
+    volume_shape: tuple[int, ...] | None = None
+    voxel_mm: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> ModelRecord:
+        grid = {k: tuple(ckpt[k]) for k in GRID_KEYS if k in ckpt}
+        return cls(dict(ckpt["config"]), SiteLabels.from_dict(ckpt["site_labels"]), **grid)
+
+    @property
+    def patch_shape(self) -> tuple[int, ...]:
+        return tuple(int(p) for p in self.config["patch_shape"])
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.config["train"]["num_train_timesteps"])
+
+    @property
+    def prediction(self) -> str:
+        """What the network outputs (eps, v or x0; records from before the option: the class default)."""
+        return TrainConfig.of(self.config["train"]).prediction
+
+    @property
+    def anatomy(self) -> AnatomyConfig:
+        return AnatomyConfig.of(self.config.get("anatomy"))
+
+
+def load_model_for_inference(path, device="cpu", use_ema: bool = True) -> tuple[nn.Module, ModelRecord]:
+    """(model in eval mode, its ModelRecord) from a checkpoint."""
     ckpt = require_harmodiff_checkpoint(load_checkpoint(path, map_location=device), path)
-    labels = SiteLabels.from_dict(ckpt["site_labels"])
-    model = build_model(ckpt["config"]["model"], labels.num_embeddings)
+    record = ModelRecord.from_checkpoint(ckpt)
+    model = build_model(record.config["model"], record.labels.num_embeddings)
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         raise InputError(f"{path}: its weights do not fit the model its config describes "
                          f"({str(exc).splitlines()[0]})") from None
-    config = dict(ckpt["config"])
-    config.update({k: list(ckpt[k]) for k in GRID_KEYS if k in ckpt})
-    return model.to(device).eval(), labels, config
+    return model.to(device).eval(), record

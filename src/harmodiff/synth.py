@@ -25,6 +25,7 @@ so the same seed gives the same bytes whatever order things are rendered in.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -35,41 +36,24 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from harmodiff.config import SyntheticCohort
-from harmodiff.io import save_image, write_json, write_text
+from harmodiff.config import SyntheticCohort, add_setting_options, setting
+from harmodiff.io import one_line_errors, save_image, write_json, write_text
 
 PAD_MM = 20.0  # room around the template brain for the synthetic CSF rim, skull and scalp
 HEAD_LAYERS_MM = {"csf_rim": (0.0, 2.5), "skull": (2.5, 7.5), "scalp": (7.5, 12.5)}
 
 
-_COHORT = SyntheticCohort
-
 @dataclass(frozen=True)
-class SynthConfig:
-    # the workflow's settings (config cohort.synthetic): defaults and meaning in harmodiff.config
-    train_sites: int = _COHORT.train_sites
-    train_subjects_per_site: int = _COHORT.train_subjects_per_site
-    test_sites: int = _COHORT.test_sites
-    test_subjects: int = _COHORT.test_subjects
-    seed: int = _COHORT.seed
-    render_spacing: float = _COHORT.render_spacing
-    native_spacing: tuple[float, float] = _COHORT.native_spacing
-    # the cohort's anatomy (not workflow settings)
-    warp_mm: float = 2.0                 # sd of the subject warp's control-point displacements
-    max_rotation_deg: float = 10.0
-    max_shift_mm: float = 10.0
-    atrophy_mm: tuple[float, float] = (0.0, 2.5)      # range of the subjects' cortical atrophy
-    wm_shift_mm: tuple[float, float] = (-1.5, 1.5)   # range of the subjects' GM/WM boundary shift
+class SynthConfig(SyntheticCohort):
+    """The cohort a run renders: the workflow's settings (its base, config `cohort.synthetic`, with their
+    defaults and rules) and the cohort's anatomy, which is this module's and not a workflow setting."""
 
-    def __post_init__(self):
-        for name in ("train_sites", "train_subjects_per_site", "test_sites", "test_subjects"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"synthetic cohort: {name} must be >= 1, got {getattr(self, name)}")
-        if self.render_spacing <= 0:
-            raise ValueError("synthetic cohort: render_spacing must be > 0")
-        lo, hi = self.native_spacing
-        if not 0 < lo <= hi:
-            raise ValueError(f"synthetic cohort: native_spacing must be 0 < low <= high, got {self.native_spacing}")
+    warp_mm: float = setting(2.0, "sd of the subject warp's control-point displacements (mm)", minimum=0)
+    max_rotation_deg: float = setting(10.0, "largest rotation of a scan's head pose (degrees)", minimum=0)
+    max_shift_mm: float = setting(10.0, "largest shift of a scan's head pose (mm)", minimum=0)
+    atrophy_mm: tuple[float, float] = setting((0.0, 2.5), "range of the subjects' cortical atrophy (mm)", length=2)
+    wm_shift_mm: tuple[float, float] = setting((-1.5, 1.5), "range of the subjects' GM/WM boundary shift (mm)",
+                                               length=2)
 
 
 def site_names(cfg: SynthConfig) -> tuple[list[str], list[str]]:
@@ -437,22 +421,15 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
     return sheet
 
 
+@one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.synth", description=__doc__.split("\n")[0])
     p.add_argument("outdir", help="folder to write the cohort into")
-    d = SynthConfig()
-    p.add_argument("--train-sites", type=int, default=d.train_sites)
-    p.add_argument("--train-subjects-per-site", type=int, default=d.train_subjects_per_site)
-    p.add_argument("--test-sites", type=int, default=d.test_sites)
-    p.add_argument("--test-subjects", type=int, default=d.test_subjects)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--render-spacing", type=float, default=d.render_spacing,
-                   help="mm; MNI-space grid the heads are rendered on (2 is 8x faster than 1)")
-    p.add_argument("--native-spacing", type=float, nargs=2, default=d.native_spacing, metavar=("LOW", "HIGH"))
+    add_setting_options(p, SyntheticCohort)  # the workflow's settings; the rest are the defaults
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    cfg = SynthConfig(a.train_sites, a.train_subjects_per_site, a.test_sites, a.test_subjects, a.seed,
-                      a.render_spacing, tuple(a.native_spacing))
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(SyntheticCohort) if getattr(a, f.name) is not None}
+    cfg = SynthConfig.from_dict(given)
     sheet = generate(a.outdir, cfg, progress=not a.quiet)
     print(f"wrote {len(sheet)} scans to {a.outdir}")
     return 0

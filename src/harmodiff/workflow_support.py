@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from harmodiff import scans as scan_sheets
-from harmodiff.config import BidsCohort
+from harmodiff.config import BidsCohort, SyntheticCohort, setting_arguments
 from harmodiff.synth import SynthConfig, cohort_plan
 
 
@@ -19,10 +19,7 @@ def _synth(config: dict) -> SynthConfig | None:
     cohort = config["cohort"]
     if cohort["source"] != "synthetic":
         return None
-    s = dict(cohort.get("synthetic") or {})
-    if "native_spacing" in s:
-        s["native_spacing"] = tuple(s["native_spacing"])
-    return SynthConfig(**s)
+    return SynthConfig.from_dict(cohort.get("synthetic"))
 
 
 def synthetic_config(config: dict) -> dict | None:
@@ -31,10 +28,7 @@ def synthetic_config(config: dict) -> dict | None:
     cfg = _synth(config)
     if cfg is None:
         return None
-    args = [str(v) for v in (
-        "--train-sites", cfg.train_sites, "--train-subjects-per-site", cfg.train_subjects_per_site,
-        "--test-sites", cfg.test_sites, "--test-subjects", cfg.test_subjects, "--seed", cfg.seed,
-        "--render-spacing", cfg.render_spacing, "--native-spacing", *cfg.native_spacing)]
+    args = setting_arguments(SyntheticCohort.from_dict(config["cohort"].get("synthetic")))  # the workflow's part
     plan = cohort_plan(cfg)
     test = plan[plan["cohort"] == "test"]
     train_sites = list(dict.fromkeys(plan.loc[plan["cohort"] == "train", "site"]))

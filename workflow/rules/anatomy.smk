@@ -1,12 +1,12 @@
 rule anatomy:
     input:
-        image="results/preprocessed/{cohort}/{site}/{scan}.nii.gz",
-        mask="results/preprocessed/{cohort}/{site}/{scan}_mask.nii.gz",
+        image=rules.preprocess.output.image,
+        mask=rules.preprocess.output.mask,
         settings="results/config/anatomy.yaml",
     output:
-        anatomy="results/anatomy/{cohort}/{site}/{scan}_A.nii.gz",
-        coarse="results/anatomy/{cohort}/{site}/{scan}_Acoarse.nii.gz",
-        settings="results/anatomy/{cohort}/{site}/{scan}_A.json",
+        anatomy=result_path("stage", "_A.nii.gz", stage="anatomy"),
+        coarse=result_path("stage", "_Acoarse.nii.gz", stage="anatomy"),
+        settings=result_path("stage", "_A.json", stage="anatomy"),
     log:
         "results/logs/anatomy/{cohort}/{site}/{scan}.log",
     benchmark:

@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
 from harmodiff.config import HDBET_FILES, ConfigError, WorkflowConfig, settings_text  # noqa: E402
 from harmodiff.io import json_sidecar, write_text  # noqa: E402
-from harmodiff.layout import Layout, manifest_text  # noqa: E402
+from harmodiff.layout import Layout, derivative_suffixes, manifest_text, result_path  # noqa: E402
 from harmodiff.workflow_support import scan_table, synthetic_config  # noqa: E402
 from harmodiff.snakemake_patches import coalesce_reevaluation_timers  # noqa: E402
 
@@ -100,7 +100,7 @@ def bids_source(wildcards):
         "harmonized": image,
         "provenance": str(json_sidecar(image)),
         "raw": SCANS.loc[scan, "path"],
-        "transform": f"results/preprocessed/test/{site}/{scan}_to_mni.mat",
+        "transform": LAYOUT.stage_file("preprocessed", "test", site, scan, "_to_mni.mat"),
     }
 
 

@@ -26,7 +26,7 @@ rule synth:
 # the per-scan lists jobs read, one TSV each (harmodiff.layout); rewritten when their rows change
 rule manifest:
     output:
-        "results/manifests/{name}.tsv",
+        result_path("manifest", ".tsv"),
     log:
         "results/logs/manifest/{name}.log",
     benchmark:

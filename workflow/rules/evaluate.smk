@@ -20,15 +20,23 @@ rule leakage:
         "--output {output.table:q} > {log:q} 2>&1"
 
 
+# a segmentation job (of a harmodiff image, or of the truth at a target): one shell for both
+SEGMENT_SHELL = (
+    "python -m harmodiff.segment --input {input.image:q} --mask {input.mask:q} "
+    "--output-prefix {params.prefix:q} --backend {params.backend:q} --fractions {params.fractions:q} "
+    "--threads {threads} > {log:q} 2>&1"
+)
+
+
 rule segment:
     input:
         image=segment_input_image,
         mask=lambda wildcards: test_mask(wildcards.site, wildcards.scan),
     output:
-        gm="results/segmentation/{method}/{target}/{site}/{scan}_gm.nii.gz",
-        wm="results/segmentation/{method}/{target}/{site}/{scan}_wm.nii.gz",
-        csf="results/segmentation/{method}/{target}/{site}/{scan}_csf.nii.gz",
-        volumes="results/segmentation/{method}/{target}/{site}/{scan}_volumes.json",
+        gm=result_path("segmentation", "_gm.nii.gz"),
+        wm=result_path("segmentation", "_wm.nii.gz"),
+        csf=result_path("segmentation", "_csf.nii.gz"),
+        volumes=result_path("segmentation", "_volumes.json"),
     log:
         "results/logs/segment/{method}/{target}/{site}/{scan}.log",
     benchmark:
@@ -44,9 +52,7 @@ rule segment:
         backend=config["evaluation"]["segmentation"],
         fractions=config["evaluation"]["tissue_fractions"],
     shell:
-        "python -m harmodiff.segment --input {input.image:q} --mask {input.mask:q} "
-        "--output-prefix {params.prefix:q} --backend {params.backend:q} --fractions {params.fractions:q} "
-        "--threads {threads} > {log:q} 2>&1"
+        SEGMENT_SHELL
 
 
 rule tissue_ratios:
@@ -161,8 +167,8 @@ rule table1:
 # the harmonized scans: the tissue ratios a perfect harmonization would give
 rule truth_target_image:
     input:
-        truth="results/synthetic/truth/at_site/{target}/{subject}.nii.gz",
-        truth_mask="results/synthetic/truth/subjects/{subject}_mask.nii.gz",
+        truth=result_path("truth_at_site", ".nii.gz"),
+        truth_mask=result_path("truth_subject", "_mask.nii.gz"),
         like=subject_grid_reference,
     output:
         image="results/truth/{target}/{subject}.nii.gz",
@@ -187,7 +193,7 @@ rule segment_truth:
         image=rules.truth_target_image.output.image,
         mask=rules.truth_target_image.output.mask,
     output:
-        volumes="results/segmentation/truth/{target}/{subject}_volumes.json",
+        volumes=result_path("truth_target", "_volumes.json"),
     log:
         "results/logs/segment/truth/{target}/{subject}.log",
     benchmark:
@@ -203,9 +209,7 @@ rule segment_truth:
         backend=config["evaluation"]["segmentation"],
         fractions=config["evaluation"]["tissue_fractions"],
     shell:
-        "python -m harmodiff.segment --input {input.image:q} --mask {input.mask:q} "
-        "--output-prefix {params.prefix:q} --backend {params.backend:q} --fractions {params.fractions:q} "
-        "--threads {threads} > {log:q} 2>&1"
+        SEGMENT_SHELL
 
 
 rule truth_scores:

@@ -8,22 +8,28 @@ HARMONIZE_SHELL = (
     "--threads {threads} > {log:q} 2>&1"
 )
 
+# a test scan's preprocessing and anatomy maps
+TEST_SCAN = {
+    "image": result_path("stage", ".nii.gz", stage="preprocessed", cohort="test"),
+    "mask": result_path("stage", "_mask.nii.gz", stage="preprocessed", cohort="test"),
+    "transform": result_path("stage", "_to_mni.mat", stage="preprocessed", cohort="test"),
+    "anatomy": result_path("stage", "_A.nii.gz", stage="anatomy", cohort="test"),
+    "coarse": result_path("stage", "_Acoarse.nii.gz", stage="anatomy", cohort="test"),
+    "anatomy_settings": result_path("stage", "_A.json", stage="anatomy", cohort="test"),
+}
+
 # every harmonization reads the model, the scan, its mask and its anatomy maps (with the settings
 # they were made with, checked against the model's)
 HARMONIZE_INPUT = {
     "checkpoint": rules.train.output.checkpoint,
-    "image": "results/preprocessed/test/{site}/{scan}.nii.gz",
-    "mask": "results/preprocessed/test/{site}/{scan}_mask.nii.gz",
-    "anatomy": "results/anatomy/test/{site}/{scan}_A.nii.gz",
-    "coarse": "results/anatomy/test/{site}/{scan}_Acoarse.nii.gz",
-    "anatomy_settings": "results/anatomy/test/{site}/{scan}_A.json",
+    **{k: TEST_SCAN[k] for k in ("image", "mask", "anatomy", "coarse", "anatomy_settings")},
     "settings": "results/config/harmonize.yaml",
 }
 
 
 HARMONIZE_OUTPUT = {
-    "image": "results/harmonized/diffusion/{target}/{site}/{scan}.nii.gz",
-    "provenance": "results/harmonized/diffusion/{target}/{site}/{scan}.json",
+    "image": result_path("harmonized", ".nii.gz", method="diffusion"),
+    "provenance": result_path("harmonized", ".json", method="diffusion"),
 }
 
 
@@ -112,11 +118,11 @@ rule histmatch_reference:
 
 rule histmatch:
     input:
-        image="results/preprocessed/test/{site}/{scan}.nii.gz",
-        mask="results/preprocessed/test/{site}/{scan}_mask.nii.gz",
+        image=TEST_SCAN["image"],
+        mask=TEST_SCAN["mask"],
         reference=rules.histmatch_reference.output[0],
     output:
-        "results/harmonized/histmatch/{target}/{site}/{scan}.nii.gz",
+        result_path("harmonized", ".nii.gz", method="histmatch"),
     log:
         "results/logs/harmonize/histmatch/{target}/{site}/{scan}.log",
     benchmark:
@@ -137,10 +143,10 @@ rule import_external:
         image=lambda wildcards: EXTERNAL[wildcards.method]["pattern"].format(
             scan_id=wildcards.scan, site=wildcards.site, subject=SCANS.loc[wildcards.scan, "subject"]
         ),
-        mask="results/preprocessed/test/{site}/{scan}_mask.nii.gz",
-        transform="results/preprocessed/test/{site}/{scan}_to_mni.mat",
+        mask=TEST_SCAN["mask"],
+        transform=TEST_SCAN["transform"],
     output:
-        "results/harmonized/{method}/{target}/{site}/{scan}.nii.gz",
+        result_path("harmonized", ".nii.gz"),
     log:
         "results/logs/harmonize/{method}/{target}/{site}/{scan}.log",
     benchmark:
@@ -182,10 +188,8 @@ rule bids_image:
     input:
         unpack(bids_source),
     output:
-        mni=f"{LAYOUT.derivatives_root()}/sub-{{sub}}/ses-site{{ses}}/anat/"
-        f"sub-{{sub}}_ses-site{{ses}}_space-MNI152NLin2009aSym_desc-harmonizedTO{{tgt}}_T1w.nii.gz",
-        native=f"{LAYOUT.derivatives_root()}/sub-{{sub}}/ses-site{{ses}}/anat/"
-        f"sub-{{sub}}_ses-site{{ses}}_desc-harmonizedTO{{tgt}}_T1w.nii.gz",
+        mni=result_path("derivative", derivative_suffixes()[0]),
+        native=result_path("derivative", derivative_suffixes()[1]),
     log:
         "results/logs/derivatives/sub-{sub}_ses-site{ses}_to{tgt}.log",
     benchmark:

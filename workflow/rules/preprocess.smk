@@ -5,11 +5,11 @@ rule preprocess:
         readable="results/qc/raw_scans.tsv",
         hdbet_weights=hdbet_weight_files(),
     output:
-        image="results/preprocessed/{cohort}/{site}/{scan}.nii.gz",
-        checks="results/preprocessed/{cohort}/{site}/{scan}.json",
-        mask="results/preprocessed/{cohort}/{site}/{scan}_mask.nii.gz",
-        transform="results/preprocessed/{cohort}/{site}/{scan}_to_mni.mat",
-        qc="results/qc/{cohort}/{site}/{scan}_qc.png",
+        image=result_path("stage", ".nii.gz", stage="preprocessed"),
+        checks=result_path("stage", ".json", stage="preprocessed"),
+        mask=result_path("stage", "_mask.nii.gz", stage="preprocessed"),
+        transform=result_path("stage", "_to_mni.mat", stage="preprocessed"),
+        qc=result_path("stage", "_qc.png", stage="qc"),
     log:
         "results/logs/preprocess/{cohort}/{site}/{scan}.log",
     benchmark:
