@@ -26,6 +26,8 @@ import yaml
 
 GUIDANCES = ("none", "cfg", "cfgpp")
 PREDICTIONS = ("eps", "v", "x0")
+SKULLSTRIPS = ("ants", "hdbet")
+REGISTRATIONS = ("affine", "rigid")
 
 
 # what a key does besides setting its stage, as field metadata (`setting(..., roles=...)`); the
@@ -60,6 +62,13 @@ def section(cls, help: str):
     return field(default_factory=cls, metadata={"help": help})
 
 
+def _optional_of(hint):
+    """X for a hint `X | None` (Optional[X]), else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(hint) if a is not type(None)][0]
+    return None
+
+
 def keys_with_role(cls, role: str) -> tuple[str, ...]:
     """The fields of section `cls` that have `role` (ROLES)."""
     if role not in ROLES:
@@ -89,9 +98,8 @@ def _kind(hint) -> str:
         return "a number"
     if hint is str:
         return "a string"
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return f"{_kind(inner[0])} or null"
+    if _optional_of(hint) is not None:
+        return f"{_kind(_optional_of(hint))} or null"
     if origin in (list, tuple):
         item = _kind(args[0])
         return f"a list of {'numbers' if item == 'a number' else item + 's' if not item.startswith('a ') else item[2:] + 's'}"
@@ -110,11 +118,8 @@ def _check(value, hint, rules: dict, where: str, nullable: bool = False):
     def fail(extra=""):
         raise ConfigError(f"{where} must be {_kind(hint)}{extra}{' or null' if nullable else ''}, got {value!r}")
 
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _check(value, inner, rules, where, nullable=True)
+    if _optional_of(hint) is not None:
+        return None if value is None else _check(value, _optional_of(hint), rules, where, nullable=True)
     if dataclasses.is_dataclass(hint):
         return load_section(hint, value, where)
     if origin is dict:
@@ -315,10 +320,10 @@ HDBET_FILES = ("dataset.json", "plans.json", "fold_all/checkpoint_final.pth")
 class PreprocessConfig(Section):
     where: typing.ClassVar[str] = "preprocess"
     skullstrip: str = setting("ants", "ants (template-based, runs everywhere) | hdbet (HD-BET 2, needs weights at "
-                              "hdbet_weights; the paper names no skull-stripping tool)", choices=("ants", "hdbet"))
+                              "hdbet_weights; the paper names no skull-stripping tool)", choices=SKULLSTRIPS)
     hdbet_weights: str = setting("resources/hd-bet", "HD-BET 2 model folder (dataset.json, plans.json, "
                                  "fold_all/checkpoint_final.pth); never downloaded")
-    registration: str = setting("affine", "to MNI152: affine (the paper) | rigid", choices=("affine", "rigid"))
+    registration: str = setting("affine", "to MNI152: affine (the paper) | rigid", choices=REGISTRATIONS)
     seed: int = setting(0, "ANTs' random seed", minimum=0, maximum=2**31 - 1)
     threads: int = setting(1, "ANTs is reproducible only single-threaded: run scans in parallel", minimum=1,
                            roles=("per_job",))
@@ -569,9 +574,7 @@ def add_setting_options(parser: argparse.ArgumentParser, *sections, skip: tuple[
             if f.name in seen:
                 continue
             seen.add(f.name)
-            hint = hints[f.name]
-            if typing.get_origin(hint) in (typing.Union, types.UnionType):
-                hint = [a for a in typing.get_args(hint) if a is not type(None)][0]
+            hint = _optional_of(hints[f.name]) or hints[f.name]
             options = {"default": None, "help": f.metadata.get("help", "").replace("%", "%%")}
             if hint is bool:
                 options["action"] = "store_true"
@@ -618,8 +621,8 @@ def settings_text(config: dict, stage: str) -> str:
 
 def _schema(hint, rules: dict) -> dict:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        inner = _schema([a for a in args if a is not type(None)][0], rules)
+    if _optional_of(hint) is not None:
+        inner = _schema(_optional_of(hint), rules)
         inner["type"] = [inner["type"], "null"]
         return inner
     if dataclasses.is_dataclass(hint):

@@ -30,6 +30,7 @@ class NoiseSchedule:
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod)
         self.num_train_timesteps = len(self.alphas_cumprod)
         self._double = self.alphas_cumprod.double()
+        self._on_device = {}  # (device, float64?) -> alpha-bar there: a training step indexes it in place
 
     @classmethod
     def linear(cls, num_train_timesteps: int = 1000) -> NoiseSchedule:
@@ -43,13 +44,22 @@ class NoiseSchedule:
         """a_t as a float; t = -1 is the clean end (a = 1, as MONAI's `set_alpha_to_one`)."""
         return 1.0 if t < 0 else float(self._double[int(t)])
 
+    def _alphas_on(self, device, double: bool = True) -> torch.Tensor:
+        key = (str(device), double)
+        if key not in self._on_device:
+            self._on_device[key] = (self._double if double else self.alphas_cumprod).to(device)
+        return self._on_device[key]
+
     def _coefficients(self, t, like: torch.Tensor):
         """(sqrt(a_t), sqrt(1 - a_t)) computed in float64, cast to `like`, shaped to broadcast over a batch
-        (t a (B,) tensor) or over everything (t an int)."""
-        a = self._double[torch.as_tensor(t, dtype=torch.long).cpu()]
+        (t a (B,) tensor, indexed on its own device) or over everything (t an int)."""
+        if isinstance(t, torch.Tensor):
+            a = self._alphas_on(t.device)[t]
+        else:
+            a = self._double[int(t)]
         shape = (-1,) + (1,) * (like.dim() - 1) if a.dim() else ()
-        return (a.sqrt().to(like.dtype).to(like.device).view(shape),
-                (1 - a).sqrt().to(like.dtype).to(like.device).view(shape))
+        return (a.sqrt().to(like.device, like.dtype).view(shape),
+                (1 - a).sqrt().to(like.device, like.dtype).view(shape))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """q(x_t | x0) at a given noise; t is one timestep or one per batch element."""
@@ -81,7 +91,7 @@ class NoiseSchedule:
 
     def loss_weight(self, prediction: str, weighting: str, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
         """Per-sample loss weights: 1 (`none`) or min-SNR-gamma for the target (`min_snr`)."""
-        a = self.alphas_cumprod.to(t.device)[t]
+        a = self._alphas_on(t.device, double=False)[t]
         if weighting == "none":
             return torch.ones_like(a)
         snr = a / (1 - a)

@@ -20,7 +20,7 @@ import pandas as pd
 
 from harmodiff import stats
 from harmodiff.combat import combat_ratios
-from harmodiff.io import check_outputs_or_exit, write_text
+from harmodiff.io import check_outputs_or_exit, write_table
 from harmodiff.layout import add_list_options, resolve_lists
 
 TISSUES = ("gm", "wm")
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             df = add_combat(df, a.combat_reference)
     else:
         df = ttests(pd.read_csv(a.ratios), a.reference)
-    write_text(df.to_csv(index=False, float_format="%.6g"), a.output)
+    write_table(df, a.output)
     print(df.to_string(index=False))
     return 0
 

@@ -29,9 +29,8 @@ from harmodiff import anatomy as anat
 from harmodiff import sample as smp
 from harmodiff.config import ConfigError, HarmonizeConfig, add_setting_options, load_settings
 from harmodiff.diffusion import NoiseSchedule
-from harmodiff.io import one_line_errors
-from harmodiff.io import (InputError, file_sha256, json_sidecar, load_image, load_mask, outputs_together,
-                          save_image, write_json)
+from harmodiff.io import (InputError, file_sha256, json_sidecar, load_image, load_mask, one_line_errors,
+                          outputs_together, save_image, write_json)
 from harmodiff.antsio import to_native
 from harmodiff.model import NULL_LABEL, ModelRecord
 from harmodiff.patches import extract, fuse, grid_positions, hann_window
@@ -274,8 +273,6 @@ def extra_runs(output: str, settings: HarmonizeConfig, run_options) -> list[tupl
     SCALE SEED), each the job's settings with that run's guidance, scale and seed ('-' keeps the job's)."""
     runs = [(output, settings)]
     for run_output, guidance, scale, seed in run_options:
-        if guidance != "-" and guidance not in smp.GUIDANCES:
-            raise InputError(f"--run {run_output}: guidance {guidance!r} is not one of {', '.join(smp.GUIDANCES)}")
         try:
             changed = {"guidance": settings.guidance if guidance == "-" else guidance,
                        "scale": settings.scale if scale == "-" else float(scale),
@@ -283,7 +280,7 @@ def extra_runs(output: str, settings: HarmonizeConfig, run_options) -> list[tupl
         except ValueError:
             raise InputError(f"--run {run_output}: scale {scale!r} must be a number and seed {seed!r} an "
                              "integer") from None
-        try:  # replace checks the run's settings under the job's rules (finite scale, seed range)
+        try:  # replace checks the run's settings under the job's rules (a known guidance, finite scale, seed range)
             runs.append((run_output, dataclasses.replace(settings, **changed)))
         except ConfigError as exc:
             raise InputError(f"--run {run_output}: {exc}") from None

@@ -23,6 +23,19 @@ class InputError(ValueError):
     """A user-supplied file or value is unusable; the message names it and says why."""
 
 
+# every table the workflow writes: no index, 6 significant digits
+TABLE_FLOAT_FORMAT = "%.6g"
+
+
+def table_text(df) -> str:
+    """A DataFrame as the workflow writes every CSV table."""
+    return df.to_csv(index=False, float_format=TABLE_FLOAT_FORMAT)
+
+
+def write_table(df, path) -> None:
+    write_text(table_text(df), path)
+
+
 def one_line_errors(main):
     """A stage's CLI entry point: an InputError or ConfigError (a file or setting the user gave is
     unusable) becomes one `error: ...` line on stderr and exit status 2, not a traceback."""

@@ -30,7 +30,7 @@ import pandas as pd
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from harmodiff.io import InputError, check_outputs_or_exit, load_image, load_mask, write_text
+from harmodiff.io import InputError, check_outputs_or_exit, load_image, load_mask, write_table
 from harmodiff.intensity import MEDIAN_TARGET, median_normalize
 from harmodiff.layout import add_list_options, resolve_lists
 
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    write_text(df.to_csv(index=False, float_format="%.6g"), a.output)
+    write_table(df, a.output)
     print(df.to_string(index=False))
     return 0
 

@@ -33,14 +33,11 @@ from scipy import ndimage
 
 from harmodiff.intensity import median_normalize
 from harmodiff.antsio import _ants, set_threads, to_ants
-from harmodiff.io import one_line_errors
-from harmodiff.io import (InputError, atomic_path, file_sha256, job_tempdir, json_sidecar, load_image, outputs_together,
-                          save_image, write_json)
-from harmodiff.config import HDBET_FILES, GridConfig, PreprocessConfig, add_setting_options, load_settings
+from harmodiff.io import (InputError, atomic_path, file_sha256, job_tempdir, json_sidecar, load_image, one_line_errors,
+                          outputs_together, save_image, write_json)
+from harmodiff.config import HDBET_FILES, REGISTRATIONS, GridConfig, PreprocessConfig, add_setting_options, load_settings
 from harmodiff.templates import mni_images, working_grid
 
-SKULLSTRIP_BACKENDS = ("ants", "hdbet")
-REGISTRATIONS = ("affine", "rigid")
 
 
 def _seed(seed: int) -> None:
@@ -318,10 +315,9 @@ def preprocess(paths: PreprocessPaths, grid: GridConfig, settings: PreprocessCon
         if skullstrip == "ants":
             brain_mask, initial, provenance["skullstrip_linear_stage"] = skullstrip_ants(image, seed=seed)
         else:
-            weights = hdbet_weights
-            brain_mask = skullstrip_hdbet(input_path, weights, device=device, threads=settings.threads)
-            provenance["hdbet_weights"] = str(weights)
-            provenance["hdbet_weights_sha256"] = hdbet_weights_sha256(weights)
+            brain_mask = skullstrip_hdbet(input_path, hdbet_weights, device=device, threads=settings.threads)
+            provenance["hdbet_weights"] = str(hdbet_weights)
+            provenance["hdbet_weights_sha256"] = hdbet_weights_sha256(hdbet_weights)
         if brain_mask.numpy().sum() == 0:
             raise InputError(f"{input_path}: skull stripping found no brain")
         corrected = n4(image, brain_mask)

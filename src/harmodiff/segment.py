@@ -30,8 +30,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from harmodiff.io import one_line_errors
-from harmodiff.io import InputError, check_outputs, job_tempdir, load_image, load_mask, save_image, write_json
+from harmodiff.io import (InputError, check_outputs, job_tempdir, load_image, load_mask, one_line_errors, save_image,
+                          write_json)
 from harmodiff.templates import mni_images
 
 TISSUES = ("gm", "wm", "csf")

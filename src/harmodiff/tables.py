@@ -26,7 +26,7 @@ import pandas as pd
 
 from harmodiff import stats
 from harmodiff.evaluate import FRACTIONS, TISSUES, collect_ratios, truth_errors
-from harmodiff.io import check_outputs, one_line_errors, write_text
+from harmodiff.io import check_outputs, one_line_errors, table_text, write_table, write_text
 from harmodiff.layout import add_list_options, parse_sweep_method, read_manifest, resolve_lists
 from harmodiff.metrics import preprocessing_scores, summarize, truth_similarity
 
@@ -41,11 +41,6 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
-
-
-def write_table(df: pd.DataFrame, path) -> None:
-    """A table as the workflow writes every CSV: no index, 6 significant digits."""
-    write_text(df.to_csv(index=False, float_format="%.6g"), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +155,7 @@ def truth_tables(ratios: pd.DataFrame, truth: pd.DataFrame, similarity: pd.DataF
     pre.insert(0, "scan_id", list(preprocessing["scan_id"]))
     # the summary is of the similarity table as written (6 significant digits), so that it can be
     # recomputed from the published CSV to the last digit
-    written = pd.read_csv(io.StringIO(scores.to_csv(index=False, float_format="%.6g")))
+    written = pd.read_csv(io.StringIO(table_text(scores)))
     return {"ratios": truth_errors(ratios, truth, target_truth), "similarity": scores,
             "summary": truth_summary(written), "preprocessing": pre}
 

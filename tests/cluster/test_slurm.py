@@ -45,11 +45,16 @@ def _sbatch_calls(log):
     return calls
 
 
+def _job_counts(log: str) -> dict[str, int]:
+    """rule -> jobs, from the "Job stats:" table Snakemake prints."""
+    stats = log.split("Job stats:")[1].split("\n\n")[0]
+    return {p[0]: int(p[1]) for p in (line.split() for line in stats.splitlines()[3:]) if len(p) == 2 and p[1].isdigit()}
+
+
 def test_every_job_ran_as_a_slurm_job(cluster_run):
     wd, log, ctld = cluster_run
     submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", log)
-    stats = log.split("Job stats:")[1].split("\n\n")[0]
-    counts = {p[0]: int(p[1]) for p in (line.split() for line in stats.splitlines()[3:]) if len(p) == 2 and p[1].isdigit()}
+    counts = _job_counts(log)
     # local rules: all runs nothing; manifest and training_settings write a small file inside Snakemake
     n_jobs = counts["total"] - sum(counts.get(rule, 0) for rule in ("all", "manifest", "training_settings", "stage_settings"))
     assert counts.get("manifest", 0) >= 5
@@ -106,10 +111,9 @@ def test_jobs_rerun_locally_give_the_cluster_results(cluster_run, tmp_path):
     for rel in RERUN:
         (local / rel).unlink()
     proc = snakemake(local, *RERUN, "--cores", "2", "--configfile", str(ROOT / "config/test.yaml"))
-    stats = (proc.stdout + proc.stderr).split("Job stats:")[1].split("\n\n")[0]
-    ran = {p[0]: int(p[1]) for p in (line.split() for line in stats.splitlines()[3:]) if len(p) == 2 and p[1].isdigit()}
+    ran = _job_counts(proc.stdout + proc.stderr)
     assert ran == {"anatomy": 1, "train": 1, "harmonize": 1, "harmonize_all_settings": 1, "segment": 1,
-                   "leakage": 1, "total": 6}, stats
+                   "leakage": 1, "total": 6}, ran
     for rel, how in RERUN.items():
         ours, theirs = local / rel, wd / rel
         if how == "equal":
