@@ -8,6 +8,7 @@ import io
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 from harmodiff import config as hc
@@ -48,16 +49,18 @@ def test_counts_and_seeds_have_upper_bounds():
                                          (["--strength", "nan"], "harmonize.strength must be a finite number"),
                                          (["--steps", "1000000"], "harmonize.steps must be in (0, 100,000]"),
                                          (["--seed", str(2**65)], "harmonize.seed must be in [0, 4,294,967,295]"),
-                                         (["--run", "{out}/r.nii.gz", "-", "nan", "-"], "harmonize.scale must be a finite")])
+                                         (["--runs", "{out}/runs.tsv"], "harmonize.scale must be a finite")])
 def test_harmonize_refuses_a_bad_number_in_one_line_before_any_work(tmp_path, capsys, flags, words):
     """Before the checkpoint (here: none) or the scan is read."""
     flags = [f.format(out=tmp_path) for f in flags]
+    pd.DataFrame({"main_output": [str(tmp_path / "h.nii.gz")], "output": [str(tmp_path / "r.nii.gz")], "guidance": [""],
+                  "scale": ["nan"], "seed": [""]}).to_csv(tmp_path / "runs.tsv", sep="\t", index=False)
     code = harmonize.main(["--checkpoint", str(tmp_path / "none.pt"), "--input", str(tmp_path / "x.nii.gz"),
                            "--mask", str(tmp_path / "m.nii.gz"), "--target-site", "A",
                            "--output", str(tmp_path / "h.nii.gz"), *flags])
     err = capsys.readouterr().err.strip()
     assert code == 2 and words in err and err.count("\n") == 0 and "none.pt" not in err
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["runs.tsv"]
 
 
 def test_steps_beyond_the_models_schedule_are_one_line():

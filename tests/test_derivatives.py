@@ -1,4 +1,4 @@
-"""BIDS-Derivatives naming and sidecars (harmodiff.derivatives, Layout.derivative_images)."""
+"""BIDS-Derivatives naming and sidecars (harmodiff.derivatives, RunPlan.derivative_images)."""
 
 import json
 
@@ -11,7 +11,7 @@ import yaml
 from conftest import ROOT
 from harmodiff import derivatives, layout
 from harmodiff.io import InputError
-from harmodiff.layout import Layout
+from harmodiff.plan import RunPlan
 from harmodiff.workflow_support import scan_table
 
 
@@ -28,7 +28,7 @@ def test_a_name_without_letters_or_digits_is_refused():
 
 def test_derivative_names_follow_the_scan_and_target():
     config = yaml.safe_load((ROOT / "config/test.yaml").read_text())
-    lay = Layout(config, scan_table(config))
+    lay = RunPlan(config, scan_table(config))
     mni, native = lay.derivative_images("TRA", "TSB", "sub-ts02_ses-TSB")
     assert mni == ("results/derivatives/harmodiff/sub-ts02/ses-siteTSB/anat/"
                    "sub-ts02_ses-siteTSB_space-MNI152NLin2009aSym_desc-harmonizedTOTRA_T1w.nii.gz")
@@ -43,7 +43,7 @@ def test_two_scans_with_one_bids_name_are_an_error():
     clash = test.iloc[:1].copy()
     clash.index = ["sub-ts01_ses-TSA_run2"]
     clash["scan_id"] = clash.index
-    lay = Layout(config, pd.concat([scans, clash]))
+    lay = RunPlan(config, pd.concat([scans, clash]))
     with pytest.raises(InputError, match="would share one BIDS name"):
         _ = lay.bids_index
 

@@ -134,6 +134,6 @@ def test_figure2_keeps_the_sites_in_the_order_given(tmp_path, monkeypatch):
     monkeypatch.setattr(figures, "_save", lambda fig, outputs: drawn.update(
         titles=[ax.get_title() for ax in fig.axes if ax.get_title()],
         difference=float(fig.axes[2].images[0].get_array().mean())))
-    figures.figure2(images, methods, sites, "sub-01", [tmp_path / "f.png"])
+    figures.figure2(pd.DataFrame({"image": images, "method": methods, "site": sites}), "sub-01", [tmp_path / "f.png"])
     assert drawn["titles"][:3] == ["preprocessed: KUS", "preprocessed: ATV", "ATV - KUS"]
     assert drawn["difference"] == 200.0

@@ -3,6 +3,7 @@ from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -176,16 +177,20 @@ def test_cli_writes_input_header_and_start_from_source_uses_fewer_passes(tmp_pat
 
 
 def test_one_job_with_runs_writes_what_a_job_per_setting_writes(tmp_path, scan):
-    """The workflow's sweep subjects: the main setting plus --run settings in one process equal
-    one process per setting, file for file, and each sidecar records its own setting."""
+    """The workflow's sweep subjects: the main setting plus the runs manifest's settings in one process
+    equal one process per setting, file for file, and each sidecar records its own setting; the rows
+    of another job's output are not this job's."""
     import json
 
     args, _ = _saved_case(tmp_path, scan)
     # from the noised source (an untrained model's output from pure noise is not finite)
     job = [*args, "--steps", "4", "--start-from", "source", "--strength", "0.5", "--seed-key", "scan-1"]
-    assert hz.main([*job, "--output", str(tmp_path / "main.nii.gz"),
-                    "--run", str(tmp_path / "cfg.nii.gz"), "cfg", "2", "-",
-                    "--run", str(tmp_path / "seed3.nii.gz"), "-", "-", "3"]) == 0
+    main = str(tmp_path / "main.nii.gz")
+    runs = _runs(tmp_path / "runs.tsv", [(main, tmp_path / "cfg.nii.gz", "cfg", "2", ""),
+                                         (main, tmp_path / "seed3.nii.gz", "", "", "3"),
+                                         (tmp_path / "other.nii.gz", tmp_path / "not_mine.nii.gz", "cfg", "1", "")])
+    assert hz.main([*job, "--output", main, "--runs", runs]) == 0
+    assert not (tmp_path / "not_mine.nii.gz").exists()
     alone = {"main": [], "cfg": ["--guidance", "cfg", "--scale", "2"], "seed3": ["--seed", "3"]}
     for name, options in alone.items():
         assert hz.main([*job, *options, "--output", str(tmp_path / f"{name}_alone.nii.gz")]) == 0
@@ -203,11 +208,17 @@ def test_one_job_with_runs_writes_what_a_job_per_setting_writes(tmp_path, scan):
     main, seed3 = (nib.load(str(tmp_path / f"{n}.nii.gz")).get_fdata() for n in ("main", "seed3"))
     assert np.isfinite(main).all() and main.max() > 100 and np.abs(main - seed3).max() > 1
     # a bad run is refused before anything is written
-    assert hz.main([*job, "--output", str(tmp_path / "m2.nii.gz"), "--run", str(tmp_path / "r.nii.gz"),
-                    "cfg+", "1", "-"]) == 2
-    assert hz.main([*job, "--output", str(tmp_path / "m2.nii.gz"), "--run", str(tmp_path / "m2.nii.gz"),
-                    "cfg", "1", "-"]) == 2
+    m2 = str(tmp_path / "m2.nii.gz")
+    for row in [(m2, tmp_path / "r.nii.gz", "cfg+", "1", ""), (m2, m2, "cfg", "1", ""),
+                (m2, tmp_path / "r.nii.gz", "", "x", "")]:
+        assert hz.main([*job, "--output", m2, "--runs", _runs(tmp_path / "bad.tsv", [row])]) == 2
     assert not list(tmp_path.glob("m2*")) and not list(tmp_path.glob("r.*"))
+
+
+def _runs(path, rows) -> str:
+    """A runs manifest (main_output, output, guidance, scale, seed) with these rows."""
+    pd.DataFrame([[str(v) for v in row] for row in rows], columns=hz.RUN_COLUMNS).to_csv(path, sep="\t", index=False)
+    return str(path)
 
 
 def test_native_output_follows_the_inverse_of_the_saved_transform(tmp_path):

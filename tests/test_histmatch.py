@@ -39,12 +39,12 @@ def test_empty_inputs_are_clear_errors():
         histmatch.histogram_match(np.ones((3, 3, 3)), np.zeros((3, 3, 3), bool), np.ones(5))
 
 
-def test_cli_reports_unpaired_references(tmp_path, capsys):
+def test_cli_reports_a_reference_without_its_mask(tmp_path, capsys):
+    (tmp_path / "refs.tsv").write_text("image\tmask\nr1.nii.gz\tm1.nii.gz\nr2.nii.gz\t\n")
     with pytest.raises(SystemExit) as exit_info:
-        histmatch.main(["reference", "--images", "r1.nii.gz", "r2.nii.gz", "--masks", "m1.nii.gz",
-                        "--output", str(tmp_path / "ref.npy")])
+        histmatch.main(["reference", "--manifest", str(tmp_path / "refs.tsv"), "--output", str(tmp_path / "ref.npy")])
     assert exit_info.value.code == 2
-    assert "the lists need the same number of entries: --images 2, --masks 1" in capsys.readouterr().err
+    assert f"{tmp_path / 'refs.tsv'}: line 3: empty 'mask'" in capsys.readouterr().err
     assert not (tmp_path / "ref.npy").exists()
 
 
@@ -61,9 +61,9 @@ def test_cli_reference_then_match_equals_the_function(tmp_path, capsys):
         nib.save(nib.Nifti1Image(mask.astype(np.uint8), aff), str(tmp_path / f"{name}_mask.nii.gz"))
         paths[name] = (data, mask)
     ref = str(tmp_path / "ref.npy")
-    assert histmatch.main(["reference", "--images", *(str(tmp_path / f"{n}.nii.gz") for n in ("r1", "r2")),
-                           "--masks", *(str(tmp_path / f"{n}_mask.nii.gz") for n in ("r1", "r2")),
-                           "--output", ref]) == 0
+    (tmp_path / "refs.tsv").write_text("image\tmask\n" + "".join(
+        f"{tmp_path / n}.nii.gz\t{tmp_path / n}_mask.nii.gz\n" for n in ("r1", "r2")))
+    assert histmatch.main(["reference", "--manifest", str(tmp_path / "refs.tsv"), "--output", ref]) == 0
     out = str(tmp_path / "out.nii.gz")
     assert histmatch.main(["match", "--input", str(tmp_path / "scan.nii.gz"), "--mask",
                            str(tmp_path / "scan_mask.nii.gz"), "--reference", ref, "--output", out]) == 0

@@ -182,13 +182,20 @@ def test_readable_reads_voxel_data_and_names_every_bad_scan(tmp_path, capsys):
     assert report["problem"][0] == "" and "NaN" in report["problem"][1] and report["problem"][2] != ""
     out = tmp_path / "report.tsv"
     with pytest.raises(SystemExit) as info:
-        scans.main(["readable", "--scan-ids", "g", "n", "--images", str(tmp_path / "good.nii.gz"),
-                    str(tmp_path / "nan.nii.gz"), "--output", str(out)])
+        scans.main(["readable", "--manifest", _listing(tmp_path / "both.tsv", {"g": "good", "n": "nan"}),
+                    "--output", str(out)])
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and err.startswith("error: 1 of 2 scans cannot be used:") and "nan.nii.gz" in err
     assert not out.exists()
-    assert scans.main(["readable", "--scan-ids", "g", "--images", str(tmp_path / "good.nii.gz"), "--output", str(out)]) == 0
+    assert scans.main(["readable", "--manifest", _listing(tmp_path / "good.tsv", {"g": "good"}), "--output", str(out)]) == 0
     assert out.read_text().splitlines()[1].split("\t")[2] == "6x6x6"
+
+
+def _listing(path, scans: dict) -> str:
+    """A raw_scans manifest (scan_id, image) of the scans {id: name} beside it."""
+    pd.DataFrame({"scan_id": list(scans), "image": [str(path.parent / f"{n}.nii.gz") for n in scans.values()]}).to_csv(
+        path, sep="\t", index=False)
+    return str(path)
 
 
 HOSTILE = ["$(touch PWNED)", "`touch PWNED`", "a;touch PWNED", "a b", "a\nb", "-rf"]
@@ -331,13 +338,13 @@ def test_a_bids_study_runs_as_the_test_cohort_with_a_training_sheet_or_a_pretrai
 
 
 def test_histmatch_without_training_scans_at_the_target_is_one_line():
-    from harmodiff.layout import Layout
+    from harmodiff.plan import RunPlan
 
     table = pd.DataFrame({"scan_id": ["a", "b"], "subject": ["s1", "s1"], "site": ["A", "B"],
                           "cohort": ["test", "test"], "path": ["a", "b"]}).set_index("scan_id", drop=False)
     config = {"cohort": {"source": "bids"}, "target_sites": ["TRA"], "harmonize": {"guidance": "cfgpp", "scale": 0.6},
               "evaluation": {"methods": ["preprocessed", "diffusion", "histmatch"]}}
     with pytest.raises(InputError, match=r"evaluation.methods: histmatch .* target site TRA has none here"):
-        Layout(config, table)
+        RunPlan(config, table)
     config["evaluation"]["methods"] = ["preprocessed", "diffusion", "combat"]
-    assert Layout(config, table).methods == ["preprocessed", "diffusion", "combat"]
+    assert RunPlan(config, table).methods == ["preprocessed", "diffusion", "combat"]

@@ -4,6 +4,7 @@ import socket
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -282,9 +283,10 @@ def test_exported_model_is_checked_against_the_config_before_it_stands_in_for_tr
         grid = {"spacing": spacing, "shape": [24, 24, 24], "patch_shape": [16, 16, 16]}
         cfg = {"model": TINY.to_dict(), "train": train_settings, "grid": grid, "anatomy": {}}
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-        args = ["--config", str(tmp_path / "c.yaml"), "--images", *map(str, paths),
-                "--masks", *[str(p).replace(".nii", "_mask.nii") for p in paths], "--sites", *sites,
-                "--output-dir", str(tmp_path / "state"), "--export-dir", str(tmp_path / "out"),
+        scans = _training_manifest(tmp_path / "scans.tsv", [(p, str(p).replace(".nii", "_mask.nii"), s)
+                                                            for p, s in zip(paths, sites)])
+        args = ["--config", str(tmp_path / "c.yaml"), "--manifest", scans, "--output-dir", str(tmp_path / "state"),
+                "--export-dir", str(tmp_path / "out"),
                 "--pretrained", str(shipped), "--pretrained-sha256", sha]
         return tr.main(args)
 
@@ -449,8 +451,7 @@ def test_a_sigkilled_training_resumes_bit_identically(tmp_path):
                         "spatial_augmentation": False}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     args = [sys.executable, "-m", "harmodiff.train", "--config", str(tmp_path / "c.yaml"), "--threads", "1",
-            "--device", "cpu", "--images", *(str(p[0]) for p in paths), "--masks", *(str(p[1]) for p in paths),
-            "--sites", *(p[2] for p in paths), "--resume", "--output-dir"]
+            "--device", "cpu", "--manifest", _training_manifest(tmp_path / "scans.tsv", paths), "--resume", "--output-dir"]
     subprocess.run([*args, str(tmp_path / "straight")], check=True, capture_output=True, timeout=600)
     killed_at = None
     for attempt in range(5):  # until a kill lands while training runs
@@ -499,3 +500,10 @@ def test_training_records_its_voxel_size_and_refuses_mixed_grids(tmp_path):
     nib.save(nib.Nifti1Image(vols[1].mask.astype(np.uint8), np.diag([3.0, 3.0, 3.0, 1.0])), str(paths[1][1]))
     with pytest.raises(tr.InputError, match="training scans are on 2 different grids"):
         tr.load_volumes([p for p, _ in paths], [m for _, m in paths], ["A", "B"])
+
+
+def _training_manifest(path, scans) -> str:
+    """The train manifest (image, mask, site) of these (image, mask, site) triples."""
+    pd.DataFrame([[str(v) for v in scan] for scan in scans], columns=["image", "mask", "site"]).to_csv(
+        path, sep="\t", index=False)
+    return str(path)

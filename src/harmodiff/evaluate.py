@@ -21,19 +21,20 @@ import pandas as pd
 from harmodiff import stats
 from harmodiff.combat import combat_ratios
 from harmodiff.io import check_outputs_or_exit, write_table
-from harmodiff.layout import add_list_options, resolve_lists
+from harmodiff.manifests import add_manifest_option
 
 TISSUES = ("gm", "wm")
 FRACTIONS = ("posterior", "unmix")  # = segment.FRACTIONS (not imported: the stats env has no ANTs stack)
 
 
-def collect_ratios(volumes, methods, targets, scan_ids, subjects, sites) -> pd.DataFrame:
+def collect_ratios(segmentations: pd.DataFrame) -> pd.DataFrame:
+    """One row per segmentation (its method, target, scan_id, subject, site) with the tissue volumes and
+    ratios of its `volumes` file."""
     rows = []
-    for path, method, target, scan_id, subject, site in zip(volumes, methods, targets, scan_ids, subjects, sites,
-                                                            strict=True):
-        with open(path) as f:
+    for r in segmentations.to_dict("records"):
+        with open(r["volumes"]) as f:
             v = json.load(f)
-        rows.append({"method": method, "target": target, "scan_id": scan_id, "subject": subject, "site": site, **v})
+        rows.append({k: r[k] for k in ("method", "target", "scan_id", "subject", "site")} | v)
     return pd.DataFrame(rows)
 
 
@@ -100,17 +101,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.evaluate", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("ratios")
-    add_list_options(r, ("volumes", "method", "target", "scan_id", "subject", "site"))
+    add_manifest_option(r, ("volumes", "method", "target", "scan_id", "subject", "site"))
     r.add_argument("--combat-reference", help="add the ComBat baseline, mapped onto this site when present")
     t = sub.add_parser("ttests")
     t.add_argument("--reference", required=True)
     t.add_argument("--ratios", required=True)
     for q in (r, t):
         q.add_argument("--output", required=True)
-    a = resolve_lists(p, p.parse_args(argv))
+    a = p.parse_args(argv)
     check_outputs_or_exit([a.output], inputs=[getattr(a, "ratios", None)])
     if a.cmd == "ratios":
-        df = collect_ratios(a.volumes, a.methods, a.targets, a.scan_ids, a.subjects, a.sites)
+        df = collect_ratios(a.manifest)
         if a.combat_reference:
             df = add_combat(df, a.combat_reference)
     else:

@@ -1,6 +1,7 @@
 """Figures of the evaluation (the paper's Figure 2 and Figure 3; the loss curve). The tables are `harmodiff.tables`.
 
-    python -m harmodiff.figures figure2 --images ... --methods ... --sites ... --subject S --output F.png [F.pdf]
+    python -m harmodiff.figures figure2 --manifest FIGURE2.tsv --subject S --output F.png [F.pdf]
+        (the manifest's columns: image, method, site)
     python -m harmodiff.figures figure3 --ratios tissue_ratios.csv --ttests ttests.csv --reference SITE \
         --output F.png [F.pdf]
     python -m harmodiff.figures loss --loss loss.csv --output F.png [F.pdf]
@@ -19,7 +20,7 @@ import pandas as pd
 from harmodiff.io import InputError, atomic_path, check_outputs_or_exit, load_image, one_line_errors
 from harmodiff.metrics import DATA_RANGE
 from harmodiff.plotting import plot_loss
-from harmodiff.layout import add_list_options, resolve_lists
+from harmodiff.manifests import add_manifest_option
 
 GUIDANCE_LABELS = {"none": "no guidance", "cfg": "CFG w", "cfgpp": "CFG++ lambda"}
 
@@ -39,16 +40,16 @@ def _plt():
     return plt
 
 
-def figure2(images: list[str], methods: list[str], sites: list[str], subject: str, outputs) -> None:
+def figure2(entries: pd.DataFrame, subject: str, outputs) -> None:
     """Central axial slice of one subject at two sites, one row per method, plus their difference.
 
-    `methods` are row labels, `method` or `method:target`."""
+    `entries`: image, method (the row label, `method` or `method:target`) and site."""
     plt = _plt()
-    order = list(dict.fromkeys(methods))
-    two = list(dict.fromkeys(sites))[:2]  # evaluation.figure_sites, in the order given (the paper: ATV, KUS)
+    order = list(dict.fromkeys(entries["method"]))
+    two = list(dict.fromkeys(entries["site"]))[:2]  # evaluation.figure_sites, in the order given (the paper: ATV, KUS)
     if len(two) < 2:
         raise InputError(f"figure 2: subject {subject} needs scans from two sites, got {two}")
-    lookup = {(m, s): p for p, m, s in zip(images, methods, sites, strict=True)}
+    lookup = {(r.method, r.site): r.image for r in entries.itertuples()}
     fig, axes = plt.subplots(len(order), 3, figsize=(7.5, 2.6 * len(order)), squeeze=False)
     for i, method in enumerate(order):
         vols = [np.asarray(load_image(lookup[(method, s)]).dataobj, np.float32) for s in two]
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.figures", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     f2 = sub.add_parser("figure2")
-    add_list_options(f2, ("image", "method", "site"))
+    add_manifest_option(f2, ("image", "method", "site"))
     f2.add_argument("--subject", required=True)
     f3 = sub.add_parser("figure3")
     f3.add_argument("--ratios", required=True)
@@ -119,10 +120,10 @@ def main(argv=None) -> int:
     lo.add_argument("--loss", required=True)
     for q in (f2, f3, lo):
         q.add_argument("--output", nargs="+", required=True, help="one path per format (.png, .pdf)")
-    a = resolve_lists(p, p.parse_args(argv))
+    a = p.parse_args(argv)
     check_outputs_or_exit(a.output, inputs=[getattr(a, n, None) for n in ("ratios", "ttests", "loss")])
     if a.cmd == "figure2":
-        figure2(a.images, a.methods, a.sites, a.subject, a.output)
+        figure2(a.manifest, a.subject, a.output)
     elif a.cmd == "figure3":
         figure3(pd.read_csv(a.ratios), pd.read_csv(a.ttests), a.reference, a.output)
     else:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import torch
 
 from harmodiff import anatomy as anat
@@ -35,6 +36,7 @@ from harmodiff.antsio import to_native
 from harmodiff.model import NULL_LABEL, ModelRecord
 from harmodiff.patches import extract, fuse, grid_positions, hann_window
 from harmodiff.intensity import MEDIAN_TARGET, from_model_units, to_model_units
+from harmodiff.manifests import add_manifest_option
 
 
 def match_source_stats(patch: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -268,26 +270,30 @@ def scan_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def extra_runs(output: str, settings: HarmonizeConfig, run_options) -> list[tuple[str, HarmonizeConfig]]:
-    """The job's harmonizations as (output, settings): its own, then one per --run (OUTPUT GUIDANCE
-    SCALE SEED), each the job's settings with that run's guidance, scale and seed ('-' keeps the job's)."""
-    runs = [(output, settings)]
-    for run_output, guidance, scale, seed in run_options:
+RUN_COLUMNS = ("main_output", "output", "guidance", "scale", "seed")
+
+
+def extra_runs(output: str, settings: HarmonizeConfig, runs: pd.DataFrame | None) -> list[tuple[str, HarmonizeConfig]]:
+    """The job's harmonizations as (output, settings): its own, then each row of the runs manifest whose
+    main_output is this job's output, the job's settings with that row's guidance, scale and seed (an
+    empty value keeps the job's)."""
+    jobs = [(output, settings)]
+    rows = [] if runs is None else runs[runs["main_output"] == output].to_dict("records")
+    where = "" if runs is None else runs.attrs.get("path", "runs manifest")
+    for row in rows:
         try:
-            changed = {"guidance": settings.guidance if guidance == "-" else guidance,
-                       "scale": settings.scale if scale == "-" else float(scale),
-                       "seed": settings.seed if seed == "-" else int(seed)}
+            changed = {k: kind(row[k]) for k, kind in (("guidance", str), ("scale", float), ("seed", int)) if row[k]}
         except ValueError:
-            raise InputError(f"--run {run_output}: scale {scale!r} must be a number and seed {seed!r} an "
-                             "integer") from None
+            raise InputError(f"{where}: run {row['output']}: scale {row['scale']!r} must be a number and seed "
+                             f"{row['seed']!r} an integer") from None
         try:  # replace checks the run's settings under the job's rules (a known guidance, finite scale, seed range)
-            runs.append((run_output, dataclasses.replace(settings, **changed)))
+            jobs.append((row["output"], dataclasses.replace(settings, **changed)))
         except ConfigError as exc:
-            raise InputError(f"--run {run_output}: {exc}") from None
-    outputs = [o for o, _ in runs]
+            raise InputError(f"{where}: run {row['output']}: {exc}") from None
+    outputs = [o for o, _ in jobs]
     if len(set(outputs)) < len(outputs):
         raise InputError(f"two harmonizations would write one file: {sorted(o for o in outputs if outputs.count(o) > 1)[0]}")
-    return runs
+    return jobs
 
 
 @one_line_errors
@@ -310,9 +316,9 @@ def main(argv=None) -> int:
     p.add_argument("--native-reference", help="the raw scan (native grid), with --native")
     p.add_argument("--transform", help="the preprocessing's *_to_mni.mat, with --native")
     p.add_argument("--native-output", help="with --native")
-    p.add_argument("--run", nargs=4, action="append", default=[], metavar=("OUTPUT", "GUIDANCE", "SCALE", "SEED"),
-                   help="one more harmonization of the scan under one model load (the guidance sweep, other run "
-                   "seeds): its output, guidance, scale and run seed, '-' for this job's; repeatable")
+    add_manifest_option(p, RUN_COLUMNS, option="--runs", required=False, may_be_empty=("guidance", "scale", "seed"),
+                        help="more harmonizations of the scan under one model load (the guidance sweep, other run "
+                        "seeds): the rows whose main_output is --output; an empty guidance, scale or seed is this job's")
     a = p.parse_args(argv)
     from harmodiff.model import load_model_for_inference
 
@@ -321,7 +327,7 @@ def main(argv=None) -> int:
     settings = load_settings(HarmonizeConfig, a.config, a)
     if a.threads:
         torch.set_num_threads(a.threads)
-    runs = extra_runs(a.output, settings, a.run)
+    runs = extra_runs(a.output, settings, a.runs)
     outputs = [o for o, _ in runs]
     if a.native and not (a.native_reference and a.transform and a.native_output):
         raise InputError("--native needs --native-reference, --transform and --native-output")

@@ -1,7 +1,7 @@
 """Histogram matching to a target site: the classical image-level baseline.
 
-    python -m harmodiff.histmatch reference --images TRA1.nii.gz ... --masks TRA1_mask.nii.gz ... \
-        --output TRA_reference.npy
+    python -m harmodiff.histmatch reference --manifest TRA_TRAINING.tsv --output TRA_reference.npy
+        (the manifest's columns: image, mask: the target site's preprocessed training scans)
     python -m harmodiff.histmatch match --input PRE.nii.gz --mask MASK.nii.gz --reference TRA_reference.npy \
         --output OUT.nii.gz
 
@@ -20,7 +20,7 @@ import numpy as np
 from skimage.exposure import match_histograms
 
 from harmodiff.io import InputError, atomic_path, check_outputs, load_image, load_mask, save_image, one_line_errors
-from harmodiff.layout import add_list_options, resolve_lists
+from harmodiff.manifests import add_manifest_option, listed_files
 
 QUANTILES_PER_SCAN = 4096
 
@@ -58,18 +58,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.histmatch", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("reference", help="pool the target site's training brains into one distribution (.npy)")
-    add_list_options(r, ("image", "mask"))  # the target site's preprocessed training scans
+    add_manifest_option(r, ("image", "mask"), help="the target site's preprocessed training scans")
     r.add_argument("--output", required=True)
     m = sub.add_parser("match", help="match one brain's histogram to a reference distribution")
     m.add_argument("--input", required=True)
     m.add_argument("--mask", required=True)
     m.add_argument("--reference", required=True, help="written by `histmatch reference`")
     m.add_argument("--output", required=True)
-    a = resolve_lists(p, p.parse_args(argv))
+    a = p.parse_args(argv)
     if a.command == "reference":
-        check_outputs([a.output], inputs=[*a.images, *a.masks])
+        check_outputs([a.output], inputs=listed_files(a.manifest))
         refs, ref_masks = [], []
-        for ri, rm in zip(a.images, a.masks):
+        for ri, rm in zip(a.manifest["image"], a.manifest["mask"]):
             img = load_image(ri)
             refs.append(np.asarray(img.dataobj, np.float32))
             ref_masks.append(load_mask(rm, like=img))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from harmodiff.io import check_outputs_or_exit, load_image, load_mask, write_text
-from harmodiff.layout import add_list_options, resolve_lists
+from harmodiff.manifests import add_manifest_option, listed_files
 
 HIST_BINS = 32
 IMAGE_RANGE = (0.0, 1500.0)  # preprocessed images: brain median 500
@@ -69,12 +69,13 @@ def leakage_table(images, masks, anatomies, sites, folds: int = 3) -> pd.DataFra
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.leakage", description=__doc__.split("\n")[0])
-    add_list_options(p, ("image", "mask", "anatomy", "site"))
+    add_manifest_option(p, ("image", "mask", "anatomy", "site"))
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--output", required=True)
-    a = resolve_lists(p, p.parse_args(argv))
-    check_outputs_or_exit([a.output], inputs=[*a.images, *a.masks, *a.anatomy])
-    table = leakage_table(a.images, a.masks, a.anatomy, a.sites, a.folds)
+    a = p.parse_args(argv)
+    scans = a.manifest
+    check_outputs_or_exit([a.output], inputs=listed_files(scans))
+    table = leakage_table(list(scans["image"]), list(scans["mask"]), list(scans["anatomy"]), list(scans["site"]), a.folds)
     write_text(table.to_csv(index=False, float_format="%.4f"), a.output)
     print(table.to_string(index=False))
     return 0

@@ -1,7 +1,7 @@
 """Image similarity for the evaluation: SSIM and PSNR (scikit-image), across sites and vs truth.
 
-    python -m harmodiff.metrics pairs --images ... --masks ... --methods ... --targets ... \
-        --subjects ... --sites ... --output similarity_pairs.csv
+    python -m harmodiff.metrics pairs --manifest SIMILARITY.tsv --output similarity_pairs.csv
+        (the manifest's columns: image, mask, method, target, subject, site)
     python -m harmodiff.metrics truth-image --truth T --truth-mask TM --like SCAN --output O --mask-output OM
 
 `pairs` compares the volumes of the same subject from every two sites (per method and target),
@@ -32,7 +32,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from harmodiff.io import InputError, check_outputs_or_exit, load_image, load_mask, write_table
 from harmodiff.intensity import MEDIAN_TARGET, median_normalize
-from harmodiff.layout import add_list_options, resolve_lists
+from harmodiff.manifests import add_manifest_option
 
 DATA_RANGE = 2.0 * MEDIAN_TARGET
 
@@ -144,9 +144,9 @@ def main(argv=None) -> int:
     image = sub.add_parser("truth-image", help="a truth rendering on a scan's working grid (median 500) + its mask")
     for name in ("truth", "truth-mask", "like", "output", "mask-output"):
         image.add_argument(f"--{name}", required=True)
-    add_list_options(pairs, ("image", "mask", "method", "target", "subject", "site"))
+    add_manifest_option(pairs, ("image", "mask", "method", "target", "subject", "site"))
     pairs.add_argument("--output", required=True)
-    a = resolve_lists(p, p.parse_args(argv))
+    a = p.parse_args(argv)
     check_outputs_or_exit([a.output, getattr(a, "mask_output", None)],
                           inputs=[getattr(a, n, None) for n in ("truth", "truth_mask", "like")])
     try:
@@ -158,9 +158,7 @@ def main(argv=None) -> int:
             save_image(truth_on_grid(a.truth, like, mask), like.affine, a.output)
             save_image(mask, like.affine, a.mask_output, dtype=np.uint8)
             return 0
-        entries = pd.DataFrame({"image": a.images, "mask": a.masks, "method": a.methods, "target": a.targets,
-                                "subject": a.subjects, "site": a.sites})
-        df = pairwise_similarity(entries)
+        df = pairwise_similarity(a.manifest)
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ import pandas as pd
 import yaml
 
 from harmodiff.io import InputError, check_outputs, not_a_file, write_text
-from harmodiff.layout import add_list_options, resolve_lists
+from harmodiff.manifests import add_manifest_option
 
 COLUMNS = ["scan_id", "subject", "site", "cohort", "path"]
 
@@ -291,18 +291,18 @@ def main(argv=None) -> int:
     b.add_argument("--cohort", choices=["train", "test"], default="test")
     b.add_argument("--cohort-column", help="column of sessions.tsv / participants.tsv saying train or test")
     u = sub.add_parser("readable", help="read every scan in full before any job starts; exit 2 naming the bad ones")
-    add_list_options(u, ("scan_id", "image"))
+    add_manifest_option(u, ("scan_id", "image"))
     u.add_argument("--output", required=True, help="TSV: scan_id path shape problem (written only when all pass)")
     r = sub.add_parser("srpbs", help="sheet of the SRPBS traveling-subject release")
     r.add_argument("root")
     r.add_argument("--cohort", choices=["train", "test"], default="test")
     for q in (s, b, r):
         q.add_argument("-o", "--output", required=True, help="TSV to write")
-    a = resolve_lists(p, p.parse_args(argv))
+    a = p.parse_args(argv)
     try:
         if a.cmd == "readable":
             check_outputs([a.output])
-            report = readable_report(a.scan_ids, a.images)
+            report = readable_report(list(a.manifest["scan_id"]), list(a.manifest["image"]))
             bad = report[report["problem"] != ""]
             if len(bad):
                 shown = "; ".join(f"{r.path}: {r.problem}" for r in bad.head(3).itertuples())

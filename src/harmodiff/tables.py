@@ -27,7 +27,8 @@ import pandas as pd
 from harmodiff import stats
 from harmodiff.evaluate import FRACTIONS, TISSUES, collect_ratios, truth_errors
 from harmodiff.io import check_outputs, one_line_errors, table_text, write_table, write_text
-from harmodiff.layout import add_list_options, parse_sweep_method, read_manifest, resolve_lists
+from harmodiff.layout import parse_sweep_method
+from harmodiff.manifests import add_manifest_option
 from harmodiff.metrics import preprocessing_scores, summarize, truth_similarity
 
 GUIDANCE_LABELS = {"none": "no guidance", "cfg": "CFG w", "cfgpp": "CFG++ lambda"}
@@ -144,8 +145,7 @@ def truth_tables(ratios: pd.DataFrame, truth: pd.DataFrame, similarity: pd.DataF
     `targets` (volumes, target, subject: each subject rendered noise-free at a target and segmented)."""
     target_truth = None
     if targets is not None and len(targets):
-        target_truth = collect_ratios(list(targets["volumes"]), ["truth"] * len(targets), list(targets["target"]),
-                                      list(targets["subject"]), list(targets["subject"]), list(targets["target"]))
+        target_truth = collect_ratios(targets.assign(method="truth", scan_id=targets["subject"], site=targets["target"]))
         keep = ["subject", "target"] + [f"{f}_{t}_ratio" for f in FRACTIONS for t in TISSUES]
         target_truth = target_truth[[c for c in keep if c in target_truth]]
     columns = ["image", "mask", "truth", "truth_mask"]
@@ -171,31 +171,30 @@ def main(argv=None) -> int:
     t1 = sub.add_parser("table1")
     t1.add_argument("--pairs", required=True)
     t1.add_argument("--sweep-methods", nargs="*", default=[])
-    add_list_options(t1, ("subject",), manifest="--sweep-manifest", required=False,
-                     options={"subject": "sweep-subjects"})
+    add_manifest_option(t1, ("subject",), option="--sweep-manifest", required=False,
+                        help="the sweep's subjects (default: every subject)")
     t2 = sub.add_parser("table2")
     t2.add_argument("--ratios", required=True)
     for q in (t1, t2):
         q.add_argument("--output-csv", required=True)
         q.add_argument("--output-md", required=True)
     tr = sub.add_parser("truth")
-    for name in ("ratios", "truth", "similarity-manifest", "preprocessing-manifest"):
+    for name in ("ratios", "truth"):
         tr.add_argument(f"--{name}", required=True)
-    tr.add_argument("--target-manifest", help="TSV (volumes, target, subject): the truth rendered at each target")
+    add_manifest_option(tr, ("image", "mask", "method", "target", "scan_id", "truth", "truth_mask"),
+                        option="--similarity-manifest", help="each image and the truth it is scored against")
+    add_manifest_option(tr, ("image", "mask", "scan_id", "truth", "truth_mask"), option="--preprocessing-manifest",
+                        help="each preprocessed scan and its subject's rendering")
+    add_manifest_option(tr, ("volumes", "target", "subject"), option="--target-manifest", required=False,
+                        help="the truth rendered at each target and segmented")
     for name in ("ratios", "similarity", "summary", "summary-md", "preprocessing"):
         tr.add_argument(f"--output-{name}", required=True)
-    a = resolve_lists(p, p.parse_args(argv))
+    a = p.parse_args(argv)
     if a.cmd == "truth":
         outputs = [a.output_ratios, a.output_similarity, a.output_summary, a.output_summary_md, a.output_preprocessing]
         manifests = [a.similarity_manifest, a.preprocessing_manifest, a.target_manifest]
-        check_outputs(outputs, inputs=[a.ratios, a.truth, *manifests])
-        tables = truth_tables(pd.read_csv(a.ratios), pd.read_csv(a.truth, sep="\t"),
-                              read_manifest(a.similarity_manifest, ["image", "mask", "method", "target", "scan_id",
-                                                                    "truth", "truth_mask"]),
-                              read_manifest(a.preprocessing_manifest, ["image", "mask", "scan_id", "truth",
-                                                                       "truth_mask"]),
-                              read_manifest(a.target_manifest, ["volumes", "target", "subject"])
-                              if a.target_manifest else None)
+        check_outputs(outputs, inputs=[a.ratios, a.truth, *(m.attrs["path"] for m in manifests if m is not None)])
+        tables = truth_tables(pd.read_csv(a.ratios), pd.read_csv(a.truth, sep="\t"), *manifests)
         for name, path in (("ratios", a.output_ratios), ("similarity", a.output_similarity),
                            ("summary", a.output_summary), ("preprocessing", a.output_preprocessing)):
             write_table(tables[name], path)
@@ -205,7 +204,8 @@ def main(argv=None) -> int:
         return 0
     check_outputs([a.output_csv, a.output_md], inputs=[getattr(a, "pairs", None), getattr(a, "ratios", None)])
     if a.cmd == "table1":
-        t = table1(pd.read_csv(a.pairs), a.sweep_methods, a.sweep_subjects)
+        subjects = [] if a.sweep_manifest is None else list(a.sweep_manifest["subject"])
+        t = table1(pd.read_csv(a.pairs), a.sweep_methods, subjects)
         markdown = table1_markdown(t)
     else:
         t = table2(pd.read_csv(a.ratios))

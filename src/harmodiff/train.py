@@ -47,7 +47,7 @@ from harmodiff import anatomy as anat
 from harmodiff.config import AnatomyConfig, GridConfig, TrainConfig, keys_with_role, read_config_file
 from harmodiff.diffusion import NoiseSchedule
 from harmodiff.io import InputError, atomic_path, file_sha256, load_image, load_mask, write_text, one_line_errors
-from harmodiff.layout import add_list_options, resolve_lists
+from harmodiff.manifests import add_manifest_option
 from harmodiff.plotting import plot_loss
 from harmodiff.model import (GRID_KEYS, NULL_LABEL, ModelConfig, SiteLabels, build_model, load_checkpoint,
                              require_harmodiff_checkpoint, save_checkpoint)
@@ -573,7 +573,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", help="workflow config YAML (its sections model, train, grid, anatomy are read)")
     p.add_argument("--scans", help="scan sheet; its train rows are used, images found under --preprocessed-dir")
     p.add_argument("--preprocessed-dir", default="results/preprocessed")
-    add_list_options(p, ("image", "mask", "site"), required=False)  # preprocessed training scans (or --scans)
+    add_manifest_option(p, ("image", "mask", "site"), required=False, help="the preprocessed training scans (or --scans)")
     p.add_argument("--output-dir", required=True, help="where checkpoint.pt, loss.csv and loss.png are kept up to date")
     p.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoint.pt if it exists")
     p.add_argument("--export-dir", help="when training ends, copy checkpoint.pt, loss.csv and loss.png here "
@@ -584,7 +584,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int)
-    a = resolve_lists(p, p.parse_args(argv))
+    a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
@@ -598,10 +598,12 @@ def main(argv=None) -> int:
             images = [base / r.cohort / r.site / f"{r.scan_id}.nii.gz" for r in sheet.itertuples()]
             masks = [base / r.cohort / r.site / f"{r.scan_id}_mask.nii.gz" for r in sheet.itertuples()]
             sites = list(sheet["site"])
+        elif a.manifest is not None:
+            images, masks, sites = (list(a.manifest[c]) for c in ("image", "mask", "site"))
         else:
-            images, masks, sites = a.images, a.masks, a.sites
+            images, masks, sites = [], [], []
         if not images and not a.pretrained:
-            raise InputError("no training scans: give --scans SHEET, --manifest FILE or --images/--masks/--sites "
+            raise InputError("no training scans: give --scans SHEET or --manifest FILE "
                              "(or --pretrained, a trained model)")
         model_cfg = ModelConfig.from_dict(config.get("model"))
         cfg = TrainConfig.from_dict(config.get("train"))

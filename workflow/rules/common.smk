@@ -8,7 +8,9 @@ sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
 from harmodiff.config import HDBET_FILES, ConfigError, WorkflowConfig, settings_text  # noqa: E402
 from harmodiff.io import json_sidecar, write_text  # noqa: E402
-from harmodiff.layout import Layout, derivative_suffixes, manifest_text, result_path  # noqa: E402
+from harmodiff.layout import derivative_suffixes, result_path  # noqa: E402
+from harmodiff.manifests import ManifestTables, manifest_text  # noqa: E402
+from harmodiff.plan import RunPlan  # noqa: E402
 from harmodiff.workflow_support import scan_table, synthetic_config  # noqa: E402
 from harmodiff.snakemake_patches import coalesce_reevaluation_timers  # noqa: E402
 
@@ -36,13 +38,11 @@ wildcard_constraints:
     scan="[A-Za-z0-9][A-Za-z0-9_.+-]*",
 
 
-LAYOUT = Layout(config, SCANS)
-EXTERNAL = LAYOUT.external
-METHODS = LAYOUT.methods
-stage_files = LAYOUT.stage_files
-image_methods = LAYOUT.image_methods
-sweep_settings = LAYOUT.sweep_settings
-test_mask = LAYOUT.test_mask
+PLAN = RunPlan(config, SCANS)  # what runs (harmodiff.plan)
+PATHS = PLAN.paths  # where its results go (harmodiff.layout)
+MANIFESTS = ManifestTables(PLAN)  # the lists of scans its jobs read (harmodiff.manifests)
+EXTERNAL = PLAN.external
+METHODS = PLAN.methods
 
 
 def raw_scan(wildcards):
@@ -60,21 +60,21 @@ def hdbet_weight_files():
 def manifest_inputs(name):
     """A job's inputs when it reads manifest `name`: the manifest, and the files it lists (so
     Snakemake knows what the job depends on; the command reads only the manifest)."""
-    return {"manifest": LAYOUT.manifest(name), "listed": LAYOUT.manifest_files(name)}
+    return {"manifest": PATHS.manifest(name), "listed": MANIFESTS.files(name)}
 
 
 def manifest_and_files(name):
-    return [LAYOUT.manifest(name), *LAYOUT.manifest_files(name)]
+    return [PATHS.manifest(name), *MANIFESTS.files(name)]
 
 
 def subject_grid_reference(wildcards):
     """A preprocessed scan of the subject: the working grid the truth is resampled onto."""
-    r = LAYOUT.subject_reference[wildcards.subject]
-    return LAYOUT.stage_file("preprocessed", "test", r.site, r.Index, ".nii.gz")
+    r = PLAN.subject_reference[wildcards.subject]
+    return PATHS.stage_file("preprocessed", "test", r.site, r.Index, ".nii.gz")
 
 
 def segment_input_image(wildcards):
-    return LAYOUT.method_image(wildcards.method, wildcards.target, wildcards.site, wildcards.scan)
+    return PATHS.method_image(wildcards.method, wildcards.target, wildcards.site, wildcards.scan)
 
 
 def pretrained_model():
@@ -94,23 +94,23 @@ def pretrained_args():
 
 def bids_source(wildcards):
     """The harmonized scan, raw scan and transform behind one derivative image name."""
-    target, site, scan = LAYOUT.bids_index[(wildcards.sub, wildcards.ses, wildcards.tgt)]
-    image = LAYOUT.method_image("diffusion", target, site, scan)
+    target, site, scan = PLAN.bids_index[(wildcards.sub, wildcards.ses, wildcards.tgt)]
+    image = PATHS.method_image("diffusion", target, site, scan)
     return {
         "harmonized": image,
         "provenance": str(json_sidecar(image)),
         "raw": SCANS.loc[scan, "path"],
-        "transform": LAYOUT.stage_file("preprocessed", "test", site, scan, "_to_mni.mat"),
+        "transform": PATHS.stage_file("preprocessed", "test", site, scan, "_to_mni.mat"),
     }
 
 
 def all_outputs():
     outputs = (
-        stage_files("preprocessed", ".nii.gz")
-        + stage_files("qc", "_qc.png")
-        + stage_files("anatomy", "_A.nii.gz")
+        PATHS.stage_files("preprocessed", ".nii.gz", SCANS)
+        + PATHS.stage_files("qc", "_qc.png", SCANS)
+        + PATHS.stage_files("anatomy", "_A.nii.gz", SCANS)
         + ["results/tables/leakage.csv", f"results/model/{config['train']['run']}/checkpoint.pt"]
-        + [f for m in image_methods() if m != "preprocessed" for f in LAYOUT.harmonized_files(m)]
+        + [f for m in PLAN.image_methods() if m != "preprocessed" for f in PLAN.harmonized_files(m)]
         + [
             f"results/tables/{t}"
             for t in (
@@ -124,7 +124,7 @@ def all_outputs():
             )
         ]
         + [f"results/figures/{f}.{ext}" for f in ("figure2", "figure3", "loss_curve") for ext in ("png", "pdf")]
-        + LAYOUT.derivative_files()
+        + PLAN.derivative_files()
     )
     if config["cohort"]["source"] == "synthetic":
         outputs += [f"results/tables/truth_{t}.csv" for t in ("ratios", "similarity", "preprocessing")]

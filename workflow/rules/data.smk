@@ -32,14 +32,14 @@ rule manifest:
     benchmark:
         "results/benchmarks/manifest/{name}.tsv"
     wildcard_constraints:
-        name="|".join(re.escape(name) for name in LAYOUT.manifest_names()),
+        name="|".join(re.escape(name) for name in MANIFESTS.names()),
     localrule: True
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
     params:
-        table=lambda wildcards: manifest_text(LAYOUT.manifest_table(wildcards.name)),
+        table=lambda wildcards: manifest_text(MANIFESTS.table(wildcards.name)),
     run:
         write_text(params.table, output[0])
 

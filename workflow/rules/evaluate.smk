@@ -31,7 +31,7 @@ SEGMENT_SHELL = (
 rule segment:
     input:
         image=segment_input_image,
-        mask=lambda wildcards: test_mask(wildcards.site, wildcards.scan),
+        mask=lambda wildcards: PATHS.test_mask(wildcards.site, wildcards.scan),
     output:
         gm=result_path("segmentation", "_gm.nii.gz"),
         wm=result_path("segmentation", "_wm.nii.gz"),
@@ -71,7 +71,7 @@ rule tissue_ratios:
         mem_mb=1000,
         runtime=5,
     params:
-        combat=["--combat-reference", LAYOUT.reference_site] if "combat" in METHODS else [],
+        combat=["--combat-reference", PLAN.reference_site] if "combat" in METHODS else [],
     shell:
         "python -m harmodiff.evaluate ratios --manifest {input.manifest:q} {params.combat:q} "
         "--output {output:q} > {log:q} 2>&1"
@@ -93,7 +93,7 @@ rule ttests:
         mem_mb=1000,
         runtime=5,
     params:
-        reference=LAYOUT.reference_site,
+        reference=PLAN.reference_site,
     shell:
         "python -m harmodiff.evaluate ttests --ratios {input:q} --reference {params.reference:q} "
         "--output {output:q} > {log:q} 2>&1"
@@ -142,7 +142,7 @@ rule similarity:
 rule table1:
     input:
         pairs="results/tables/similarity_pairs.csv",
-        subjects=LAYOUT.manifest("sweep_subjects"),
+        subjects=PATHS.manifest("sweep_subjects"),
     output:
         csv=report("results/tables/table1.csv", caption="../report/table1.rst", category="Tables"),
         markdown="results/tables/table1.md",
@@ -157,7 +157,7 @@ rule table1:
         mem_mb=1000,
         runtime=5,
     params:
-        sweep=[name for _, _, name in sweep_settings()],
+        sweep=[name for _, _, name in PLAN.sweep_settings()],
     shell:
         "python -m harmodiff.tables table1 --pairs {input.pairs:q} --sweep-methods {params.sweep:q} "
         "--sweep-manifest {input.subjects:q} --output-csv {output.csv:q} --output-md {output.markdown:q} > {log:q} 2>&1"
@@ -237,9 +237,9 @@ rule truth_scores:
         mem_mb=4000,
         runtime=30,
     params:
-        similarity=LAYOUT.manifest("truth_similarity"),
-        targets=LAYOUT.manifest("truth_targets"),
-        preprocessing=LAYOUT.manifest("truth_preprocessing"),
+        similarity=PATHS.manifest("truth_similarity"),
+        targets=PATHS.manifest("truth_targets"),
+        preprocessing=PATHS.manifest("truth_preprocessing"),
     shell:
         "python -m harmodiff.tables truth --ratios {input.ratios:q} --truth {input.truth:q} "
         "--similarity-manifest {params.similarity:q} --preprocessing-manifest {params.preprocessing:q} "
@@ -265,7 +265,7 @@ rule figure2:
         mem_mb=2000,
         runtime=5,
     params:
-        subject=LAYOUT.figure_subject(),
+        subject=PLAN.figure_subject(),
     shell:
         "python -m harmodiff.figures figure2 --manifest {input.manifest:q} --subject {params.subject:q} "
         "--output {output.png:q} {output.pdf:q} > {log:q} 2>&1"
@@ -289,7 +289,7 @@ rule figure3:
         mem_mb=2000,
         runtime=5,
     params:
-        reference=LAYOUT.reference_site,
+        reference=PLAN.reference_site,
     shell:
         "python -m harmodiff.figures figure3 --ratios {input.ratios:q} --ttests {input.ttests:q} "
         "--reference {params.reference:q} --output {output.png:q} {output.pdf:q} > {log:q} 2>&1"

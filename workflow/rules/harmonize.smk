@@ -1,6 +1,6 @@
 HARMONIZE = config["harmonize"]
 # the settings come from results/config/harmonize.yaml; a job adds only what is its own (params.runs:
-# the further settings it harmonizes the scan with)
+# the runs manifest of the further settings it harmonizes the scan with)
 HARMONIZE_SHELL = (
     "python -m harmodiff.harmonize --config {input.settings:q} --checkpoint {input.checkpoint:q} "
     "--input {input.image:q} --mask {input.mask:q} --anatomy {input.anatomy:q} --coarse {input.coarse:q} "
@@ -59,8 +59,8 @@ rule harmonize:
 # a sweep subject's scan: the main setting, Table 1's other guidance settings and the main setting
 # under other run seeds (config evaluation.guidance_sweep), in one job with one model load (a
 # job per image spent ~9 of its ~13 s starting torch and MONAI)
-EXTRA_RUNS = LAYOUT.extra_runs()
-SWEEP_SCANS = LAYOUT.sweep_scans()
+EXTRA_RUNS = [run["output"] for run in PLAN.extra_runs()]
+SWEEP_SCANS = list(PLAN.sweep_scans().index)
 
 
 ruleorder: harmonize_all_settings > harmonize
@@ -69,10 +69,11 @@ ruleorder: harmonize_all_settings > harmonize
 rule harmonize_all_settings:
     input:
         **HARMONIZE_INPUT,
+        runs=PATHS.manifest("sweep_runs"),
     output:
         **HARMONIZE_OUTPUT,
-        **{f"run{i}": path for i, (path, *_) in enumerate(EXTRA_RUNS)},
-        **{f"run{i}_provenance": str(json_sidecar(path)) for i, (path, *_) in enumerate(EXTRA_RUNS)},
+        **{f"run{i}": path for i, path in enumerate(EXTRA_RUNS)},
+        **{f"run{i}_provenance": str(json_sidecar(path)) for i, path in enumerate(EXTRA_RUNS)},
     log:
         "results/logs/harmonize/all_settings/{target}/{site}/{scan}.log",
     benchmark:
@@ -87,11 +88,7 @@ rule harmonize_all_settings:
         runtime=120 * (1 + len(EXTRA_RUNS)),
         gpu=1,
     params:
-        runs=lambda wildcards, output: [
-            arg
-            for i, (_, guidance, scale, seed) in enumerate(EXTRA_RUNS)
-            for arg in ("--run", output[f"run{i}"], guidance, scale, seed)
-        ],
+        runs=lambda wildcards, input: ["--runs", input.runs],
     shell:
         HARMONIZE_SHELL
 
@@ -169,7 +166,7 @@ rule import_external:
 # the harmonized scans as a BIDS-Derivatives dataset (results/derivatives/harmodiff)
 rule bids_description:
     output:
-        f"{LAYOUT.derivatives_root()}/dataset_description.json",
+        f"{PATHS.derivatives_root()}/dataset_description.json",
     log:
         "results/logs/derivatives/dataset_description.log",
     benchmark:

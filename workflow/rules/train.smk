@@ -22,7 +22,7 @@ rule training_settings:
 
 
 # no training scans (a BIDS study with train.pretrained): the model is checked and exported alone
-TRAINING_SCANS = ["--manifest", LAYOUT.manifest("train")] if len(LAYOUT.train) else []
+TRAINING_SCANS = ["--manifest", PATHS.manifest("train")] if len(PLAN.train) else []
 
 
 rule train:
