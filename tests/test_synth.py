@@ -123,3 +123,27 @@ def test_atrophy_turns_the_outer_cortex_into_csf():
     np.testing.assert_array_equal(w2, wm)
     # whole voxels change class: few voxels are left as a GM / CSF mixture
     assert ((g2 > 0.05) & (g2 < 0.95)).sum() < 0.25 * (gm > 0).sum()
+
+
+def test_the_cli_renders_the_cohort_of_its_settings_file_with_options_on_top(tmp_path, monkeypatch, capsys):
+    """The workflow's results/config/synth.yaml (settings_text of the config) gives synth the config's
+    cohort.synthetic; an option overrides one key; a wrong key is one line naming the file."""
+    import yaml
+
+    from harmodiff.config import WorkflowConfig, settings_text
+    from conftest import ROOT
+
+    config = WorkflowConfig.from_dict(yaml.safe_load((ROOT / "config/test.yaml").read_text())).to_dict()
+    settings = tmp_path / "synth.yaml"
+    settings.write_text(settings_text(config, "synth"))
+    made = []
+    monkeypatch.setattr(synth, "generate", lambda out, cfg, progress: made.append(cfg) or pd.DataFrame())
+    assert synth.main([str(tmp_path / "out"), "--config", str(settings), "--test-subjects", "5"]) == 0
+    expected = {**config["cohort"]["synthetic"], "test_subjects": 5}
+    assert {k: made[0].to_dict()[k] for k in expected} == expected
+    assert made[0].warp_mm == synth.SynthConfig().warp_mm  # not a workflow setting: the module's default
+    settings.write_text("cohort:\n  synthetic:\n    test_subjets: 2\n")
+    capsys.readouterr()
+    assert synth.main([str(tmp_path / "out"), "--config", str(settings)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {settings}: cohort.synthetic: unknown key 'test_subjets'") and "\n" not in err

@@ -18,6 +18,9 @@ from scipy import ndimage
 
 from conftest import ROOT, dice, snakemake
 
+CONFIG = yaml.safe_load((ROOT / "config/test.yaml").read_text())
+
+
 def test_lint_is_clean(tmp_path):
     proc = snakemake(tmp_path, "--lint", "--configfile", str(ROOT / "config/test.yaml"))
     assert "Congratulations" in proc.stdout + proc.stderr
@@ -373,7 +376,7 @@ def test_e2e_derivatives_are_a_bids_dataset(e2e):
         meta = json.loads(Path(f.path.replace(".nii.gz", ".json")).read_text())
         prov = meta["Provenance"]
         assert prov["checkpoint_sha256"] == sha and prov["target_site"] == "TRA"
-        assert (prov["guidance"], prov["guidance_scale"], prov["steps"]) == ("cfgpp", 0.6, 2)
+        assert (prov["guidance"], prov["guidance_scale"], prov["steps"]) == ("cfgpp", 0.6, CONFIG["harmonize"]["steps"])
         assert {"start_from", "noise_seed", "harmodiff_version", "seed"} <= set(prov)
         assert f"sub-{f.entities['subject']}_ses-{f.entities['session'].removeprefix('site')}" in prov["source"]
     # the native image is on the raw scan's grid, the MNI one on the working grid

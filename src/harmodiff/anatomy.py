@@ -102,13 +102,11 @@ def anatomy_map(image: np.ndarray, mask: np.ndarray, *, alpha: float = _DEFAULT.
     return quantile_normalize(raw_anatomy(perturbed, alpha=alpha, sigma=sigma, terms=terms), mask, erosion=erosion)
 
 
-def anatomy_map_from_config(image: np.ndarray, mask: np.ndarray, anatomy_cfg: dict | None,
+def anatomy_map_from_config(image: np.ndarray, mask: np.ndarray, settings: AnatomyConfig,
                             log_gamma: float = 0.0) -> np.ndarray:
-    """`anatomy_map` with the settings of a config's `anatomy` section (training and inference)."""
-    cfg = anatomy_cfg or {}
-    cfg = AnatomyConfig.of(cfg)
-    return anatomy_map(image, mask, alpha=cfg.alpha, sigma=cfg.sigma, log_gamma=log_gamma,
-                       erosion=cfg.normalize_erosion)
+    """`anatomy_map` under a config's `anatomy` settings (training and inference)."""
+    return anatomy_map(image, mask, alpha=settings.alpha, sigma=settings.sigma, log_gamma=log_gamma,
+                       erosion=settings.normalize_erosion)
 
 
 def _trilinear(volume: np.ndarray, size) -> np.ndarray:
@@ -119,7 +117,7 @@ def _trilinear(volume: np.ndarray, size) -> np.ndarray:
     return F.interpolate(t, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
-def check_settings(anatomy_path, trained: dict, checkpoint) -> None:
+def check_settings(anatomy_path, trained: AnatomyConfig, checkpoint) -> None:
     """A file made with other anatomy settings than the model was trained with is an error naming
     both (a file without its settings JSON is taken as it is)."""
     recorded = json_sidecar(anatomy_path)
@@ -129,7 +127,7 @@ def check_settings(anatomy_path, trained: dict, checkpoint) -> None:
         made = AnatomyConfig.of(json.loads(recorded.read_text())["anatomy"]).to_dict()
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{recorded}: not an anatomy settings file ({exc})") from None
-    wanted = AnatomyConfig.of(trained).to_dict()
+    wanted = trained.to_dict()
     differ = [f"{k} {made[k]!r} (the model: {wanted[k]!r})" for k in made if made[k] != wanted[k]]
     if differ:
         raise InputError(f"{anatomy_path} was made with anatomy {', '.join(differ)}; the model {checkpoint} was "

@@ -530,7 +530,23 @@ class WorkflowConfig(Section):
 # the sections each stage's module reads from its --config file (the workflow writes them as
 # results/config/<stage>.yaml; a workflow config file works too)
 STAGE_SECTIONS = {"preprocess": ("grid", "preprocess"), "anatomy": ("grid", "anatomy"),
-                  "harmonize": ("harmonize",), "train": ("grid", "anatomy", "model", "train")}
+                  "harmonize": ("harmonize",), "train": ("grid", "anatomy", "model", "train"),
+                  "synth": ("cohort.synthetic",)}
+
+
+def section_at(data: dict, where: str):
+    """The section at a dotted place of a config mapping (`cohort.synthetic`), or None."""
+    for key in where.split("."):
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def section_class(where: str) -> type:
+    """The class of the workflow config's section at a dotted place."""
+    cls = WorkflowConfig
+    for key in where.split("."):
+        cls = typing.get_type_hints(cls)[key]
+    return cls
 
 
 def read_config_file(path) -> dict:
@@ -552,7 +568,7 @@ def load_settings(cls, path=None, given=None):
     """`cls`'s section of the config file at `path` (the class defaults without a file), with the
     options given on a command line on top: `given` is the parsed arguments, read by field name
     (an option left out is None), validated once by `cls`."""
-    data = dict(read_config_file(path).get(cls.where) or {}) if path else {}
+    data = dict(section_at(read_config_file(path), cls.where) or {}) if path else {}
     for f in dataclasses.fields(cls):
         if getattr(given, f.name, None) is not None:
             data[f.name] = getattr(given, f.name)
@@ -589,32 +605,21 @@ def add_setting_options(parser: argparse.ArgumentParser, *sections, skip: tuple[
             parser.add_argument("--" + f.name.replace("_", "-"), **options)
 
 
-def setting_arguments(section) -> list[str]:
-    """The command-line options that give `section`'s values back through `add_setting_options`,
-    field by field in order (a list: the shell quotes each)."""
-    args = []
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if value is None or value is False:
-            continue
-        if value is True:
-            args.append(flag)
-        elif isinstance(value, (list, tuple)):
-            args += [flag, *map(str, value)]
-        else:
-            args += [flag, str(value)]
-    return args
-
-
 def settings_text(config: dict, stage: str) -> str:
-    """The settings file of one stage (STAGE_SECTIONS) from a validated workflow config."""
-    sections = {name: config[name] for name in STAGE_SECTIONS[stage]}
-    if stage != "train":  # train-<run>.yaml keeps its keys as they were (its checkpoints record them)
-        classes = typing.get_type_hints(WorkflowConfig)
-        per_job = {name: keys_with_role(classes[name], "per_job") for name in sections}
-        sections = {name: {k: v for k, v in sec.items() if k not in per_job[name]} for name, sec in sections.items()}
-    return yaml.safe_dump(sections, sort_keys=False)
+    """The settings file of one stage (STAGE_SECTIONS) from a validated workflow config; a dotted
+    section (`cohort.synthetic`) keeps its place (`cohort: {synthetic: ...}`)."""
+    text: dict = {}
+    for where in STAGE_SECTIONS[stage]:
+        section = dict(section_at(config, where))
+        if stage != "train":  # train-<run>.yaml keeps its keys as they were (its checkpoints record them)
+            per_job = keys_with_role(section_class(where), "per_job")
+            section = {k: v for k, v in section.items() if k not in per_job}
+        *parents, name = where.split(".")
+        place = text
+        for parent in parents:
+            place = place.setdefault(parent, {})
+        place[name] = section
+    return yaml.safe_dump(text, sort_keys=False)
 
 
 # --- generated documents ----------------------------------------------------------------------

@@ -348,7 +348,7 @@ def main(argv=None) -> int:
         model, record = load_model_for_inference(a.checkpoint, a.device, use_ema=not a.no_ema)
         check_voxel_size(a.input, img, record.voxel_mm, a.checkpoint)
         if a.anatomy:
-            anat.check_settings(a.anatomy, record.config.get("anatomy"), a.checkpoint)
+            anat.check_settings(a.anatomy, record.anatomy, a.checkpoint)
         for k, (output, run) in enumerate(runs):
             seed = run.seed if a.seed_key is None else scan_seed(run.seed, a.seed_key)
             out, stats = harmonize_array(model, record, image, mask, a.target_site, run, seed=seed,

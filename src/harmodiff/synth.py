@@ -25,7 +25,6 @@ so the same seed gives the same bytes whatever order things are rendered in.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from harmodiff.config import SyntheticCohort, add_setting_options, setting
+from harmodiff.config import SyntheticCohort, add_setting_options, load_settings, setting
 from harmodiff.io import one_line_errors, save_image, write_json, write_text
 
 PAD_MM = 20.0  # room around the template brain for the synthetic CSF rim, skull and scalp
@@ -425,11 +424,12 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.synth", description=__doc__.split("\n")[0])
     p.add_argument("outdir", help="folder to write the cohort into")
-    add_setting_options(p, SyntheticCohort)  # the workflow's settings; the rest are the defaults
+    p.add_argument("--config", help="settings file (its cohort.synthetic section: the workflow's "
+                   "results/config/synth.yaml, or a workflow config); the options below override it")
+    add_setting_options(p, SynthConfig)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(SyntheticCohort) if getattr(a, f.name) is not None}
-    cfg = SynthConfig.from_dict(given)
+    cfg = load_settings(SynthConfig, a.config, a)
     sheet = generate(a.outdir, cfg, progress=not a.quiet)
     print(f"wrote {len(sheet)} scans to {a.outdir}")
     return 0

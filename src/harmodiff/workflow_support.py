@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from harmodiff import scans as scan_sheets
-from harmodiff.config import BidsCohort, SyntheticCohort, setting_arguments
+from harmodiff.config import BidsCohort
 from harmodiff.synth import SynthConfig, cohort_plan
 
 
@@ -23,12 +23,11 @@ def _synth(config: dict) -> SynthConfig | None:
 
 
 def synthetic_config(config: dict) -> dict | None:
-    """Paths (relative to results/synthetic) of the scans and of the truth files the evaluation
-    reads, and the CLI arguments of the synthetic cohort (a list, quoted one by one in the shell)."""
+    """Paths (relative to results/synthetic) of the scans and of the truth files the evaluation reads
+    (synth reads its settings from results/config/synth.yaml)."""
     cfg = _synth(config)
     if cfg is None:
         return None
-    args = setting_arguments(SyntheticCohort.from_dict(config["cohort"].get("synthetic")))  # the workflow's part
     plan = cohort_plan(cfg)
     test = plan[plan["cohort"] == "test"]
     train_sites = list(dict.fromkeys(plan.loc[plan["cohort"] == "train", "site"]))
@@ -36,7 +35,7 @@ def synthetic_config(config: dict) -> dict | None:
     truth = [f"truth/at_site/{site}/{subj}.nii.gz" for site in train_sites for subj in subjects]
     truth += [f"truth/subjects/{subj}_mask.nii.gz" for subj in dict.fromkeys(plan["subject"])]
     truth += [f"truth/rendered/{scan}.nii.gz" for scan in plan["scan_id"]]
-    return {"paths": list(plan["path"]), "truth": truth, "args": args}
+    return {"paths": list(plan["path"]), "truth": truth}
 
 
 def _keep(df: pd.DataFrame, column: str, wanted, key: str, source) -> pd.DataFrame:

@@ -2,6 +2,8 @@ SYNTH = synthetic_config(config)
 
 
 rule synth:
+    input:
+        settings="results/config/synth.yaml",
     output:
         sheet="results/synthetic/scans.tsv",
         scans=[f"results/synthetic/{p}" for p in SYNTH["paths"]] if SYNTH else [],
@@ -17,10 +19,8 @@ rule synth:
     resources:
         mem_mb=4000,
         runtime=30,
-    params:
-        args=SYNTH["args"] if SYNTH else [],
     shell:
-        "python -m harmodiff.synth results/synthetic {params.args:q} --quiet > {log:q} 2>&1"
+        "python -m harmodiff.synth results/synthetic --config {input.settings:q} --quiet > {log:q} 2>&1"
 
 
 # the per-scan lists jobs read, one TSV each (harmodiff.layout); rewritten when their rows change
@@ -54,7 +54,7 @@ rule stage_settings:
     benchmark:
         "results/benchmarks/stage_settings/{stage}.tsv"
     wildcard_constraints:
-        stage="preprocess|anatomy|harmonize",
+        stage="preprocess|anatomy|harmonize|synth",
     localrule: True
     threads: 1
     resources:
