@@ -71,8 +71,12 @@ def test_truth_summary_means_and_the_spread_over_seeds():
     rows += [{"method": "diffusion_seed1", "target": "T", "scan_id": "s0", "ssim": 0.8, "psnr": 0, "mae": 14.0},
              {"method": "diffusion_seed2", "target": "T", "scan_id": "s0", "ssim": 1.0, "psnr": 0, "mae": 18.0},
              {"method": "preprocessed", "target": "T", "scan_id": "s0", "ssim": 0.5, "psnr": 15, "mae": 50.0}]
+    detail = [0.9, 0.8, 0.7, 0.0, 0.0, 0.6]  # gradient_r: diffusion's three scans mean 0.8
+    rows = [{**r, "gradient_r": g, "detail_ratio": 2 * g} for r, g in zip(rows, detail)]
     out = tables.truth_summary(pd.DataFrame(rows)).set_index("method")
     assert list(out.index) == ["diffusion", "preprocessed"]  # replicates fold into their method's row
+    assert out.loc["diffusion", "gradient_r_mean"] == pytest.approx(0.8)
+    assert out.loc["diffusion", "detail_ratio_mean"] == pytest.approx(1.6)
     d = out.loc["diffusion"]
     assert d.scans == 3 and d.ssim_mean == pytest.approx(0.8) and d.mae_mean == pytest.approx(20.0)
     assert d.ssim_sd == pytest.approx(0.1) and d.psnr_mean == pytest.approx(21.0)
@@ -91,4 +95,23 @@ def test_truth_scores_mae_inside_the_true_brain():
     mask[2, 2, 2] = False
     scores = metrics.truth_scores(image, mask, truth, tm)
     assert scores["mae"] == pytest.approx((10 * (tm.sum() - 1) + 500) / tm.sum())
-    assert metrics.truth_scores(truth, tm, truth, tm) == {"ssim": pytest.approx(1.0), "psnr": np.inf, "mae": 0.0}
+    same = metrics.truth_scores(truth, tm, truth, tm)
+    assert {k: same[k] for k in ("ssim", "psnr", "mae")} == {"ssim": pytest.approx(1.0), "psnr": np.inf, "mae": 0.0}
+
+
+def test_detail_scores_tell_blur_and_noise_from_the_truth():
+    """The truth itself: r 1, ratio 1; a blurred copy: ratio well below 1; a noisy copy: ratio above 1;
+    both lower the gradient correlation."""
+    rng = np.random.default_rng(0)
+    truth = ndimage.gaussian_filter(rng.normal(500, 100, (32, 32, 32)), 1.0)
+    region = np.zeros(truth.shape, bool)
+    region[4:-4, 4:-4, 4:-4] = True
+    same = metrics.detail_scores(truth, truth, region)
+    assert same["gradient_r"] == pytest.approx(1.0) and same["detail_ratio"] == pytest.approx(1.0)
+    blurred = metrics.detail_scores(ndimage.gaussian_filter(truth, 1.5), truth, region)
+    noisy = metrics.detail_scores(truth + rng.normal(0, 20, truth.shape), truth, region)
+    assert blurred["detail_ratio"] < 0.3 and noisy["detail_ratio"] > 1.5
+    assert blurred["gradient_r"] < 0.95 and noisy["gradient_r"] < 0.95
+    # twice the image: the Laplacian's square scales by 4, the correlation does not move
+    scaled = metrics.detail_scores(2 * truth, truth, region)
+    assert scaled["detail_ratio"] == pytest.approx(4.0) and scaled["gradient_r"] == pytest.approx(1.0)

@@ -113,3 +113,27 @@ def test_mixed_model_r2_equals_r_performance(tmp_path, seed, n_subjects, sites, 
     ours = stats.mixed_model_r2(df)
     assert ours["marginal"] == pytest.approx(r_marginal, abs=5e-4)
     assert ours["conditional"] == pytest.approx(r_conditional, abs=5e-4)
+
+
+def test_traveling_icc_is_the_two_way_random_absolute_agreement_formula():
+    """A hand-computed case: 4 subjects at 3 sites; ICC(2,1) from the two-way ANOVA mean squares
+    (Shrout & Fleiss 1979), against pingouin through stats.traveling_icc; a site offset lowers it
+    (absolute agreement), subjects with a missing site are left out."""
+    y = np.array([[9.0, 2.0, 5.0], [6.0, 1.0, 3.0], [8.0, 4.0, 6.0], [7.0, 1.0, 2.0]])  # subjects x sites
+    n, k = y.shape
+    grand = y.mean()
+    ms_r = k * ((y.mean(1) - grand) ** 2).sum() / (n - 1)
+    ms_c = n * ((y.mean(0) - grand) ** 2).sum() / (k - 1)
+    sse = ((y - y.mean(1, keepdims=True) - y.mean(0, keepdims=True) + grand) ** 2).sum()
+    ms_e = sse / ((n - 1) * (k - 1))
+    expected = (ms_r - ms_e) / (ms_r + (k - 1) * ms_e + k * (ms_c - ms_e) / n)
+    df = pd.DataFrame([{"subject": f"s{i}", "site": f"S{j}", "ratio": y[i, j]} for i in range(n) for j in range(k)])
+    df = pd.concat([df, pd.DataFrame([{"subject": "s9", "site": "S0", "ratio": 100.0}])])  # one site only
+    out = stats.traveling_icc(df)
+    assert out["icc"] == pytest.approx(expected) and (out["subjects"], out["sites"]) == (4, 3)
+    assert out["ci_low"] < out["icc"] < out["ci_high"]
+    # every site measuring each subject alike: 1; the same with one site offset: lower (absolute agreement)
+    alike = pd.DataFrame([{"subject": f"s{i}", "site": f"S{j}", "ratio": y[i, 0]} for i in range(n) for j in range(k)])
+    assert stats.traveling_icc(alike)["icc"] == pytest.approx(1.0)
+    offset = alike.assign(ratio=alike.ratio + (alike.site == "S1") * 2.0)
+    assert stats.traveling_icc(offset)["icc"] < 0.8

@@ -4,7 +4,6 @@ The end-to-end run also scores preprocessing and the anatomy map against the syn
 """
 
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -253,9 +252,18 @@ def test_srpbs_config_builds_the_full_dag(tmp_path):
     assert counts["stage_settings"] == 3  # preprocess, anatomy, harmonize
     assert yaml.safe_load(settings_text(WorkflowConfig.from_dict(cfg).to_dict(), "harmonize"))["harmonize"]["bf16"]
     assert proc.stdout.count(" --bf16") == 0  # the command adds only what is the job's own
-    assert len(re.findall(r" --run results/sweep/cfg_[0-9.]+/TRAIN0/\S+ cfg [0-9.]+ -(?= )", proc.stdout)) == 97 * 5
-    assert len(re.findall(r" --run results/sweep/cfgpp_[0-9.]+/TRAIN0/\S+ cfgpp [0-9.]+ -(?= )", proc.stdout)) == 97 * 4
-    assert len(re.findall(r" --run results/seeds/[12]/TRAIN0/\S+ - - [12](?= )", proc.stdout)) == 97 * 2
+    # the further settings travel as one runs manifest, its rows keyed by the job's main output
+    from harmodiff.manifests import ManifestTables
+    from harmodiff.plan import RunPlan
+    from harmodiff.workflow_support import scan_table
+
+    assert proc.stdout.count(" --runs results/manifests/sweep_runs.tsv ") == 97
+    full = WorkflowConfig.from_dict(cfg).to_dict()
+    runs = ManifestTables(RunPlan(full, scan_table(full))).table("sweep_runs")
+    assert len(runs) == 97 * 11 and runs.groupby("main_output").size().eq(11).all()
+    assert runs.output.str.match(r"results/sweep/cfg_[0-9.]+/TRAIN0/").sum() == 97 * 5 == (runs.guidance == "cfg").sum()
+    assert runs.output.str.match(r"results/sweep/cfgpp_[0-9.]+/TRAIN0/").sum() == 97 * 4
+    assert runs.output.str.match(r"results/seeds/[12]/TRAIN0/").sum() == 97 * 2 == runs.seed.isin(["1", "2"]).sum()
     # every harmonization draws its scan's own noise field and reads the anatomy stage's maps
     assert proc.stdout.count(" --seed-key sub-") == 97
     assert proc.stdout.count(" --anatomy results/anatomy/test/") == 97
@@ -263,8 +271,8 @@ def test_srpbs_config_builds_the_full_dag(tmp_path):
     # single argument over 128 KiB; before the manifests, the similarity command was 215 KB)
     commands = [line for line in proc.stdout.splitlines() if line.startswith("Shell command:")]
     assert len(commands) > 800 and max(map(len, commands)) < 32 * 1024
-    assert counts["manifest"] == 8  # raw_scans, train, leakage, segmentations, similarity, figure2, sweep_subjects,
-    # histmatch-TRAIN0
+    assert counts["manifest"] == 9  # raw_scans, train, leakage, segmentations, similarity, figure2, sweep_subjects,
+    # histmatch-TRAIN0, sweep_runs
     assert counts["scans_readable"] == 1  # every scan read in full once, before any preprocessing
 
 
@@ -313,6 +321,17 @@ def test_e2e_evaluation_tables(e2e):
     assert set(errors[errors.method == "combat"].fractions) == {"posterior"}
     images = ratios[ratios.method != "combat"]
     np.testing.assert_allclose(images.gm_ratio, images.posterior_gm_ratio)
+
+    # the questions users ask: reproducible volumes (ICC), site still predictable, detail kept
+    icc = pd.read_csv(e2e / "results/tables/icc.csv")
+    assert sorted(set(icc.method)) == methods and set(icc.tissue) == {"GM", "WM"}
+    assert (icc.subjects == 2).all() and (icc.sites == 2).all() and icc.icc.between(-1, 1).all()
+    classifier = pd.read_csv(e2e / "results/tables/site_classifier.csv")
+    assert set(classifier.method) == {"preprocessed", "diffusion", "histmatch", "rawcopy"}  # not the 1-subject sweep
+    assert (classifier.chance == 0.5).all() and classifier.site_accuracy.between(0, 1).all()
+    assert truth.gradient_r.between(-1, 1).all() and (truth.detail_ratio > 0).all()
+    summary = pd.read_csv(e2e / "results/tables/truth_summary.csv")
+    assert {"gradient_r_mean", "detail_ratio_mean"} <= set(summary.columns)
 
 
 @pytest.mark.e2e

@@ -259,6 +259,10 @@ class SyntheticCohort(Section):
     render_spacing: float = setting(1.0, "mm; MNI grid the synthetic heads are rendered on", exclusive_minimum=0)
     native_spacing: tuple[float, float] = setting((1.8, 2.2), "mm; range of the scans' voxel sizes", length=2,
                                           items_exclusive_minimum=0)
+    site_model: str = setting("contrast", "how a site renders a subject: contrast (three tissue intensities and a "
+                              "power curve) | tissue (each voxel's T1 and proton density through an MPRAGE- or "
+                              "SPGR-like signal equation at 1.5 or 3 T, with thicker slices; docs/decisions.md)",
+                              choices=("contrast", "tissue"))
 
     def check(self):
         lo, hi = self.native_spacing

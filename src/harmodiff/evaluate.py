@@ -1,10 +1,12 @@
 """Evaluation tables from per-scan segmentations (paper sections 4 and 5).
 
-    python -m harmodiff.evaluate ratios --volumes V1.json ... --methods M ... --targets T ... \
-        --scan-ids S ... --subjects SUB ... --sites SITE ... [--combat-reference SITE] --output tissue_ratios.csv
+    python -m harmodiff.evaluate ratios --manifest SEGMENTATIONS.tsv [--combat-reference SITE] --output tissue_ratios.csv
+        (the manifest's columns: volumes, method, target, scan_id, subject, site)
     python -m harmodiff.evaluate ttests --ratios tissue_ratios.csv --reference KPM --output ttests.csv
+    python -m harmodiff.evaluate icc --ratios tissue_ratios.csv --output icc.csv
 
-`ttests` runs `stats.paired_site_tests` per method, target and tissue (GM, WM). `ratios` with
+`ttests` runs `stats.paired_site_tests` per method, target and tissue (GM, WM); `icc` the traveling
+subjects' `stats.traveling_icc`. `ratios` with
 `--combat-reference` adds the ComBat baseline: the preprocessed scans' ratios adjusted by
 `combat.combat_ratios` (reference site if it is among the scans' sites, else the pooled mean).
 `truth_errors` scores every method's ratios against the synthetic cohort's true ratios (its table is
@@ -97,6 +99,15 @@ def ttests(ratios: pd.DataFrame, reference: str) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
+def icc(ratios: pd.DataFrame) -> pd.DataFrame:
+    """Per method, target and tissue: how reproducible the ratio is across sites for the same traveling
+    subject (`stats.traveling_icc`, ICC(2,1) with its 95 % CI)."""
+    rows = [{"method": method, "target": target, "tissue": tissue.upper(),
+             **stats.traveling_icc(group, value=f"{tissue}_ratio")}
+            for (method, target), group in ratios.groupby(["method", "target"], sort=True) for tissue in TISSUES]
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.evaluate", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -105,8 +116,10 @@ def main(argv=None) -> int:
     r.add_argument("--combat-reference", help="add the ComBat baseline, mapped onto this site when present")
     t = sub.add_parser("ttests")
     t.add_argument("--reference", required=True)
-    t.add_argument("--ratios", required=True)
-    for q in (r, t):
+    i = sub.add_parser("icc", help="the traveling subjects' ICC(2,1) of each ratio across sites, per method")
+    for q in (t, i):
+        q.add_argument("--ratios", required=True)
+    for q in (r, t, i):
         q.add_argument("--output", required=True)
     a = p.parse_args(argv)
     check_outputs_or_exit([a.output], inputs=[getattr(a, "ratios", None)])
@@ -114,6 +127,8 @@ def main(argv=None) -> int:
         df = collect_ratios(a.manifest)
         if a.combat_reference:
             df = add_combat(df, a.combat_reference)
+    elif a.cmd == "icc":
+        df = icc(pd.read_csv(a.ratios))
     else:
         df = ttests(pd.read_csv(a.ratios), a.reference)
     write_table(df, a.output)

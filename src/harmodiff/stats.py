@@ -9,6 +9,11 @@
   `insight::get_variance` behind `performance::r2_nakagawa` computes it), var_u: random-intercept
   variance, var_e: residual variance. Convergence problems are reported, not hidden.
   tests/test_stats.py checks both R2 against R's `performance::r2_nakagawa` on lme4's fit.
+* `traveling_icc`: how reproducible a value is across sites for the same subject, ICC(2,1) (two-way
+  random effects, absolute agreement, one measurement; pingouin's ICC(A,1)) with its 95 % CI, over the
+  subjects scanned at every site:
+      ICC(2,1) = (MS_subject - MS_error) / (MS_subject + (k - 1) MS_error + k (MS_site - MS_error) / n)
+  for n subjects at k sites.
 
 Input frames have columns scan_id, subject, site and the value column.
 """
@@ -77,3 +82,22 @@ def mixed_model_r2(df: pd.DataFrame, value: str = "ratio") -> dict:
     converged = bool(result.converged) and not any("converge" in m.lower() for m in messages)
     return {"marginal": var_f / total, "conditional": (var_f + var_u) / total, "converged": converged,
             "var_fixed": var_f, "var_subject": var_u, "var_residual": var_e, "warnings": "; ".join(messages)}
+
+
+def traveling_icc(df: pd.DataFrame, value: str = "ratio") -> dict:
+    """{'icc', 'ci_low', 'ci_high', 'subjects', 'sites'}: ICC(2,1) of `value` with subjects as targets and
+    sites as raters, over the subjects scanned at every site (NaN with fewer than two)."""
+    import pingouin as pg
+
+    _value_column(df, value)
+    table = df.groupby(["subject", "site"])[value].mean().unstack("site").dropna()
+    n, k = table.shape
+    if n < 2 or k < 2:
+        return {"icc": np.nan, "ci_low": np.nan, "ci_high": np.nan, "subjects": n, "sites": k}
+    long = table.stack().rename("y").reset_index()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pingouin's note on few raters
+        res = pg.intraclass_corr(long, targets="subject", raters="site", ratings="y").set_index("Type")
+    low, high = res.loc["ICC(A,1)", "CI95"]  # pingouin 0.7 names ICC(2,1) by McGraw & Wong's A,1
+    return {"icc": float(res.loc["ICC(A,1)", "ICC"]), "ci_low": float(low), "ci_high": float(high),
+            "subjects": n, "sites": k}

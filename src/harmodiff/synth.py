@@ -7,9 +7,17 @@ Nothing is downloaded: the template, brain mask and GM/WM maps come from nilearn
   (GM within `atrophy_mm` of CSF or the brain's edge becomes CSF) and a shift of the GM/WM
   boundary by `wm_shift_mm` (positive: WM grows into GM). A voxel-wise GM->CSF mixture was
   tried first: it reads as a darker cortex that Atropos still calls GM.
-* A **site** is a tissue contrast (CSF/GM/WM/skull/scalp intensities), a power-law intensity
-  curve, blur, the amplitude of a smooth multiplicative bias field, Rician noise and a global
-  intensity scale.
+* A **site** (`site_model: contrast`) is a tissue contrast (CSF/GM/WM/skull/scalp intensities), a
+  power-law intensity curve, blur, the amplitude of a smooth multiplicative bias field, Rician noise
+  and a global intensity scale. Its intensities are close to one monotone function of another
+  site's, which histogram matching inverts.
+* With `site_model: tissue` a site is a scanner instead: a field strength (1.5 or 3 T) and an
+  MPRAGE-like or SPGR-like sequence (TI, TR, inversion efficiency; TR, flip angle) that turns each
+  voxel's T1 and proton density into signal, plus thicker slices along one axis, and the same blur,
+  bias, noise and scale. T1 and PD vary inside a tissue class (deep gray matter against cortex, a
+  front-to-back white-matter gradient, a smooth per-subject field), so two regions equal at one site
+  differ at another and no global intensity curve maps one site onto another (`RELAXATION`,
+  docs/decisions.md).
 * A **scan** renders a subject's head (brain plus a synthetic CSF rim, skull and scalp, so skull
   stripping has work) at a site, in a random pose (rotation, shift) on a native grid with its
   own voxel size and axis order/orientation.
@@ -40,6 +48,22 @@ from harmodiff.io import one_line_errors, save_image, write_json, write_text
 
 PAD_MM = 20.0  # room around the template brain for the synthetic CSF rim, skull and scalp
 HEAD_LAYERS_MM = {"csf_rim": (0.0, 2.5), "skull": (2.5, 7.5), "scalp": (7.5, 12.5)}
+
+# site_model tissue: of each compartment, T1 (ms) at 1.5 T and 3 T, proton density (water fraction) and T2*
+# (ms) at 1.5 T and 3 T, inside the ranges measured in vivo (docs/decisions.md); between the two fields
+# each relaxation time follows a power law
+RELAXATION = {
+    "csf": {"t1": (4300.0, 4300.0), "pd": 1.00, "t2s": (1000.0, 1000.0)},
+    "gm": {"t1": (1150.0, 1500.0), "pd": 0.82, "t2s": (85.0, 55.0)},       # cortex
+    "gm_deep": {"t1": (950.0, 1250.0), "pd": 0.78, "t2s": (55.0, 35.0)},   # basal ganglia, thalamus: iron
+    "wm": {"t1": (750.0, 1000.0), "pd": 0.70, "t2s": (70.0, 50.0)},
+    "scalp": {"t1": (350.0, 450.0), "pd": 0.50, "t2s": (60.0, 40.0)},      # subcutaneous fat
+    "skull": {"t1": (300.0, 400.0), "pd": 0.08, "t2s": (2.0, 1.0)},        # cortical bone: little MR-visible water
+}
+DEEP_GM_MM = (8.0, 11.0)   # GM this near a basal ganglia or thalamus ROI centre is deep GM (a ramp between)
+WM_T1_GRADIENT = 0.05      # WM T1 changes by this fraction per 70 mm from back to front
+T1_FIELD_SD = 0.03         # sd of each subject's smooth multiplicative T1 field (GM and WM)
+PD_FIELD_SD = 0.02         # ... and of its PD field, drawn apart from the T1 field
 
 
 @dataclass(frozen=True)
@@ -109,6 +133,30 @@ def _template_maps(spacing: float):
     to_template = np.linalg.inv(t_aff) @ affine
     maps = [_resample(m, to_template, shape, order=1) for m in (mask, gm, wm)]
     return affine, maps[0], maps[1], maps[2]
+
+
+def deep_gm_centres() -> np.ndarray:
+    """MNI coordinates (mm) of the basal ganglia and thalamus ROIs of Seitzman et al. 2018 (NeuroImage
+    206:116290), the one subcortical atlas in nilearn's packaged data (its 300-ROI table; anatomical
+    labels 5 and 6)."""
+    from nilearn import datasets
+
+    data = Path(datasets.__file__).parent / "data"
+    coords = pd.read_csv(data / "seitzman_2018_ROIs_300inVol_MNI_allInfo.txt", sep=r"\s+")
+    labels = pd.read_csv(data / "seitzman_2018_ROIs_anatomicalLabels.txt", header=None, skiprows=1)[0]
+    return coords.loc[labels.isin([5, 6]).to_numpy(), ["x", "y", "z"]].to_numpy(float)
+
+
+@lru_cache(maxsize=4)
+def _deep_gm_template(spacing: float) -> np.ndarray:
+    """On the padded render grid: 1 within DEEP_GM_MM[0] of a deep-GM ROI centre, 0 beyond DEEP_GM_MM[1]."""
+    affine, mask, _, _ = _template_maps(spacing)
+    seeds = np.zeros(mask.shape, bool)
+    voxels = np.rint((deep_gm_centres() - affine[:3, 3]) / spacing).astype(int)
+    seeds[tuple(voxels.T)] = True
+    distance = ndimage.distance_transform_edt(~seeds, sampling=spacing).astype(np.float32)
+    lo, hi = DEEP_GM_MM
+    return np.clip((hi - distance) / (hi - lo), 0, 1)
 
 
 def _resample(volume: np.ndarray, vox_to_src: np.ndarray, shape, order=1, cval=0.0) -> np.ndarray:
@@ -203,6 +251,7 @@ def render_subject(cfg: SynthConfig, subject_index: int) -> dict:
         return ndimage.map_coordinates(v, coords, order=1, mode="constant", output=np.float32)
 
     brain, gm_w, wm_w = warp(mask), warp(gm), warp(wm)
+    deep = warp(_deep_gm_template(s))  # where the tissue model puts deep GM (the benchmarks score it for both)
     brain = np.clip(brain, 0, 1)
     total = np.maximum(gm_w + wm_w, 1.0)
     p_gm = np.clip(gm_w, 0, None) * brain / total
@@ -215,12 +264,67 @@ def render_subject(cfg: SynthConfig, subject_index: int) -> dict:
     return {
         "affine": affine, "brain": brain, "brain_mask": brain_mask,
         "gm": p_gm, "wm": p_wm, "csf": p_csf, "outside_mm": outside_mm, **params,
+        "index": subject_index, "seed": cfg.seed, "deep_gm": deep,
     }
+
+
+def nominal(name: str, quantity: str, field_t: float) -> float:
+    """RELAXATION's T1 or T2* ("t1", "t2s") of a compartment at a field strength (ms), a power law
+    through its 1.5 T and 3 T values."""
+    lo, hi = RELAXATION[name][quantity]
+    return lo * (hi / lo) ** (math.log(field_t / 1.5) / math.log(2.0))
+
+
+def tissue_properties(subject: dict, field_t: float) -> dict[str, dict]:
+    """Each compartment's T1 (ms), proton density and T2* (ms) in a subject at a field strength (each a
+    map or a number).
+
+    Deep GM (the subject's GM near the basal ganglia and thalamus ROIs, `deep_gm_centres`, warped with
+    its anatomy) has its own T1, PD and T2*; WM T1 follows a back-to-front gradient; GM and WM share a
+    smooth per-subject T1 field and, drawn apart, a PD field. All of it is the subject's, the same at
+    every site."""
+    shape, s = subject["brain"].shape, subject["affine"][0, 0]
+    deep = subject["deep_gm"]
+    rng = np.random.default_rng([subject["seed"], 6, subject["index"]])
+    t1_field, pd_field = np.exp(_smooth_field(rng, shape, s, 40.0, 1.0, 2) * np.array(
+        [T1_FIELD_SD, PD_FIELD_SD], np.float32)[:, None, None, None])
+    y_mm = subject["affine"][1, 1] * np.arange(shape[1], dtype=np.float32) + subject["affine"][1, 3]
+    gradient = (1.0 + WM_T1_GRADIENT * y_mm / 70.0)[None, :, None]
+    props = {name: {"t1": nominal(name, "t1", field_t), "pd": RELAXATION[name]["pd"],
+                    "t2s": nominal(name, "t2s", field_t)} for name in RELAXATION}
+    cortex, deep_gm = props.pop("gm"), props.pop("gm_deep")
+    props["gm"] = {k: ((1 - deep) * cortex[k] + deep * deep_gm[k]) for k in ("t1", "pd", "t2s")}
+    props["gm"]["t1"], props["gm"]["pd"] = props["gm"]["t1"] * t1_field, props["gm"]["pd"] * pd_field
+    props["wm"] = {**props["wm"], "t1": props["wm"]["t1"] * gradient * t1_field, "pd": props["wm"]["pd"] * pd_field}
+    return props
+
+
+def sequence_signal(t1_ms, pd, sequence: dict, t2s_ms=None):
+    """Magnitude signal of a tissue (T1 in ms, proton density; T2* in ms when the sequence has an echo
+    time te_ms: times e^(-TE/T2*)) under a sequence.
+
+    mprage: inversion recovery read at TI with repetition TR and inversion efficiency eta,
+    PD |1 - (1 + eta) e^(-TI/T1) + eta e^(-TR/T1)| (the readout train's own saturation ignored).
+    spgr: spoiled gradient echo, PD sin(a) (1 - E1) / (1 - cos(a) E1), E1 = e^(-TR/T1).
+    """
+    t1 = np.asarray(t1_ms, np.float32)
+    if sequence["family"] == "mprage":
+        e_ti, e_tr = np.exp(-sequence["ti_ms"] / t1), np.exp(-sequence["tr_ms"] / t1)
+        eta = sequence["inversion_efficiency"]
+        signal = pd * np.abs(1.0 - (1.0 + eta) * e_ti + eta * e_tr)
+    elif sequence["family"] == "spgr":
+        e1, a = np.exp(-sequence["tr_ms"] / t1), math.radians(sequence["flip_deg"])
+        signal = pd * math.sin(a) * (1.0 - e1) / (1.0 - math.cos(a) * e1)
+    else:
+        raise ValueError(f"unknown sequence family {sequence['family']!r}")
+    if t2s_ms is not None and "te_ms" in sequence:
+        signal = signal * np.exp(-sequence["te_ms"] / np.asarray(t2s_ms, np.float32))
+    return signal
 
 
 def site_params(cfg: SynthConfig, site: str, site_index: int) -> dict:
     rng = np.random.default_rng([cfg.seed, 2, site_index])
-    return {
+    params = {
         "site": site,
         "contrast": {
             "csf": float(rng.uniform(0.12, 0.40)),
@@ -236,6 +340,29 @@ def site_params(cfg: SynthConfig, site: str, site_index: int) -> dict:
         "scale": float(rng.uniform(300.0, 3000.0)),
         "spacing_mm": float(rng.uniform(*cfg.native_spacing)),
     }
+    if cfg.site_model == "tissue":  # its own stream: the contrast model's draws stay as they were
+        params.update(scanner_params(np.random.default_rng([cfg.seed, 5, site_index])))
+    return params
+
+
+def scanner_params(rng: np.random.Generator) -> dict:
+    """A scanner of the tissue site model: field, sequence, and thicker slices along one voxel axis.
+    The ranges are those of common T1-weighted protocols (docs/decisions.md)."""
+    field = float(rng.choice([1.5, 3.0]))
+    if rng.uniform() < 0.7:
+        sequence = {"family": "mprage", "ti_ms": float(rng.uniform(800.0, 1100.0)),
+                    "tr_ms": float(rng.uniform(1900.0, 2500.0)), "inversion_efficiency": float(rng.uniform(0.85, 0.98)),
+                    "te_ms": float(rng.uniform(2.0, 4.5))}
+    else:
+        sequence = {"family": "spgr", "tr_ms": float(rng.uniform(15.0, 30.0)), "flip_deg": float(rng.uniform(25.0, 40.0)),
+                    "te_ms": float(rng.uniform(3.0, 9.0))}
+    return {"model": "tissue", "field_t": field, "sequence": sequence, "slice_axis": int(rng.integers(3)),
+            "slice_factor": float(rng.uniform(1.0, 1.6))}
+
+
+def wm_level(site: dict) -> float:
+    """The white matter's intensity at a site before its scale (what the noise is relative to)."""
+    return 1.0 if site.get("model") == "tissue" else site["contrast"]["wm"]
 
 
 def _layer_weight(outside_mm: np.ndarray, lo: float, hi: float, soft: float = 1.0) -> np.ndarray:
@@ -247,14 +374,23 @@ def _layer_weight(outside_mm: np.ndarray, lo: float, hi: float, soft: float = 1.
 
 def render_site_mni(subject: dict, site: dict, spacing: float) -> np.ndarray:
     """Noise-free, bias-free image of a subject's head at a site, in MNI space (render grid)."""
-    c = site["contrast"]
+    if site.get("model") == "tissue":
+        field = site["field_t"]
+        props = tissue_properties(subject, field)
+        signal = {k: sequence_signal(p["t1"], p["pd"], site["sequence"], p["t2s"]) for k, p in props.items()}
+        wm = sequence_signal(nominal("wm", "t1", field), RELAXATION["wm"]["pd"], site["sequence"],
+                             nominal("wm", "t2s", field))
+        c = {k: v / wm for k, v in signal.items()}  # nominal WM at 1
+    else:
+        c = site["contrast"]
     img = c["csf"] * subject["csf"] + c["gm"] * subject["gm"] + c["wm"] * subject["wm"]
     d = subject["outside_mm"]
     outside = ~subject["brain_mask"]
     for layer, key in (("csf_rim", "csf"), ("skull", "skull"), ("scalp", "scalp")):
         lo, hi = HEAD_LAYERS_MM[layer]
         img += outside * c[key] * _layer_weight(d, max(lo, 1e-3), hi)
-    img = np.power(np.clip(img, 0, None), site["gamma"], dtype=np.float32)
+    if site.get("model") != "tissue":  # the sequence is the tissue model's intensity curve
+        img = np.power(np.clip(img, 0, None), site["gamma"], dtype=np.float32)
     if site["blur_mm"] > 0:
         img = ndimage.gaussian_filter(img, site["blur_mm"] / spacing / 2.355)  # FWHM -> sigma
     return img.astype(np.float32)
@@ -278,8 +414,10 @@ def _rotation(angles) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def native_grid(pose: dict, spacing_mm: float, head_box_mni: np.ndarray):
-    """Scanner-to-MNI rigid transform and the native voxel grid (affine, shape) covering the head."""
+def native_grid(pose: dict, spacing_mm, head_box_mni: np.ndarray):
+    """Scanner-to-MNI rigid transform and the native voxel grid (affine, shape) covering the head;
+    `spacing_mm` is one voxel size or one per voxel axis."""
+    spacing = np.broadcast_to(np.asarray(spacing_mm, float), (3,))
     scan_to_mni = np.eye(4)
     scan_to_mni[:3, :3] = _rotation(pose["angles"])
     scan_to_mni[:3, 3] = pose["shift"]
@@ -293,10 +431,24 @@ def native_grid(pose: dict, spacing_mm: float, head_box_mni: np.ndarray):
     shape = []
     for j in range(3):  # voxel axis j runs along scanner axis perm[j], in direction flips[j]
         a, sgn = int(pose["perm"][j]), float(pose["flips"][j])
-        vox[a, j] = sgn * spacing_mm
+        vox[a, j] = sgn * spacing[j]
         vox[a, 3] = lo[a] if sgn > 0 else hi[a]
-        shape.append(int(math.ceil((hi[a] - lo[a]) / spacing_mm)) + 1)
+        shape.append(int(math.ceil((hi[a] - lo[a]) / spacing[j])) + 1)
     return scan_to_mni, vox, tuple(shape)
+
+
+def voxel_sizes(site: dict) -> tuple[float, float, float]:
+    """A site's voxel size along each native axis: thicker slices along its slice axis (tissue model)."""
+    sizes = [site["spacing_mm"]] * 3
+    if "slice_axis" in site:
+        sizes[site["slice_axis"]] *= site["slice_factor"]
+    return tuple(sizes)
+
+
+def _shift(axis: int, voxels: float) -> np.ndarray:
+    shift = np.eye(4)
+    shift[axis, 3] = voxels
+    return shift
 
 
 def render_scan(cfg: SynthConfig, subject: dict, site: dict, scan_index: int):
@@ -311,16 +463,20 @@ def render_scan(cfg: SynthConfig, subject: dict, site: dict, scan_index: int):
     idx = np.argwhere(head)
     box_vox = np.stack([idx.min(0), idx.max(0)]).astype(float)
     box_mni = (subject["affine"][:3, :3] @ box_vox.T).T + subject["affine"][:3, 3]
-    scan_to_mni, vox, shape = native_grid(pose, site["spacing_mm"], box_mni)
+    scan_to_mni, vox, shape = native_grid(pose, voxel_sizes(site), box_mni)
     native_to_render = np.linalg.inv(subject["affine"]) @ scan_to_mni @ vox
-    image = _resample(mni_img, native_to_render, shape, order=1)
+    if "slice_axis" in site:  # a slice as thick as its spacing: the mean over it (a box profile, 3 samples)
+        image = np.mean([_resample(mni_img, native_to_render @ _shift(site["slice_axis"], o), shape, order=1)
+                         for o in (-1 / 3, 0.0, 1 / 3)], axis=0)
+    else:
+        image = _resample(mni_img, native_to_render, shape, order=1)
     brain = _resample(subject["brain"], native_to_render, shape, order=1) > 0.5
     rng_b = np.random.default_rng(pose["bias_seed"])
     # control points every 100 mm: a head-scale field, like a receive-coil profile
     bias = np.exp(_smooth_field(rng_b, shape, site["spacing_mm"], 100.0, site["bias_sd"], 1)[0])
     image *= bias
     rng_n = np.random.default_rng(pose["noise_seed"])
-    sd = site["noise"] * site["contrast"]["wm"]
+    sd = site["noise"] * wm_level(site)
     n1 = rng_n.normal(0, sd, shape).astype(np.float32)
     n2 = rng_n.normal(0, sd, shape).astype(np.float32)
     image = np.sqrt((image + n1) ** 2 + n2 ** 2) * site["scale"]  # Rician magnitude
@@ -399,6 +555,7 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
                 "scan_id": row.scan_id, "subject": subject_id, "site": row.site, "cohort": row.cohort,
                 "shape": json.dumps(list(image.shape)),
                 "spacing_mm": sites[row.site]["spacing_mm"],
+                "voxel_mm": json.dumps([round(v, 6) for v in voxel_sizes(sites[row.site])]),
                 "axis_perm": json.dumps([int(p) for p in pose["perm"]]),
                 "axis_flips": json.dumps([int(f) for f in pose["flips"]]),
                 "scan_to_mni": json.dumps(np.round(scan_to_mni, 10).tolist()),

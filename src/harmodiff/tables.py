@@ -127,7 +127,8 @@ def truth_summary(scores: pd.DataFrame) -> pd.DataFrame:
     for (method, target), group in scores[base == scores["method"]].groupby(["method", "target"], sort=False):
         row = {"method": method, "target": target, "scans": len(group),
                "ssim_mean": group["ssim"].mean(), "ssim_sd": group["ssim"].std(),
-               "psnr_mean": group["psnr"].mean(), "mae_mean": group["mae"].mean(), "mae_sd": group["mae"].std()}
+               "psnr_mean": group["psnr"].mean(), "mae_mean": group["mae"].mean(), "mae_sd": group["mae"].std(),
+               "gradient_r_mean": group["gradient_r"].mean(), "detail_ratio_mean": group["detail_ratio"].mean()}
         runs = replicated[(replicated["base"] == method) & (replicated["target"] == target)]
         runs = runs[runs["scan_id"].isin(runs.loc[runs["method"] != method, "scan_id"])]
         if len(runs):

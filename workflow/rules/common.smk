@@ -121,6 +121,8 @@ def all_outputs():
                 "table2.csv",
                 "table2.md",
                 "similarity_pairs.csv",
+                "icc.csv",
+                "site_classifier.csv",
             )
         ]
         + [f"results/figures/{f}.{ext}" for f in ("figure2", "figure3", "loss_curve") for ext in ("png", "pdf")]

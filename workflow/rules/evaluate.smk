@@ -16,7 +16,7 @@ rule leakage:
     params:
         folds=config["evaluation"]["leakage_folds"],
     shell:
-        "python -m harmodiff.leakage --manifest {input.manifest:q} --folds {params.folds:q} "
+        "python -m harmodiff.leakage anatomy --manifest {input.manifest:q} --folds {params.folds:q} "
         "--output {output.table:q} > {log:q} 2>&1"
 
 
@@ -99,6 +99,26 @@ rule ttests:
         "--output {output:q} > {log:q} 2>&1"
 
 
+# the traveling subjects' ICC(2,1) of each ratio across sites: are the volumes reproducible?
+rule icc:
+    input:
+        "results/tables/tissue_ratios.csv",
+    output:
+        report("results/tables/icc.csv", caption="../report/icc.rst", category="Tables"),
+    log:
+        "results/logs/icc.log",
+    benchmark:
+        "results/benchmarks/icc.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "python -m harmodiff.evaluate icc --ratios {input:q} --output {output:q} > {log:q} 2>&1"
+
+
 rule mixed_models:
     input:
         "results/tables/tissue_ratios.csv",
@@ -137,6 +157,26 @@ rule similarity:
         runtime=60,
     shell:
         "python -m harmodiff.metrics pairs --manifest {input.manifest:q} --output {output:q} > {log:q} 2>&1"
+
+
+# can a classifier still tell the site of each method's images (a subject held out at a time)?
+rule site_classifier:
+    input:
+        **manifest_inputs("similarity"),
+    output:
+        report("results/tables/site_classifier.csv", caption="../report/site_classifier.rst", category="Tables"),
+    log:
+        "results/logs/site_classifier.log",
+    benchmark:
+        "results/benchmarks/site_classifier.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "python -m harmodiff.leakage harmonized --manifest {input.manifest:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule table1:
