@@ -110,8 +110,8 @@ def test_detail_scores_tell_blur_and_noise_from_the_truth():
     assert same["gradient_r"] == pytest.approx(1.0) and same["detail_ratio"] == pytest.approx(1.0)
     blurred = metrics.detail_scores(ndimage.gaussian_filter(truth, 1.5), truth, region)
     noisy = metrics.detail_scores(truth + rng.normal(0, 20, truth.shape), truth, region)
-    assert blurred["detail_ratio"] < 0.3 and noisy["detail_ratio"] > 1.5
+    assert blurred["detail_ratio"] < 0.6 and noisy["detail_ratio"] > 1.2
     assert blurred["gradient_r"] < 0.95 and noisy["gradient_r"] < 0.95
-    # twice the image: the Laplacian's square scales by 4, the correlation does not move
-    scaled = metrics.detail_scores(2 * truth, truth, region)
-    assert scaled["detail_ratio"] == pytest.approx(4.0) and scaled["gradient_r"] == pytest.approx(1.0)
+    # a contrast change alone (twice the image) moves neither
+    scaled = metrics.detail_scores(2 * truth + 100, truth, region)
+    assert scaled["detail_ratio"] == pytest.approx(1.0) and scaled["gradient_r"] == pytest.approx(1.0)

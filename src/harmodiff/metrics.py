@@ -115,8 +115,9 @@ def detail_scores(image: np.ndarray, truth: np.ndarray, region: np.ndarray) -> d
 
     gradient_r: the correlation of the two gradient magnitudes (Sobel, scipy): 1 when every edge is
     where the truth has it, as strong relative to the others; blur and noise both lower it.
-    detail_ratio: the image's mean squared Laplacian over the truth's: below 1 the image is smoother
-    than the truth, above 1 it has detail (or noise) the truth lacks."""
+    detail_ratio: the image's share of fine detail over the truth's, each the mean squared Laplacian
+    over the mean squared gradient (so a contrast change alone leaves it at 1): below 1 the image is
+    smoother than the truth, above 1 it has detail (or noise) the truth lacks."""
     def gradient(v):
         v = np.asarray(v, np.float64)
         return np.sqrt(sum(ndimage.sobel(v, axis=k) ** 2 for k in range(v.ndim)))
@@ -125,10 +126,13 @@ def detail_scores(image: np.ndarray, truth: np.ndarray, region: np.ndarray) -> d
     if inner.sum() < 2:
         raise InputError("detail scores: the brain is too small (nothing left inside a 2-voxel rim)")
     g_image, g_truth = gradient(image)[inner], gradient(truth)[inner]
-    lap_image = np.mean(ndimage.laplace(np.asarray(image, np.float64))[inner] ** 2)
-    lap_truth = np.mean(ndimage.laplace(np.asarray(truth, np.float64))[inner] ** 2)
+
+    def fine_share(v, g):
+        return np.mean(ndimage.laplace(np.asarray(v, np.float64))[inner] ** 2) / max(np.mean(g ** 2), 1e-12)
+
+    truth_share = fine_share(truth, g_truth)
     return {"gradient_r": float(np.corrcoef(g_image, g_truth)[0, 1]),
-            "detail_ratio": float(lap_image / lap_truth) if lap_truth > 0 else float("nan")}
+            "detail_ratio": float(fine_share(image, g_image) / truth_share) if truth_share > 0 else float("nan")}
 
 
 def truth_scores(image: np.ndarray, mask: np.ndarray, truth: np.ndarray, truth_mask: np.ndarray) -> dict:
