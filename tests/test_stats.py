@@ -127,6 +127,11 @@ def test_traveling_icc_is_the_two_way_random_absolute_agreement_formula():
     sse = ((y - y.mean(1, keepdims=True) - y.mean(0, keepdims=True) + grand) ** 2).sum()
     ms_e = sse / ((n - 1) * (k - 1))
     expected = (ms_r - ms_e) / (ms_r + (k - 1) * ms_e + k * (ms_c - ms_e) / n)
+    import pingouin as pg
+
+    long = pd.DataFrame([{"s": i, "r": j, "y": y[i, j]} for i in range(n) for j in range(k)])
+    by_pingouin = pg.intraclass_corr(long, targets="s", raters="r", ratings="y").set_index("Type")
+    assert by_pingouin.loc["ICC(A,1)", "ICC"] == pytest.approx(expected)  # the independent library agrees
     df = pd.DataFrame([{"subject": f"s{i}", "site": f"S{j}", "ratio": y[i, j]} for i in range(n) for j in range(k)])
     df = pd.concat([df, pd.DataFrame([{"subject": "s9", "site": "S0", "ratio": 100.0}])])  # one site only
     out = stats.traveling_icc(df)
@@ -137,3 +142,6 @@ def test_traveling_icc_is_the_two_way_random_absolute_agreement_formula():
     assert stats.traveling_icc(alike)["icc"] == pytest.approx(1.0)
     offset = alike.assign(ratio=alike.ratio + (alike.site == "S1") * 2.0)
     assert stats.traveling_icc(offset)["icc"] < 0.8
+    # two subjects at two sites (the tiny e2e run): the ICC still, no interval (pingouin needs 5 values)
+    two = stats.traveling_icc(df[df.subject.isin(["s0", "s1"]) & df.site.isin(["S0", "S1"])])
+    assert np.isfinite(two["icc"]) and np.isnan(two["ci_low"]) and (two["subjects"], two["sites"]) == (2, 2)

@@ -279,6 +279,11 @@ class ModelRecord:
         grid = {k: tuple(ckpt[k]) for k in GRID_KEYS if k in ckpt}
         return cls(dict(ckpt["config"]), SiteLabels.from_dict(ckpt["site_labels"]), **grid)
 
+    def to_checkpoint(self) -> dict:
+        """The record's entries of a checkpoint (what `from_checkpoint` reads back)."""
+        grid = {k: list(getattr(self, k)) for k in GRID_KEYS if getattr(self, k) is not None}
+        return {"config": self.config, "site_labels": self.labels.to_dict(), **grid}
+
     @property
     def patch_shape(self) -> tuple[int, ...]:
         return tuple(int(p) for p in self.config["patch_shape"])

@@ -86,18 +86,28 @@ def mixed_model_r2(df: pd.DataFrame, value: str = "ratio") -> dict:
 
 def traveling_icc(df: pd.DataFrame, value: str = "ratio") -> dict:
     """{'icc', 'ci_low', 'ci_high', 'subjects', 'sites'}: ICC(2,1) of `value` with subjects as targets and
-    sites as raters, over the subjects scanned at every site (NaN with fewer than two)."""
+    sites as raters, over the subjects scanned at every site (NaN with fewer than two of either). The ICC
+    is the formula's (the module docstring); its 95 % CI is pingouin's (`ICC(A,1)`), which needs at least
+    five values (NaN below)."""
     import pingouin as pg
 
     _value_column(df, value)
     table = df.groupby(["subject", "site"])[value].mean().unstack("site").dropna()
     n, k = table.shape
+    out = {"icc": np.nan, "ci_low": np.nan, "ci_high": np.nan, "subjects": n, "sites": k}
     if n < 2 or k < 2:
-        return {"icc": np.nan, "ci_low": np.nan, "ci_high": np.nan, "subjects": n, "sites": k}
-    long = table.stack().rename("y").reset_index()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pingouin's note on few raters
-        res = pg.intraclass_corr(long, targets="subject", raters="site", ratings="y").set_index("Type")
-    low, high = res.loc["ICC(A,1)", "CI95"]  # pingouin 0.7 names ICC(2,1) by McGraw & Wong's A,1
-    return {"icc": float(res.loc["ICC(A,1)", "ICC"]), "ci_low": float(low), "ci_high": float(high),
-            "subjects": n, "sites": k}
+        return out
+    y = table.to_numpy(float)
+    grand = y.mean()
+    ms_subject = k * ((y.mean(1) - grand) ** 2).sum() / (n - 1)
+    ms_site = n * ((y.mean(0) - grand) ** 2).sum() / (k - 1)
+    ms_error = ((y - y.mean(1, keepdims=True) - y.mean(0, keepdims=True) + grand) ** 2).sum() / ((n - 1) * (k - 1))
+    denominator = ms_subject + (k - 1) * ms_error + k * (ms_site - ms_error) / n
+    out["icc"] = float((ms_subject - ms_error) / denominator) if denominator > 0 else np.nan
+    if n * k >= 5:
+        long = table.stack().rename("y").reset_index()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pingouin's note on few raters
+            res = pg.intraclass_corr(long, targets="subject", raters="site", ratings="y").set_index("Type")
+        out["ci_low"], out["ci_high"] = (float(v) for v in res.loc["ICC(A,1)", "CI95"])
+    return out

@@ -49,7 +49,7 @@ from harmodiff.diffusion import NoiseSchedule
 from harmodiff.io import InputError, atomic_path, file_sha256, load_image, load_mask, write_text, one_line_errors
 from harmodiff.manifests import add_manifest_option
 from harmodiff.plotting import plot_loss
-from harmodiff.model import (GRID_KEYS, NULL_LABEL, ModelConfig, SiteLabels, build_model, load_checkpoint,
+from harmodiff.model import (NULL_LABEL, ModelConfig, ModelRecord, SiteLabels, build_model, load_checkpoint,
                              require_harmodiff_checkpoint, save_checkpoint)
 from harmodiff.patches import brain_bbox, extract, random_patch
 from harmodiff.intensity import median_normalize, to_model_units
@@ -278,7 +278,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = _ema(self.model, cfg.ema_decay)
         self.schedule = NoiseSchedule.linear(cfg.num_train_timesteps)
-        self.record = config_record(model_cfg, cfg, spec.patch_shape, spec.anatomy)
+        first = spec.volumes[0]  # the working grid the model is trained on, recorded for harmonize's checks
+        self.record = ModelRecord(config_record(model_cfg, cfg, spec.patch_shape, spec.anatomy), spec.labels,
+                                  tuple(int(n) for n in first.image.shape),
+                                  tuple(first.voxel_mm) if first.voxel_mm else None)
         self.data = data_fingerprint(spec.volumes)
         self.checkpoint_path, self.loss_csv = self.out / CHECKPOINT, self.out / "loss.csv"
         self.step, self.rows = 0, []
@@ -293,10 +296,10 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             return
         state = load_checkpoint(self.checkpoint_path, map_location=self.device)
-        changed = record_differences(state.get("config") or {}, self.record)
+        changed = record_differences(state.get("config") or {}, self.record.config)
         if state.get("data") not in (None, self.data):
             changed.append("the training data (images, masks or sites)")
-        if SiteLabels.from_dict(state["site_labels"]).to_dict() != self.spec.labels.to_dict():
+        if SiteLabels.from_dict(state["site_labels"]).to_dict() != self.record.labels.to_dict():
             changed.append("the site labels")
         if changed:
             aside = set_aside(self.out) if self.rank == 0 else None
@@ -316,13 +319,10 @@ class Trainer:
     def save(self, step: int) -> None:
         if self.rank != 0:
             return
-        first = self.spec.volumes[0]
         save_checkpoint(self.checkpoint_path, {
             "model": self.model.state_dict(), "ema": _ema_weights(self.ema), "ema_state": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "step": step, "config": self.record,
-            "site_labels": self.spec.labels.to_dict(), "torch_rng": torch.get_rng_state(), "data": self.data,
-            "volume_shape": [int(n) for n in first.image.shape], **_voxel_record(first),
-            "loss_rows": [dict(r) for r in self.rows],
+            "optimizer": self.optimizer.state_dict(), "step": step, **self.record.to_checkpoint(),
+            "torch_rng": torch.get_rng_state(), "data": self.data, "loss_rows": [dict(r) for r in self.rows],
         })
         with atomic_path(self.loss_csv) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
@@ -476,19 +476,20 @@ def check_pretrained(path, sha256: str | None, record: dict, sites, grid=None) -
     ckpt = require_harmodiff_checkpoint(load_checkpoint(path), path)
     if not isinstance(ckpt.get("sha256"), dict) or "model" not in ckpt["sha256"]:
         raise InputError(f"{path}: has no content hash of its weights (write it with 'harmodiff.train export')")
-    have = SiteLabels.from_dict(ckpt["site_labels"]).sites
+    trained = ModelRecord.from_checkpoint(ckpt)
+    have = trained.labels.sites
     if sites and have != sorted(set(map(str, sites))):  # no training scans: the run's sites are the model's
         raise InputError(f"{path}: trained on sites {have}, the training scans are at {sorted(set(sites))}")
-    diff = record_differences(ckpt["config"], record)
+    diff = record_differences(trained.config, record)
     if diff:
         raise InputError(f"{path}: trained with other settings than the config ({'; '.join(diff)}); "
                          "set train.pretrained: null to train with these")
     if grid is not None:
-        if "voxel_mm" not in ckpt:
+        if trained.voxel_mm is None:
             raise InputError(f"{path}: records no training grid (voxel_mm), so harmonize could not check its "
                              "inputs' voxel size; export it again with 'harmodiff.train export'")
         want = {"voxel_mm": [float(grid.spacing)] * 3, "volume_shape": [int(s) for s in grid.shape]}
-        have = {k: [type(w[0])(x) for x in ckpt.get(k, [])] for k, w in want.items()}
+        have = {k: [type(w[0])(x) for x in getattr(trained, k) or []] for k, w in want.items()}
         if have != want:
             raise InputError(f"{path}: trained on a {have['volume_shape']} grid of {have['voxel_mm']} mm voxels, the "
                              f"config's grid is {want['volume_shape']} at {grid.spacing:g} mm")
@@ -501,27 +502,21 @@ def export_model(checkpoint, output_dir) -> dict:
     checkpoint's sha256 in checkpoint.pt.sha256 and its settings, readable, in model.json.
     Returns {'sha256', 'bytes'}."""
     ckpt = load_checkpoint(checkpoint)
+    record = ModelRecord.from_checkpoint(ckpt).to_checkpoint()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lean = {"model": ckpt.get("ema") or ckpt["model"], "config": ckpt["config"],
-            "site_labels": ckpt["site_labels"], "step": ckpt["step"]}
-    lean.update({k: ckpt[k] for k in GRID_KEYS if k in ckpt})
-    save_checkpoint(out / CHECKPOINT, lean)
+    save_checkpoint(out / CHECKPOINT, {"model": ckpt.get("ema") or ckpt["model"], **record, "step": ckpt["step"]})
     _copy_files([n for n in ("loss.csv", "loss.png") if (Path(checkpoint).parent / n).is_file()],
                 Path(checkpoint).parent, out)
     digest = file_sha256(out / CHECKPOINT)
     write_text(f"{digest}  {CHECKPOINT}\n", out / f"{CHECKPOINT}.sha256")
-    write_text(json.dumps({"step": ckpt["step"], "sha256": digest, "config": ckpt["config"],
-                           "site_labels": ckpt["site_labels"]}, indent=1) + "\n", out / "model.json")
+    write_text(json.dumps({"step": ckpt["step"], "sha256": digest, "config": record["config"],
+                           "site_labels": record["site_labels"]}, indent=1) + "\n", out / "model.json")
     return {"sha256": digest, "bytes": (out / CHECKPOINT).stat().st_size}
 
 
 # --------------------------------------------------------------------------------------------
 # CLI
-
-
-def _voxel_record(volume: Volume) -> dict:
-    return {"voxel_mm": list(volume.voxel_mm)} if volume.voxel_mm else {}
 
 
 def load_volumes(images, masks, sites) -> list[Volume]:
