@@ -4,6 +4,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pytest
 from scipy import ndimage
 
 from conftest import dice
@@ -32,6 +33,14 @@ def test_truth_volumes_equal_the_maps(tiny_cohort):
         total = row.gm_ml + row.wm_ml + row.csf_ml
         assert abs(row.gm_ratio - row.gm_ml / total) < 1e-5
         assert 1000 < total < 2000  # a plausible adult brain, in ml
+    # each subject's age and the one site a pooled study has it from: a training subject's own, a test site
+    sheet = pd.read_csv(out / "scans.tsv", sep="\t")
+    own = sheet.groupby("subject").site.agg(set)
+    for row in subjects.itertuples():
+        assert row.atrophy_mm == pytest.approx(synth.subject_params(cfg, subjects.index.get_loc(row.Index))["atrophy_mm"],
+                                               abs=1e-6)
+        assert row.study_site in own[row.subject] and cfg.age_years[0] <= row.age <= cfg.age_years[1]
+        assert row.cohort == ("test" if len(own[row.subject]) > 1 else "train")
 
 
 def test_recorded_affine_maps_native_scan_onto_mni_truth(tiny_cohort):

@@ -333,6 +333,22 @@ def test_e2e_evaluation_tables(e2e):
     summary = pd.read_csv(e2e / "results/tables/truth_summary.csv")
     assert {"gradient_r_mean", "detail_ratio_mean"} <= set(summary.columns)
 
+    # the planted age effect: two traveling subjects, so each slope is the one through their two study scans
+    subjects = pd.read_csv(e2e / "results/synthetic/truth/subjects.tsv", sep="\t").set_index("subject")
+    traveling = subjects[subjects.cohort == "test"]
+    assert set(traveling.study_site) <= set(test.site) and len(traveling) == 2
+    effect = pd.read_csv(e2e / "results/tables/biological_effect.csv").set_index(["method", "tissue"])
+    (a1, r1), (a2, r2) = traveling[["age", "gm_ratio"]].to_numpy()
+    assert effect.loc[("truth", "GM"), "estimate"] == pytest.approx(10 * (r2 - r1) / (a2 - a1), rel=1e-4)
+    study = ratios[ratios.method == "preprocessed"].merge(traveling, left_on="subject", right_index=True,
+                                                          suffixes=("", "_true"))
+    study = study[study.site == study.study_site].sort_values("age")
+    slope = 10 * np.diff(study.gm_ratio.to_numpy())[0] / np.diff(study.age.to_numpy())[0]
+    assert effect.loc[("preprocessed", "GM"), "estimate"] == pytest.approx(slope, rel=1e-4)
+    assert set(methods) <= set(effect.index.get_level_values("method"))
+    pull = pd.read_csv(e2e / "results/tables/target_pull.csv")
+    assert set(methods) <= set(pull.method) and (pull[pull.method.isin(methods)].n_subjects == 2).all()
+
 
 @pytest.mark.e2e
 def test_e2e_baseline_images(e2e):

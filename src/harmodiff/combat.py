@@ -25,8 +25,9 @@ FEATURES = ("gm_ratio", "wm_ratio", "csf_ratio")
 
 
 def combat_ratios(ratios: pd.DataFrame, reference_site: str | None = None,
-                  features=FEATURES) -> pd.DataFrame:
-    """ComBat-adjusted copy of `ratios` (one row per scan, columns site and `features`)."""
+                  features=FEATURES, covariates: tuple[str, ...] = ()) -> pd.DataFrame:
+    """ComBat-adjusted copy of `ratios` (one row per scan, columns site and `features`). `covariates`
+    (numeric columns, e.g. age) are protected: ComBat fits their effect beside the site's and keeps it."""
     from neuroCombat import neuroCombat
 
     counts = ratios["site"].value_counts()
@@ -38,13 +39,18 @@ def combat_ratios(ratios: pd.DataFrame, reference_site: str | None = None,
     if reference_site is not None and reference_site not in counts.index:
         raise InputError(f"ComBat: reference site {reference_site!r} is not among the sites {sorted(counts.index)}")
     data = ratios[list(features)].to_numpy(dtype=float).T  # features x scans
-    covars = pd.DataFrame({"site": ratios["site"].astype(str).to_numpy()})
+    missing = [c for c in covariates if c not in ratios or ratios[c].isna().any()]
+    if missing:
+        raise InputError(f"ComBat: covariates {missing} are missing or have empty values")
+    covars = pd.DataFrame({"site": ratios["site"].astype(str).to_numpy(),
+                           **{c: ratios[c].to_numpy(dtype=float) for c in covariates}})
     added_alias = not hasattr(np, "int")
     if added_alias:
         np.int = int
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # neuroCombat prints its progress
-            res = neuroCombat(dat=data, covars=covars, batch_col="site", ref_batch=reference_site)
+            res = neuroCombat(dat=data, covars=covars, batch_col="site", ref_batch=reference_site,
+                              continuous_cols=list(covariates) or None)
     finally:
         if added_alias:
             del np.int

@@ -6,7 +6,8 @@ Nothing is downloaded: the template, brain mask and GM/WM maps come from nilearn
   so tissue ratios differ between subjects in a way a segmentation can see: cortical atrophy
   (GM within `atrophy_mm` of CSF or the brain's edge becomes CSF) and a shift of the GM/WM
   boundary by `wm_shift_mm` (positive: WM grows into GM). A voxel-wise GM->CSF mixture was
-  tried first: it reads as a darker cortex that Atropos still calls GM.
+  tried first: it reads as a darker cortex that Atropos still calls GM. The atrophy is the
+  subject's age's (linear in `age_years`): a biological effect whose true size is known.
 * A **site** (`site_model: contrast`) is a tissue contrast (CSF/GM/WM/skull/scalp intensities), a
   power-law intensity curve, blur, the amplitude of a smooth multiplicative bias field, Rician noise
   and a global intensity scale. Its intensities are close to one monotone function of another
@@ -23,7 +24,9 @@ Nothing is downloaded: the template, brain mask and GM/WM maps come from nilearn
   own voxel size and axis order/orientation.
 
 The training cohort has distinct subjects per site; the test cohort has traveling subjects, each
-scanned at every test site (test sites are not training sites), as in SRPBS. Ground truth is
+scanned at every test site (test sites are not training sites), as in SRPBS. Each traveling
+subject also has a study site (`study_site`): the one scan a pooled study would have of it, older
+subjects more often at later sites, so that a study's site and age are partly confounded. Ground truth is
 written beside the scans: per subject the MNI-space brain mask and tissue maps and the true
 tissue volumes, per scan the site parameters, the native-space brain mask and the
 scanner-to-MNI affine. Every random draw comes from a generator seeded by (seed, kind, index),
@@ -75,6 +78,10 @@ class SynthConfig(SyntheticCohort):
     max_rotation_deg: float = setting(10.0, "largest rotation of a scan's head pose (degrees)", minimum=0)
     max_shift_mm: float = setting(10.0, "largest shift of a scan's head pose (mm)", minimum=0)
     atrophy_mm: tuple[float, float] = setting((0.0, 2.5), "range of the subjects' cortical atrophy (mm)", length=2)
+    age_years: tuple[float, float] = setting((20.0, 80.0), "range of the subjects' ages: atrophy grows linearly "
+                                             "with age from the first to the last end of atrophy_mm", length=2)
+    study_site_sd: float = setting(0.5, "how loosely a traveling subject's study site follows its age (sd, in "
+                                   "sites, around its age's place among the test sites)", minimum=0)
     wm_shift_mm: tuple[float, float] = setting((-1.5, 1.5), "range of the subjects' GM/WM boundary shift (mm)",
                                                length=2)
 
@@ -203,9 +210,23 @@ def _remove_affine_part(disp: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 
 def subject_params(cfg: SynthConfig, subject_index: int) -> dict:
+    """A subject's age, the cortical atrophy it drives (linear: the planted biological effect, known
+    exactly), its GM/WM boundary shift and its warp's seed."""
     rng = np.random.default_rng([cfg.seed, 1, subject_index])
-    return {"atrophy_mm": float(rng.uniform(*cfg.atrophy_mm)), "wm_shift_mm": float(rng.uniform(*cfg.wm_shift_mm)),
-            "warp_seed": int(rng.integers(2**31))}
+    u = rng.random()  # = rng.uniform(*atrophy_mm)'s draw: cohorts rendered before ages existed keep their bytes
+    (a0, a1), (y0, y1) = cfg.atrophy_mm, cfg.age_years
+    return {"age": float(y0 + (y1 - y0) * u), "atrophy_mm": float(a0 + (a1 - a0) * u),
+            "wm_shift_mm": float(rng.uniform(*cfg.wm_shift_mm)), "warp_seed": int(rng.integers(2**31))}
+
+
+def study_site(cfg: SynthConfig, subject_index: int, age: float, sites: list[str]) -> str:
+    """The one site a pooled study scanned this traveling subject at: older subjects more often at the
+    later sites (the site's place follows the age's place in `age_years`, plus a normal draw of sd
+    `study_site_sd`), so that site and age are partly confounded, as in pooled studies."""
+    rng = np.random.default_rng([cfg.seed, 6, subject_index])
+    (y0, y1) = cfg.age_years
+    place = (len(sites) - 1) * (age - y0) / (y1 - y0) + rng.normal(0.0, cfg.study_site_sd)
+    return sites[int(np.clip(np.rint(place), 0, len(sites) - 1))]
 
 
 def _ramp(x: np.ndarray, soft_mm: float = 1.5) -> np.ndarray:
@@ -519,14 +540,14 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
     (MNI space), truth/scans/{scan_id}_brainmask.nii.gz (native), truth/rendered/{scan_id}.nii.gz
     (the scan's noise- and bias-free brain in MNI space), truth/at_site/{train site}/{subject}.nii.gz
     (each traveling subject's noise-free brain at each training site: the ideal harmonization
-    to that target), truth/subjects.tsv,
+    to that target), truth/subjects.tsv (cohort, age, study_site, true volumes and ratios),
     truth/scans.tsv, truth/sites.json, truth/config.json, scans.tsv.
     """
     from tqdm import tqdm
 
     out = Path(outdir)
     plan = cohort_plan(cfg)
-    train_sites, _ = site_names(cfg)
+    train_sites, test_sites = site_names(cfg)
     sites, subjects = all_site_params(cfg), plan_subjects(plan)
     subj_rows, scan_rows = [], []
     voxel_ml = cfg.render_spacing ** 3 / 1000.0
@@ -541,7 +562,10 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
             save_image(subject[tissue], aff, tdir / f"{subject_id}_{tissue}.nii.gz")
             vols[f"{tissue}_ml"] = float(subject[tissue].astype(np.float64).sum() * voxel_ml)
         total = vols["gm_ml"] + vols["wm_ml"] + vols["csf_ml"]
-        subj_rows.append({"subject": subject_id, **vols,
+        own = plan[plan["subject"] == subject_id]
+        cohort = own["cohort"].iloc[0]
+        study = study_site(cfg, si, subject["age"], test_sites) if cohort == "test" else own["site"].iloc[0]
+        subj_rows.append({"subject": subject_id, "cohort": cohort, "age": subject["age"], "study_site": study, **vols,
                           "gm_ratio": vols["gm_ml"] / total, "wm_ratio": vols["wm_ml"] / total,
                           "csf_ratio": vols["csf_ml"] / total, "atrophy_mm": subject["atrophy_mm"],
                           "wm_shift_mm": subject["wm_shift_mm"]})

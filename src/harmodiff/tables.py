@@ -139,16 +139,21 @@ def truth_summary(scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def target_truth_ratios(targets: pd.DataFrame) -> pd.DataFrame:
+    """Each subject's tissue ratios rendered noise-free at each target and segmented (the manifest's
+    volumes, target, subject): what a perfect harmonization would give. Columns subject, target and
+    each fractions method's ratios."""
+    ratios = collect_ratios(targets.assign(method="truth", scan_id=targets["subject"], site=targets["target"]))
+    keep = ["subject", "target"] + [f"{f}_{t}_ratio" for f in FRACTIONS for t in TISSUES]
+    return ratios[[c for c in keep if c in ratios]]
+
+
 def truth_tables(ratios: pd.DataFrame, truth: pd.DataFrame, similarity: pd.DataFrame, preprocessing: pd.DataFrame,
                  targets: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """The synthetic cohort's truth tables from the manifests' rows: `similarity` (image, mask, method,
     target, scan_id, truth, truth_mask), `preprocessing` (image, mask, scan_id, truth, truth_mask) and
     `targets` (volumes, target, subject: each subject rendered noise-free at a target and segmented)."""
-    target_truth = None
-    if targets is not None and len(targets):
-        target_truth = collect_ratios(targets.assign(method="truth", scan_id=targets["subject"], site=targets["target"]))
-        keep = ["subject", "target"] + [f"{f}_{t}_ratio" for f in FRACTIONS for t in TISSUES]
-        target_truth = target_truth[[c for c in keep if c in target_truth]]
+    target_truth = target_truth_ratios(targets) if targets is not None and len(targets) else None
     columns = ["image", "mask", "truth", "truth_mask"]
     scores = similarity[["method", "target", "scan_id"]].reset_index(drop=True)
     scores = pd.concat([scores, pd.DataFrame(truth_similarity(*(list(similarity[c]) for c in columns)))], axis=1)

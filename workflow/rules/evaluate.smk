@@ -288,6 +288,36 @@ rule truth_scores:
         "--output-summary-md {output.summary_md:q} --output-preprocessing {output.preprocessing:q} > {log:q} 2>&1"
 
 
+# does each method keep the cohort's planted age effect in a study whose sites are confounded with
+# age, and does harmonization pull a subject toward the target's training subjects?
+rule biological_effect:
+    input:
+        ratios="results/tables/tissue_ratios.csv",
+        truth="results/synthetic/truth/subjects.tsv",
+        targets=lambda wildcards: manifest_and_files("truth_targets"),
+    output:
+        effects=report(
+            "results/tables/biological_effect.csv", caption="../report/biological_effect.rst", category="Truth"
+        ),
+        pull=report("results/tables/target_pull.csv", caption="../report/target_pull.rst", category="Truth"),
+    log:
+        "results/logs/biological_effect.log",
+    benchmark:
+        "results/benchmarks/biological_effect.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        targets=PATHS.manifest("truth_targets"),
+    shell:
+        "python -m harmodiff.effects --ratios {input.ratios:q} --truth {input.truth:q} "
+        "--target-manifest {params.targets:q} --output-effects {output.effects:q} --output-pull {output.pull:q} "
+        "> {log:q} 2>&1"
+
+
 rule figure2:
     input:
         **manifest_inputs("figure2"),
