@@ -137,3 +137,21 @@ def test_figure2_keeps_the_sites_in_the_order_given(tmp_path, monkeypatch):
     figures.figure2(pd.DataFrame({"image": images, "method": methods, "site": sites}), "sub-01", [tmp_path / "f.png"])
     assert drawn["titles"][:3] == ["preprocessed: KUS", "preprocessed: ATV", "ATV - KUS"]
     assert drawn["difference"] == 200.0
+
+
+def test_questions_figure_draws_each_method_s_first_target_values(tmp_path):
+    effects = pd.DataFrame({"method": ["truth", "truth", "preprocessed", "diffusion", "diffusion"],
+                            "tissue": ["GM", "WM", "GM", "GM", "GM"], "estimate": [-0.02, 0.0, -0.01, -0.018, 0.5],
+                            "ci_low": [np.nan, np.nan, -0.015, -0.025, 0.4], "ci_high": [np.nan, np.nan, -0.005, -0.01, 0.6],
+                            "true_effect": -0.02})
+    classifier = pd.DataFrame({"method": ["preprocessed", "diffusion"], "site_accuracy": [0.9, 0.4], "chance": 1 / 3})
+    icc = pd.DataFrame({"method": ["preprocessed", "preprocessed", "diffusion", "diffusion"],
+                        "tissue": ["GM", "WM", "GM", "WM"], "icc": [0.6, 0.5, 0.8, 0.9]})
+    panels = figures.question_panels(effects, classifier, icc)
+    assert list(panels["effect"].method) == ["preprocessed", "diffusion"]  # not the truth, the first target
+    assert panels["effect"].estimate.tolist() == [-0.01, -0.018]
+    assert panels["icc"].set_index("method").loc["diffusion", "WM"] == 0.9
+    figures.questions_figure(effects, classifier, icc, [tmp_path / "q.png"])
+    from PIL import Image
+
+    assert Image.open(tmp_path / "q.png").size[0] > 800

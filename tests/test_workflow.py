@@ -372,9 +372,11 @@ def test_e2e_baseline_images(e2e):
 @pytest.mark.e2e
 def test_e2e_report_has_every_figure_with_its_caption(e2e):
     html = (e2e / "results/report.html").read_text(errors="replace")
-    for name in ("figure2.png", "figure3.png", "loss_curve.png", "table1.csv", "table2.csv"):
+    for name in ("figure2.png", "figure3.png", "loss_curve.png", "questions.png", "table1.csv", "table2.csv",
+                 "biological_effect.csv", "target_pull.csv"):
         assert name in html, name
-    for caption in ("central axial slice of one", "Stars mark sites", "Training loss of the diffusion model"):
+    for caption in ("central axial slice of one", "Stars mark sites", "Training loss of the diffusion model",
+                    "Three questions users ask", "keep the biology a pooled study", "toward that of the target site"):
         assert caption in html, caption
 
 

@@ -1,10 +1,12 @@
-"""Figures of the evaluation (the paper's Figure 2 and Figure 3; the loss curve). The tables are `harmodiff.tables`.
+"""Figures of the evaluation (the paper's Figures 2 and 3, the loss curve, the users' questions); tables: `harmodiff.tables`.
 
     python -m harmodiff.figures figure2 --manifest FIGURE2.tsv --subject S --output F.png [F.pdf]
         (the manifest's columns: image, method, site)
     python -m harmodiff.figures figure3 --ratios tissue_ratios.csv --ttests ttests.csv --reference SITE \
         --output F.png [F.pdf]
     python -m harmodiff.figures loss --loss loss.csv --output F.png [F.pdf]
+    python -m harmodiff.figures questions --effects biological_effect.csv --site-classifier site_classifier.csv \
+        --icc icc.csv --output F.png [F.pdf]
 
 Each figure is written in every format named by --output (by suffix), atomically.
 """
@@ -105,6 +107,57 @@ def figure3(ratios: pd.DataFrame, ttests: pd.DataFrame, reference: str, outputs)
     plt.close(fig)
 
 
+def question_panels(effects: pd.DataFrame, classifier: pd.DataFrame, icc: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """What the questions figure draws, per method (the first target of each): the GM age effect with its
+    interval (and the true effect), the site accuracy (and chance), the ICC of GM and WM."""
+    gm = effects[(effects["tissue"] == "GM") & (effects["method"] != "truth")].drop_duplicates("method")
+    return {"effect": gm[["method", "estimate", "ci_low", "ci_high", "true_effect"]].reset_index(drop=True),
+            "site": classifier.drop_duplicates("method")[["method", "site_accuracy", "chance"]].reset_index(drop=True),
+            "icc": icc.drop_duplicates(["method", "tissue"]).pivot(index="method", columns="tissue", values="icc")
+            .reset_index()}
+
+
+def questions_figure(effects: pd.DataFrame, classifier: pd.DataFrame, icc: pd.DataFrame, outputs) -> None:
+    """Three questions users ask of a harmonizer, one panel each: is the biology kept (the planted age
+    effect on the GM ratio with its 95 % CI, the truth dashed), can a classifier still tell the site
+    (chance dashed), are the volumes reproducible across sites (ICC of GM and WM)."""
+    plt = _plt()
+    panels = question_panels(effects, classifier, icc)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    e = panels["effect"]
+    y = np.arange(len(e))
+    low = (e["estimate"] - e["ci_low"]).fillna(0).clip(lower=0)
+    high = (e["ci_high"] - e["estimate"]).fillna(0).clip(lower=0)
+    axes[0].errorbar(e["estimate"], y, xerr=[low, high], fmt="o", capsize=3)
+    if len(e):
+        axes[0].axvline(e["true_effect"].iloc[0], ls="--", c="k", lw=1, label="true effect")
+        axes[0].legend(fontsize=7)
+    axes[0].set_yticks(y, e["method"])
+    axes[0].set_xlabel("GM ratio change per decade of age")
+    axes[0].set_title("biology kept? (study confounded with site)")
+    c = panels["site"]
+    axes[1].bar(np.arange(len(c)), c["site_accuracy"])
+    axes[1].hlines(c["chance"], np.arange(len(c)) - 0.4, np.arange(len(c)) + 0.4, colors="k", linestyles="--",
+                   label="chance")
+    axes[1].set_xticks(np.arange(len(c)), c["method"], rotation=30, ha="right")
+    axes[1].set_ylim(0, 1)
+    axes[1].set_ylabel("held-out-subject site accuracy")
+    axes[1].set_title("site still predictable?")
+    axes[1].legend(fontsize=7)
+    i = panels["icc"]
+    for k, tissue in enumerate(("GM", "WM")):
+        if tissue in i:
+            axes[2].bar(np.arange(len(i)) + (k - 0.5) * 0.4, i[tissue], width=0.4, label=tissue)
+    axes[2].set_xticks(np.arange(len(i)), i["method"], rotation=30, ha="right")
+    axes[2].set_ylim(min(0.0, float(np.nanmin(i[["GM", "WM"]].to_numpy(float), initial=0.0))), 1)
+    axes[2].set_ylabel("ICC(2,1) across sites")
+    axes[2].set_title("volumes reproducible?")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, outputs)
+    plt.close(fig)
+
+
 @one_line_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harmodiff.figures", description=__doc__.split("\n")[0])
@@ -118,12 +171,18 @@ def main(argv=None) -> int:
     f3.add_argument("--reference", required=True)
     lo = sub.add_parser("loss")
     lo.add_argument("--loss", required=True)
-    for q in (f2, f3, lo):
+    qu = sub.add_parser("questions")
+    for name in ("effects", "site-classifier", "icc"):
+        qu.add_argument(f"--{name}", required=True)
+    for q in (f2, f3, lo, qu):
         q.add_argument("--output", nargs="+", required=True, help="one path per format (.png, .pdf)")
     a = p.parse_args(argv)
-    check_outputs_or_exit(a.output, inputs=[getattr(a, n, None) for n in ("ratios", "ttests", "loss")])
+    check_outputs_or_exit(a.output, inputs=[getattr(a, n, None) for n in ("ratios", "ttests", "loss", "effects",
+                                                                         "site_classifier", "icc")])
     if a.cmd == "figure2":
         figure2(a.manifest, a.subject, a.output)
+    elif a.cmd == "questions":
+        questions_figure(pd.read_csv(a.effects), pd.read_csv(a.site_classifier), pd.read_csv(a.icc), a.output)
     elif a.cmd == "figure3":
         figure3(pd.read_csv(a.ratios), pd.read_csv(a.ttests), a.reference, a.output)
     else:

@@ -131,4 +131,5 @@ def all_outputs():
     if config["cohort"]["source"] == "synthetic":
         outputs += [f"results/tables/truth_{t}.csv" for t in ("ratios", "similarity", "preprocessing")]
         outputs += ["results/tables/biological_effect.csv", "results/tables/target_pull.csv"]
+        outputs += [f"results/figures/questions.{ext}" for ext in ("png", "pdf")]
     return outputs

@@ -365,6 +365,30 @@ rule figure3:
         "--reference {params.reference:q} --output {output.png:q} {output.pdf:q} > {log:q} 2>&1"
 
 
+# the users' questions in one picture: biology kept, site still predictable, volumes reproducible
+rule figure_questions:
+    input:
+        effects=rules.biological_effect.output.effects,
+        classifier=rules.site_classifier.output[0],
+        icc=rules.icc.output[0],
+    output:
+        png=report("results/figures/questions.png", caption="../report/questions.rst", category="Figures"),
+        pdf="results/figures/questions.pdf",
+    log:
+        "results/logs/figure_questions.log",
+    benchmark:
+        "results/benchmarks/figure_questions.tsv"
+    conda:
+        "../../envs/stats.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    shell:
+        "python -m harmodiff.figures questions --effects {input.effects:q} --site-classifier {input.classifier:q} "
+        "--icc {input.icc:q} --output {output.png:q} {output.pdf:q} > {log:q} 2>&1"
+
+
 rule loss_curve:
     input:
         rules.train.output.loss,
