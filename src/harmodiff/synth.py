@@ -533,6 +533,13 @@ def render_one_scan(cfg: SynthConfig, scan_id: str):
     return render_scan(cfg, subject, all_site_params(cfg)[plan.at[row, "site"]], row)
 
 
+def subject_volumes(subject: dict, voxel_ml: float) -> dict:
+    """A rendered subject's true tissue volumes (ml) and ratios (of GM + WM + CSF)."""
+    vols = {f"{t}_ml": float(subject[t].astype(np.float64).sum() * voxel_ml) for t in ("gm", "wm", "csf")}
+    total = sum(vols.values())
+    return vols | {f"{t}_ratio": vols[f"{t}_ml"] / total for t in ("gm", "wm", "csf")}
+
+
 def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.DataFrame:
     """Render the cohort into `outdir`; returns the scan sheet (also written as scans.tsv).
 
@@ -557,17 +564,13 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
         aff = subject["affine"]
         tdir = out / "truth" / "subjects"
         save_image(subject["brain_mask"], aff, tdir / f"{subject_id}_mask.nii.gz", dtype=np.uint8)
-        vols = {}
         for tissue in ("gm", "wm", "csf"):
             save_image(subject[tissue], aff, tdir / f"{subject_id}_{tissue}.nii.gz")
-            vols[f"{tissue}_ml"] = float(subject[tissue].astype(np.float64).sum() * voxel_ml)
-        total = vols["gm_ml"] + vols["wm_ml"] + vols["csf_ml"]
         own = plan[plan["subject"] == subject_id]
         cohort = own["cohort"].iloc[0]
         study = study_site(cfg, si, subject["age"], test_sites) if cohort == "test" else own["site"].iloc[0]
-        subj_rows.append({"subject": subject_id, "cohort": cohort, "age": subject["age"], "study_site": study, **vols,
-                          "gm_ratio": vols["gm_ml"] / total, "wm_ratio": vols["wm_ml"] / total,
-                          "csf_ratio": vols["csf_ml"] / total, "atrophy_mm": subject["atrophy_mm"],
+        subj_rows.append({"subject": subject_id, "cohort": cohort, "age": subject["age"], "study_site": study,
+                          **subject_volumes(subject, voxel_ml), "atrophy_mm": subject["atrophy_mm"],
                           "wm_shift_mm": subject["wm_shift_mm"]})
         for row in plan[plan["subject"] == subject_id].itertuples():
             image, vox, brain, scan_to_mni, pose, mni_img = render_scan(cfg, subject, sites[row.site], row.Index)
