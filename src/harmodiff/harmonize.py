@@ -242,7 +242,10 @@ def provenance(args, settings: HarmonizeConfig, noise_seed: int, stats: dict) ->
 
     return {"harmodiff_version": __version__, "checkpoint": str(args.checkpoint),
             "checkpoint_sha256": file_sha256(args.checkpoint), "source": str(args.input),
-            "target_site": args.target_site, "guidance": settings.guidance, "guidance_scale": settings.scale,
+            "target_site": args.target_site,
+            "learned_site": None if not getattr(args, "learned_site", None) else {
+                "path": str(args.learned_site), "sha256": file_sha256(args.learned_site)},
+            "guidance": settings.guidance, "guidance_scale": settings.scale,
             "steps": settings.steps, "start_from": settings.start_from,
             "strength": settings.strength if settings.start_from == "source" else None,
             "seed": settings.seed, "noise_seed": noise_seed, "seed_key": args.seed_key,
@@ -303,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--input", required=True, help="preprocessed scan (working grid)")
     p.add_argument("--mask", required=True)
     p.add_argument("--target-site", required=True)
+    p.add_argument("--learned-site", help="a site learned for this checkpoint (harmodiff.sites learn): "
+                   "--target-site may then name it")
     p.add_argument("--output", required=True)
     p.add_argument("--config", help="settings file (its harmonize section: the workflow's "
                    "results/config/harmonize.yaml, or a workflow config); the options below override it")
@@ -321,6 +326,7 @@ def main(argv=None) -> int:
                         "seeds): the rows whose main_output is --output; an empty guidance, scale or seed is this job's")
     a = p.parse_args(argv)
     from harmodiff.model import load_model_for_inference
+    from harmodiff.sites import LearnedSite, with_learned_site
 
         # the settings in force (file, then options), as the rest and the provenance read them; threads
         # only when given (else torch's default)
@@ -333,7 +339,7 @@ def main(argv=None) -> int:
         raise InputError("--native needs --native-reference, --transform and --native-output")
     sidecars = [json_sidecar(o) for o in outputs]
     with outputs_together([*outputs, *sidecars, a.native_output if a.native else None],
-                          inputs=[a.checkpoint, a.input, a.mask, a.anatomy, a.coarse, a.native_reference,
+                          inputs=[a.checkpoint, a.learned_site, a.input, a.mask, a.anatomy, a.coarse, a.native_reference,
                                   a.transform]):
         img = load_image(a.input)
         mask = load_mask(a.mask, like=img)
@@ -346,6 +352,8 @@ def main(argv=None) -> int:
             maps = {"anatomy": np.asarray(load_image(a.anatomy).dataobj, np.float32),
                     "coarse": np.asarray(load_image(a.coarse).dataobj, np.float32)}
         model, record = load_model_for_inference(a.checkpoint, a.device, use_ema=not a.no_ema)
+        if a.learned_site:
+            model, record = with_learned_site(model, record, LearnedSite.load(a.learned_site, a.checkpoint))
         check_voxel_size(a.input, img, record.voxel_mm, a.checkpoint)
         if a.anatomy:
             anat.check_settings(a.anatomy, record.anatomy, a.checkpoint)

@@ -35,15 +35,26 @@ NULL_LABEL = 0
 
 
 class SiteLabels:
-    """The map (site, log-gamma level) -> label index (1..n); 0 is the null label."""
+    """The map (site, log-gamma level) -> label index (1..n); 0 is the null label. The training sites
+    are numbered in sorted order; `added` sites (learned later with the network frozen, `harmodiff.sites`)
+    come after them in their own order, so that adding one leaves every trained label where it was."""
 
-    def __init__(self, sites, levels):
-        self.sites = sorted(dict.fromkeys(str(s) for s in sites))
+    def __init__(self, sites, levels, added=()):
+        self.trained = sorted(dict.fromkeys(str(s) for s in sites))
+        self.added = [str(s) for s in added]
+        clash = sorted(set(self.trained) & set(self.added))
+        if clash or len(set(self.added)) < len(self.added):
+            raise ValueError(f"site names {clash or self.added} are given twice")
+        self.sites = self.trained + self.added
         self.levels = [round(float(g), 6) for g in levels]
         if 0.0 not in self.levels:
             raise ValueError(f"contrast levels must include 0 (the target at inference), got {self.levels}")
         self._index = {(s, g): 1 + i * len(self.levels) + j
                        for i, s in enumerate(self.sites) for j, g in enumerate(self.levels)}
+
+    def with_site(self, name: str) -> SiteLabels:
+        """These labels and one more site after them (its labels: the last len(levels) indices)."""
+        return SiteLabels(self.trained, self.levels, [*self.added, name])
 
     def __len__(self) -> int:
         return len(self._index)
@@ -61,12 +72,12 @@ class SiteLabels:
         return self._index[key]
 
     def to_dict(self) -> dict:
-        return {"sites": list(self.sites), "levels": list(self.levels),
-                "index": [[s, g, i] for (s, g), i in self._index.items()]}
+        return {"sites": list(self.trained), "levels": list(self.levels),
+                "index": [[s, g, i] for (s, g), i in self._index.items()]} | ({"added": self.added} if self.added else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> SiteLabels:
-        labels = cls(d["sites"], d["levels"])
+        labels = cls(d["sites"], d["levels"], d.get("added", ()))
         saved = {(s, round(float(g), 6)): int(i) for s, g, i in d["index"]}
         if saved != labels._index:
             raise ValueError("site-label map in the checkpoint does not match its sites and levels")

@@ -20,7 +20,9 @@ from harmodiff.intensity import median_normalize
 
 SHAPE = (32, 32, 32)
 TISSUES = (0.25, 0.55, 0.95)          # CSF, GM, WM before the site's curve
-SITES = {"A": 1.0, "B": 0.55, "C": 1.6}  # power-law exponent of each site's contrast curve
+# power-law exponent of each site's contrast curve; D is never a training site (the scanner a site token
+# is learned for with the network frozen, tests/test_learnability.py)
+SITES = {"A": 1.0, "B": 0.55, "C": 1.6, "D": 1.3}
 
 
 def subject_maps(index: int, shape=SHAPE) -> tuple[list[np.ndarray], np.ndarray]:

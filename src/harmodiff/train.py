@@ -254,6 +254,17 @@ def _dist():
     return rank, world
 
 
+def diffusion_loss(net, schedule, cfg: TrainConfig, batch, device) -> torch.Tensor:
+    """The training loss of one batch (`collate`'s tuple): the network's output on the noised x0 against
+    the target `cfg.prediction` names, weighted per timestep as `cfg.loss_weighting` says."""
+    x0, A, coarse, label, t, noise = (v.to(device) for v in batch)
+    x_t = schedule.add_noise(x0, noise, t)
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        pred = net(x_t, t, A, coarse, label)
+    per_sample = ((pred.float() - schedule.target(cfg.prediction, x0, noise, t)) ** 2).flatten(1).mean(1)
+    return (schedule.loss_weight(cfg.prediction, cfg.loss_weighting, t, cfg.min_snr_gamma) * per_sample).mean()
+
+
 class Trainer:
     """One training run in `output_dir`: the network, optimizer and EMA built from the settings,
     resumed from the run's checkpoint when it was made with the same settings and data (else that
@@ -342,13 +353,8 @@ class Trainer:
 
     def train_step(self, net, step: int, batch) -> tuple[torch.Tensor, float]:
         """One optimizer step on a batch; (the loss averaged over processes, the learning rate)."""
-        cfg, schedule = self.cfg, self.schedule
-        x0, A, coarse, label, t, noise = (v.to(self.device) for v in batch)
-        x_t = schedule.add_noise(x0, noise, t)
-        with torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            pred = net(x_t, t, A, coarse, label)
-        per_sample = ((pred.float() - schedule.target(cfg.prediction, x0, noise, t)) ** 2).flatten(1).mean(1)
-        loss = (schedule.loss_weight(cfg.prediction, cfg.loss_weighting, t, cfg.min_snr_gamma) * per_sample).mean()
+        cfg = self.cfg
+        loss = diffusion_loss(net, self.schedule, cfg, batch, self.device)
         lr = learning_rate(cfg, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
