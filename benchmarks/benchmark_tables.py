@@ -57,7 +57,8 @@ def effects(tables: Path) -> pd.DataFrame:
     t = t[t.method.isin(["truth", *MAIN, "combat_study", "combat_study_age"])].drop_duplicates(["method", "tissue"])
     return pd.DataFrame({"method": t.method, "tissue": t.tissue, "n": t.n_subjects,
                          "age effect per decade [95% CI]": [_interval(r, digits=4) for _, r in t.iterrows()],
-                         "true": t.true_effect.round(4), "CI covers truth": t.ci_covers_truth, "note": t.note.astype(object).fillna("")})
+                         "true": t.true_effect.round(4), "CI covers truth": t.ci_covers_truth,
+                         "note": t.note.astype(object).fillna("")})
 
 
 def pull(tables: Path) -> pd.DataFrame:
