@@ -56,4 +56,4 @@ def test_the_shipped_model_checks_the_voxel_size_of_what_it_harmonizes(tmp_path)
     _, checkpoint = md.load_model_for_inference(path)
     scan = nib.Nifti1Image(np.ones((80, 96, 80), np.float32), np.eye(4))
     with pytest.raises(InputError, match=r"voxels of 1x1x1 mm, but .* was trained on 2x2x2 mm"):
-        check_voxel_size("scan.nii.gz", scan, checkpoint.voxel_mm, path)
+        check_voxel_size("scan.nii.gz", scan.header.get_zooms(), checkpoint.voxel_mm, path)

@@ -224,12 +224,12 @@ def check_preprocessed(path, image: np.ndarray, mask: np.ndarray) -> None:
                          "(run harmodiff.preprocess on the raw scan first)")
 
 
-def check_voxel_size(path, img, trained_mm, checkpoint) -> None:
-    """The input's voxels must be the training grid's (a same-shaped grid at another spacing would
-    pass the shape check and be harmonized at the wrong scale)."""
+def check_voxel_size(path, zooms, trained_mm, checkpoint) -> None:
+    """The input's voxels (`zooms`, mm) must be the training grid's (a same-shaped grid at another spacing
+    would pass the shape check and be harmonized at the wrong scale)."""
     if not trained_mm:
         return  # checkpoints from before the voxel size was recorded
-    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    zooms = [float(z) for z in zooms[:3]]
     if not np.allclose(zooms, trained_mm, atol=1e-3):
         raise InputError(f"{path}: voxels of {'x'.join(f'{z:g}' for z in zooms)} mm, but {checkpoint} was trained "
                          f"on {'x'.join(f'{z:g}' for z in trained_mm)} mm (preprocess it with the training grid)")
@@ -243,7 +243,7 @@ def provenance(args, settings: HarmonizeConfig, noise_seed: int, stats: dict) ->
     return {"harmodiff_version": __version__, "checkpoint": str(args.checkpoint),
             "checkpoint_sha256": file_sha256(args.checkpoint), "source": str(args.input),
             "target_site": args.target_site,
-            "learned_site": None if not getattr(args, "learned_site", None) else {
+            "learned_site": None if not args.learned_site else {
                 "path": str(args.learned_site), "sha256": file_sha256(args.learned_site)},
             "guidance": settings.guidance, "guidance_scale": settings.scale,
             "steps": settings.steps, "start_from": settings.start_from,
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
         model, record = load_model_for_inference(a.checkpoint, a.device, use_ema=not a.no_ema)
         if a.learned_site:
             model, record = with_learned_site(model, record, LearnedSite.load(a.learned_site, a.checkpoint))
-        check_voxel_size(a.input, img, record.voxel_mm, a.checkpoint)
+        check_voxel_size(a.input, img.header.get_zooms(), record.voxel_mm, a.checkpoint)
         if a.anatomy:
             anat.check_settings(a.anatomy, record.anatomy, a.checkpoint)
         for k, (output, run) in enumerate(runs):

@@ -30,7 +30,7 @@ from torch import nn
 
 from harmodiff.config import TrainConfig
 from harmodiff.diffusion import NoiseSchedule
-from harmodiff.io import InputError, atomic_path, check_outputs, file_sha256, load_image, load_mask, one_line_errors
+from harmodiff.io import InputError, atomic_path, check_outputs, file_sha256, load_image, one_line_errors
 from harmodiff.manifests import add_manifest_option
 from harmodiff.model import ModelRecord, SiteLabels
 
@@ -67,9 +67,10 @@ class LearnedSite:
         if not isinstance(state, dict) or state.pop("harmodiff_learned_site", None) != 1:
             raise InputError(f"{path}: not a learned-site file (write it with 'harmodiff.sites learn')")
         site = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in state.items()})
-        if checkpoint is not None and file_sha256(checkpoint) != site.checkpoint_sha256:
+        digest = None if checkpoint is None else file_sha256(checkpoint)
+        if digest is not None and digest != site.checkpoint_sha256:
             raise InputError(f"{path}: learned for another checkpoint (sha256 {site.checkpoint_sha256[:12]}..., "
-                             f"{checkpoint} is {file_sha256(checkpoint)[:12]}...)")
+                             f"{checkpoint} is {digest[:12]}...)")
         return site
 
 
@@ -150,22 +151,19 @@ def learn_site(model, record: ModelRecord, volumes, name: str, *, steps: int = 3
         model.eval()
 
 
-def load_site_volumes(entries, record: ModelRecord):
-    """The manifest's scans as train.Volume, each checked against the model's working grid."""
-    from harmodiff.train import Volume
+def load_site_volumes(entries, record: ModelRecord, checkpoint) -> list:
+    """The manifest's scans as train.Volume (`train.load_volumes`), after each image's header is checked
+    against the model's working grid (`harmonize.check_voxel_size` for the voxels)."""
+    from harmodiff.harmonize import check_voxel_size
+    from harmodiff.train import load_volumes
 
-    volumes = []
-    for r in entries.to_dict("records"):
-        img = load_image(r["image"])
+    for path in entries["image"]:
+        img = load_image(path)  # the header: the data are read once, by load_volumes
         if record.volume_shape is not None and tuple(img.shape) != tuple(record.volume_shape):
-            raise InputError(f"{r['image']}: shape {tuple(img.shape)} is not the model's working grid "
+            raise InputError(f"{path}: shape {tuple(img.shape)} is not the model's working grid "
                              f"{tuple(record.volume_shape)} (preprocess it with the model's grid)")
-        if record.voxel_mm is not None and not np.allclose(img.header.get_zooms()[:3], record.voxel_mm, atol=1e-3):
-            raise InputError(f"{r['image']}: voxels of {tuple(float(z) for z in img.header.get_zooms()[:3])} mm, the "
-                             f"model's grid has {tuple(record.voxel_mm)} mm")
-        volumes.append(Volume(np.asarray(img.dataobj, np.float32), load_mask(r["mask"], like=img), "new",
-                              name=str(r["image"])))
-    return volumes
+        check_voxel_size(path, img.header.get_zooms(), record.voxel_mm, checkpoint)
+    return load_volumes(entries["image"], entries["mask"], ["new"] * len(entries))
 
 
 @one_line_errors
@@ -197,7 +195,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     model, record = load_model_for_inference(a.checkpoint, a.device)
     _check_name(record, a.site)
-    volumes = load_site_volumes(a.manifest, record)
+    volumes = load_site_volumes(a.manifest, record, a.checkpoint)
     embeddings, losses = learn_site(model, record, volumes, a.site, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
                                     seed=a.seed, device=a.device, progress=True)
     site = LearnedSite(a.site, embeddings, tuple(record.labels.levels), file_sha256(a.checkpoint),
