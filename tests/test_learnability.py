@@ -90,7 +90,7 @@ def test_a_site_learned_with_the_network_frozen_harmonizes_to_a_scanner_never_tr
 
     model, record = trained
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    embeddings, losses = sites.learn_site(model, record, _site_d_scans(), "D", steps=150, lr=0.05, batch_size=4)
+    embeddings, losses = sites.learn_site(model, record, _site_d_scans(), "D", sites.LearnSiteConfig(steps=150, batch_size=4))
     # only the new token moved: every network weight and trained embedding is as it was
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     start = sites.starting_embeddings(model, record.labels)

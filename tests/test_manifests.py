@@ -57,6 +57,27 @@ def test_manifest_sizes_follow_the_config(test_run):
     assert len(main) == sweep_scans and main["image"].str.contains("/harmonized/diffusion/").all()
 
 
+def test_a_new_sites_target_only_scans_teach_its_token_and_are_histogram_matchings_reference():
+    config = yaml.safe_load((ROOT / "config/test.yaml").read_text())
+    config["cohort"]["synthetic"].update(new_sites=1, new_site_subjects=2)
+    config["target_sites"] = ["TRA", "NSA"]
+    plan = RunPlan(config, scan_table(config))
+    tables = manifests.ManifestTables(plan)
+    assert plan.learned_sites == ["NSA"] and plan.learned_site_file("TRA") is None
+    assert plan.learned_site_file("NSA") == "results/model/diffusion/sites/NSA.site.pt"
+    target_only = ["results/preprocessed/target/NSA/sub-ns001_ses-NSA.nii.gz",
+                   "results/preprocessed/target/NSA/sub-ns002_ses-NSA.nii.gz"]
+    for name in ("learn_site-NSA", "histmatch-NSA"):
+        assert list(tables.table(name)["image"]) == target_only
+        assert list(tables.table(name)["mask"]) == [f.replace(".nii.gz", "_mask.nii.gz") for f in target_only]
+    assert "learn_site-TRA" not in tables.names() and list(tables.table("histmatch-TRA")["image"]) == [
+        "results/preprocessed/train/TRA/sub-tr001_ses-TRA.nii.gz"]
+    assert "NSA" not in set(tables.table("train")["site"])  # the model never trains on them
+    # every traveling subject's truth at the new site is scored like a training site's
+    truth = tables.table("truth_targets")
+    assert sorted(truth.loc[truth["target"] == "NSA", "subject"]) == plan.test_subjects
+
+
 def test_the_runs_manifest_lists_each_sweep_scans_other_settings_under_its_main_image(test_run):
     """config/test.yaml: main CFG++ 0.6, sweep cfg [1.0], cfgpp [0.6], seeds [1], one sweep subject:
     per sweep scan, CFG 1.0 and the main setting under run seed 1; CFG++ 0.6 is the main run itself."""

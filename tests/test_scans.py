@@ -68,8 +68,27 @@ def test_bad_cohort_value_names_row_and_column(sheet):
 
 def test_target_without_training_scans(sheet):
     tmp, df = sheet
-    with pytest.raises(InputError, match=r"target site 'B' has no training scans \(training sites: \['A'\]\)"):
+    with pytest.raises(InputError, match=r"target site 'B' has no training scans and no target-only scans "
+                                         r"\(cohort target\) to learn it from \(training sites: \['A'\]\)"):
         scans.read_scan_sheet(_write(tmp, df), target_sites=["B"])
+
+
+def test_a_target_site_may_be_a_scanner_known_only_by_its_target_only_scans(sheet):
+    tmp, df = sheet
+    new = df.iloc[[0]].assign(scan_id="n1", subject="n1", site="NEW", cohort="target")
+    new["path"] = [str(_nii(tmp / "n1.nii.gz"))]
+    both = pd.concat([df, new], ignore_index=True)
+    assert list(scans.read_scan_sheet(_write(tmp, both), target_sites=["A", "NEW"])["cohort"])[-1] == "target"
+    with pytest.raises(InputError, match=r"site 'NEW' has target-only scans \(cohort target\) but is not in config "
+                                         "target_sites"):
+        scans.read_scan_sheet(_write(tmp, both), target_sites=["A"])
+    clash = both.assign(site=lambda d: d["site"].where(d["cohort"] != "target", "A"))
+    with pytest.raises(InputError, match=r"site 'A' has target-only scans \(cohort target\) and is a training site"):
+        scans.read_scan_sheet(_write(tmp, clash), target_sites=["A"])
+    # a pretrained model's sites count as training sites when the sheet has none
+    scans.check_target_sites(new, ["NEW", "TRA"], "sheet", trained_sites=["TRA"])
+    with pytest.raises(InputError, match=r"site 'TRA' has target-only scans .* and is a training site"):
+        scans.check_target_sites(new.assign(site="TRA"), ["TRA"], "sheet", trained_sites=["TRA"])
 
 
 def test_bids_builder_reads_site_from_sessions_then_participants(tmp_path):
@@ -299,7 +318,7 @@ def test_bids_cohort_per_subject_or_per_session_from_a_column(tmp_path):
     assert dict(zip(df["scan_id"], df["cohort"]))["sub-01_ses-B"] == "train"
     pd.DataFrame({"participant_id": ["sub-01", "sub-02"], "role": ["train", "validation"]}).to_csv(
         root / "participants.tsv", sep="\t", index=False)
-    with pytest.raises(InputError, match=r"sub-02_ses-A_T1w.nii.gz: column 'role' .* must say train or test for "
+    with pytest.raises(InputError, match=r"sub-02_ses-A_T1w.nii.gz: column 'role' .* must say train, test or target for "
                                          r"sub-02 ses-A, got 'validation'"):
         scans.from_bids(root, cohort_column="role")
 
@@ -332,8 +351,8 @@ def test_a_bids_study_runs_as_the_test_cohort_with_a_training_sheet_or_a_pretrai
     config["train"] = {"pretrained": str(model / "checkpoint.pt")}
     assert len(scan_table(config)) == 4
     config["target_sites"] = ["TRC"]
-    with pytest.raises(InputError, match=r"target_sites: TRC not among the sites the pretrained model was trained "
-                                         r"on \(TRA, TRB"):
+    with pytest.raises(InputError, match=r"target_sites .*: target site 'TRC' has no training scans and no "
+                                         r"target-only scans .*\(the pretrained model's sites: \['TRA', 'TRB'\]\)"):
         scan_table(config)
 
 

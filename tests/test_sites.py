@@ -48,7 +48,7 @@ def test_learning_moves_only_the_new_token():
     record = ModelRecord(CONFIG, SiteLabels(["A", "B"], [0.0]))
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     volumes = [phantom("Z", k, shape=SHAPE) for k in range(2)]
-    embeddings, losses = sites.learn_site(model, record, volumes, "Z", steps=10, lr=0.1, batch_size=2)
+    embeddings, losses = sites.learn_site(model, record, volumes, "Z", sites.LearnSiteConfig(steps=10, lr=0.1, batch_size=2))
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # the network is frozen
     start = sites.starting_embeddings(model, record.labels)
     torch.testing.assert_close(start[0], (weights["site_embedding.weight"][1] + weights["site_embedding.weight"][2]) / 2)

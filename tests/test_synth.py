@@ -100,6 +100,28 @@ def test_same_seed_same_bytes(tmp_path):
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
 
 
+def test_a_new_site_adds_its_target_only_scans_and_truth_and_changes_nothing_else(tmp_path):
+    cfg = synth.SynthConfig(train_sites=1, train_subjects_per_site=1, test_sites=1, test_subjects=1,
+                            seed=3, render_spacing=3.0, native_spacing=(3.0, 3.5))
+    grown = synth.SynthConfig(**{**cfg.__dict__, "new_sites": 1, "new_site_subjects": 2})
+    synth.generate(tmp_path / "a", cfg, progress=False)
+    synth.generate(tmp_path / "b", grown, progress=False)
+    plan = synth.cohort_plan(grown)
+    assert list(plan.loc[plan["cohort"] == "target", "scan_id"]) == ["sub-ns001_ses-NSA", "sub-ns002_ses-NSA"]
+    pd.testing.assert_frame_equal(plan.iloc[:2], synth.cohort_plan(cfg))
+    # every image of the cohort without the new site is byte for byte in the one with it
+    for f in (tmp_path / "a").rglob("*.nii.gz"):
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes(), f
+    subjects = pd.read_csv(tmp_path / "b/truth/subjects.tsv", sep="\t").set_index("subject")
+    assert subjects.loc["sub-ns002", "cohort"] == "target" and subjects.loc["sub-ns002", "study_site"] == "NSA"
+    # the traveling subject's truth at the new site: its anatomy at the new site's contrast
+    at_new = nib.load(tmp_path / "b/truth/at_site/NSA/sub-ts01.nii.gz").get_fdata()
+    at_train = nib.load(tmp_path / "b/truth/at_site/TRA/sub-ts01.nii.gz").get_fdata()
+    sites = json.loads((tmp_path / "b/truth/sites.json").read_text())
+    assert sites["NSA"]["contrast"] != sites["TRA"]["contrast"] and not np.allclose(at_new, at_train)
+    np.testing.assert_array_equal(at_new > 0, at_train > 0)
+
+
 def _sphere_phantom(spacing=1.0, n=80):
     """WM ball of radius 15 mm in a GM shell to 22 mm, CSF shell to 28 mm (the brain)."""
     c = (n - 1) / 2.0

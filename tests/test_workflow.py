@@ -432,7 +432,8 @@ cohort:
     root: {root}
     site_column: site
     cohort: test
-target_sites: [TRA]
+    cohort_column: role
+target_sites: [TRA, MINE]
 train:
   pretrained: {model}/checkpoint.pt
   pretrained_sha256: {sha}
@@ -447,23 +448,30 @@ def test_e2e_a_bids_study_harmonized_with_a_pretrained_model(e2e, tmp_path):
     """The README's BIDS run: a study's BIDS dataset (in a folder whose name holds spaces, $(...),
     backticks, ';' and '&') as the test cohort, a model trained elsewhere (the e2e run's, exported), no
     training scans; every rule runs, nothing in the name runs, and every harmonized scan names the
-    model it came from."""
+    model it came from. Its targets: a site the model was trained on, and the study's own scanner
+    MINE, which it never saw: one target-only scan of MINE (a session whose `role` says target)
+    teaches MINE's token, and every scan harmonized to MINE names the learned file."""
     import json
     import shutil
 
     from harmodiff.io import file_sha256
+    from harmodiff.sites import LearnedSite
 
     from test_injection import HOSTILE_FOLDER
 
     root = tmp_path / HOSTILE_FOLDER
     raw = sorted((e2e / "results/synthetic/raw/test").rglob("*.nii.gz"))
-    for scan in raw:  # sub-ts01_ses-TSA.nii.gz -> sub-ts01/ses-TSA/anat/sub-ts01_ses-TSA_T1w.nii.gz
-        sub, ses = scan.name.removesuffix(".nii.gz").split("_")
+    # one scan of the study's own scanner (a training scan of the e2e run, at a site the model knows as TRB:
+    # the workflow's plumbing is tested here, how well a token learns is tests/test_learnability.py's)
+    mine = sorted((e2e / "results/synthetic/raw/train/TRB").glob("*.nii.gz"))[0]
+    for scan, (sub, ses) in [(s, s.name.removesuffix(".nii.gz").split("_")) for s in raw] + [
+            (mine, ("sub-mine01", "ses-MINE"))]:  # sub-ts01_ses-TSA.nii.gz -> sub-ts01/ses-TSA/anat/...T1w.nii.gz
         (root / sub / ses / "anat").mkdir(parents=True, exist_ok=True)
         shutil.copy(scan, root / sub / ses / "anat" / f"{sub}_{ses}_T1w.nii.gz")
-    for sub in {s.name.split("_")[0] for s in raw}:
+    for sub in {s.name.split("_")[0] for s in raw} | {"sub-mine01"}:
         sessions = sorted(p.name for p in (root / sub).iterdir())
-        pd.DataFrame({"session_id": sessions, "site": [s.removeprefix("ses-") for s in sessions]}).to_csv(
+        pd.DataFrame({"session_id": sessions, "site": [s.removeprefix("ses-") for s in sessions],
+                      "role": ["target" if s == "ses-MINE" else "test" for s in sessions]}).to_csv(
             root / sub / f"{sub}_sessions.tsv", sep="\t", index=False)
     model = tmp_path / "model"
     subprocess.run([sys.executable, "-m", "harmodiff.train", "export", str(e2e / "results/model/diffusion/checkpoint.pt"),
@@ -480,15 +488,28 @@ def test_e2e_a_bids_study_harmonized_with_a_pretrained_model(e2e, tmp_path):
     wd = study.parent
     snakemake(wd, "--cores", "2", "--configfile", str(wd / "base.yaml"), str(study))
     assert not list(tmp_path.rglob("PWNED*")) and not list(ROOT.glob("PWNED*"))
-    harmonized = sorted((wd / "results/harmonized/diffusion/TRA").rglob("*.nii.gz"))
-    assert [p.name for p in harmonized] == [s.name for s in raw]  # the 4 study scans, and nothing else
-    for image in harmonized:
-        prov = json.loads(image.with_name(image.name.replace(".nii.gz", ".json")).read_text())
-        assert prov["checkpoint_sha256"] == file_sha256(wd / "results/model/diffusion/checkpoint.pt") == sha
-        sub, ses = image.name.removesuffix(".nii.gz").split("_")
-        assert prov["preprocessing"]["source"] == str(root / sub / ses / "anat" / f"{sub}_{ses}_T1w.nii.gz")
+    learned = wd / "results/model/diffusion/sites/MINE.site.pt"
+    site = LearnedSite.load(learned, wd / "results/model/diffusion/checkpoint.pt")  # made for this model
+    assert site.scans == (str(wd / "results/preprocessed/target/MINE/sub-mine01_ses-MINE.nii.gz"),)
+    assert site.steps == base["learn_site"]["steps"] == len(site.loss)
+    for target in ("TRA", "MINE"):
+        harmonized = sorted((wd / f"results/harmonized/diffusion/{target}").rglob("*.nii.gz"))
+        assert [p.name for p in harmonized] == [s.name for s in raw]  # the 4 study scans, and nothing else
+        for image in harmonized:
+            prov = json.loads(image.with_name(image.name.replace(".nii.gz", ".json")).read_text())
+            assert prov["checkpoint_sha256"] == file_sha256(wd / "results/model/diffusion/checkpoint.pt") == sha
+            sub, ses = image.name.removesuffix(".nii.gz").split("_")
+            assert prov["preprocessing"]["source"] == str(root / sub / ses / "anat" / f"{sub}_{ses}_T1w.nii.gz")
+            assert prov["target_site"] == target
+            assert prov["learned_site"] == (None if target == "TRA" else {"path": str(learned.relative_to(wd)),
+                                                                          "sha256": file_sha256(learned)})
     ratios = pd.read_csv(wd / "results/tables/tissue_ratios.csv")
     assert set(ratios["method"]) == {"preprocessed", "diffusion", "combat"}
+    assert set(ratios["site"]) == {"TSA", "TSB"}  # the target-only scan is no study scan
     assert not list((wd / "results").glob("preprocessed/train/*"))  # no training scans, none preprocessed
     derivatives = sorted(p.name for p in (wd / "results/derivatives/harmodiff").rglob("*_T1w.nii.gz"))
-    assert len(derivatives) == 8 and derivatives[0].startswith("sub-ts01_ses-siteTSA_")
+    assert len(derivatives) == 16 and derivatives[0].startswith("sub-ts01_ses-siteTSA_")
+    mine_json = [p for p in (wd / "results/derivatives/harmodiff").rglob("*desc-harmonizedTOMINE_T1w.json")]
+    assert len(mine_json) == 8
+    assert all(json.loads(p.read_text())["Provenance"]["learned_site"]["sha256"] == file_sha256(learned)
+               for p in mine_json)

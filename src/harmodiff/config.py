@@ -255,6 +255,10 @@ class SyntheticCohort(Section):
     train_subjects_per_site: int = setting(2, "training subjects scanned at each training site", minimum=1)
     test_sites: int = setting(3, "sites every traveling subject is scanned at (TSA, TSB, ...)", minimum=1)
     test_subjects: int = setting(3, "traveling subjects (the test cohort)", minimum=1)
+    new_sites: int = setting(0, "scanners outside the training sites (NSA, NSB, ...): their scans are target-only "
+                             "(a target site's token is learned from them) and the traveling subjects' truth is "
+                             "rendered at them", minimum=0)
+    new_site_subjects: int = setting(4, "subjects scanned at each new site (its target-only scans)", minimum=1)
     seed: int = setting(0, "seed of the whole cohort (subjects, sites, noise)", minimum=0, maximum=SEED_MAX)
     render_spacing: float = setting(1.0, "mm; MNI grid the synthetic heads are rendered on", exclusive_minimum=0)
     native_spacing: tuple[float, float] = setting((1.8, 2.2), "mm; range of the scans' voxel sizes", length=2,
@@ -279,7 +283,8 @@ class BidsCohort(Section):
     cohort: str = setting("test", "what the dataset's scans are used for (a study to harmonize: test)",
                           choices=("train", "test"))
     cohort_column: str | None = setting(None, "column of sub-*_sessions.tsv (per session) or participants.tsv (per "
-                                        "subject) saying train or test; overrides `cohort`")
+                                        "subject) saying train, test or target (a scanner the model was not "
+                                        "trained on); overrides `cohort`")
     training_sheet: str | None = setting(None, "scan sheet TSV of training scans added to the dataset's (not needed "
                                          "with train.pretrained)")
 
@@ -463,6 +468,20 @@ class HarmonizeConfig(Section):
 
 
 @dataclass(frozen=True)
+class LearnSiteConfig(Section):
+    """A site the model was not trained on, its token fitted to its target-only scans with the network
+    frozen (harmodiff.sites)."""
+
+    where: typing.ClassVar[str] = "learn_site"
+    steps: int = setting(300, "optimizer steps of the site token (a CPU: minutes; the demo U-Net ~2 s a step)",
+                         exclusive_minimum=0)
+    lr: float = setting(0.05, "Adam learning rate of the token", exclusive_minimum=0)
+    batch_size: int = setting(2, "training samples per step (patches of the site's scans)", exclusive_minimum=0)
+    seed: int = setting(0, "seed of the samples drawn", minimum=0, maximum=SEED_MAX)
+    threads: int = setting(2, "CPU threads of the learning job", minimum=1, roles=("per_job",))
+
+
+@dataclass(frozen=True)
 class ExternalMethod(Section):
     where: typing.ClassVar[str] = "evaluation.external"
     pattern: str = required("path of one scan's output; {scan_id}, {site}, {subject} are filled in")
@@ -505,8 +524,8 @@ class EvaluationConfig(Section):
 @dataclass(frozen=True)
 class WorkflowConfig(Section):
     where: typing.ClassVar[str] = ""
-    target_sites: list[str] = required("sites the test scans are harmonized to; each needs training scans",
-                                       min_items=1)
+    target_sites: list[str] = required("sites the test scans are harmonized to; each needs training scans, or "
+                                       "target-only scans (cohort target) to learn its token from", min_items=1)
     cohort: CohortConfig = section(CohortConfig, "where the scans come from")
     grid: GridConfig = section(GridConfig, "the working grid (MNI space) and the model's patch")
     preprocess: PreprocessConfig = section(PreprocessConfig, "N4, skull strip, registration to MNI152")
@@ -514,6 +533,8 @@ class WorkflowConfig(Section):
     model: ModelConfig = section(ModelConfig, "the denoiser network")
     train: TrainConfig = section(TrainConfig, "training")
     harmonize: HarmonizeConfig = section(HarmonizeConfig, "sampling: DDIM with CFG / CFG++")
+    learn_site: LearnSiteConfig = section(LearnSiteConfig, "a target site the model was not trained on: its token "
+                                          "learned from its target-only scans")
     evaluation: EvaluationConfig = section(EvaluationConfig, "tables and figures")
 
     def check(self):
@@ -535,7 +556,7 @@ class WorkflowConfig(Section):
 # results/config/<stage>.yaml; a workflow config file works too)
 STAGE_SECTIONS = {"preprocess": ("grid", "preprocess"), "anatomy": ("grid", "anatomy"),
                   "harmonize": ("harmonize",), "train": ("grid", "anatomy", "model", "train"),
-                  "synth": ("cohort.synthetic",)}
+                  "synth": ("cohort.synthetic",), "learn_site": ("learn_site",)}
 
 
 def section_at(data: dict, where: str):

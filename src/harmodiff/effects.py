@@ -104,9 +104,9 @@ def effect_table(ratios: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
 
 def pull_table(ratios: pd.DataFrame, truth: pd.DataFrame, target_truth: pd.DataFrame) -> pd.DataFrame:
     """Per method, target and tissue: the slope of the harmonized ratio's error (vs the subject's ideal
-    harmonization) on the distance from the subject's true ratio to the target's training subjects'
-    mean, with its 95 % CI. Rows not harmonized to a rendered target (the unharmonized scans, ComBat)
-    are read against the first rendered target."""
+    harmonization) on the distance from the subject's true ratio to the target's training (or, for a
+    learned site, target-only) subjects' mean, with its 95 % CI. Rows not harmonized to a rendered
+    target (the unharmonized scans, ComBat) are read against the first rendered target."""
     subjects = _subjects(truth).set_index("subject")
     rendered = list(dict.fromkeys(target_truth["target"]))
     rows = []
@@ -114,7 +114,8 @@ def pull_table(ratios: pd.DataFrame, truth: pd.DataFrame, target_truth: pd.DataF
             ["method", "target"], sort=True):
         at = target if target in rendered else rendered[0]
         ideal = target_truth[target_truth["target"] == at].set_index("subject")
-        training = subjects[(subjects["cohort"] == "train") & (subjects["study_site"] == at)]
+        # the subjects the target was learned from: its training subjects, or a new site's target-only ones
+        training = subjects[subjects["cohort"].isin(["train", "target"]) & (subjects["study_site"] == at)]
         fractions = group["fractions"].iloc[0] if "fractions" in group else "posterior"
         for tissue in TISSUES:
             error = group.groupby("subject")[f"{tissue}_ratio"].mean() - ideal[f"{fractions}_{tissue}_ratio"]

@@ -33,6 +33,7 @@ PATTERNS = {
     "truth_target": "{results}/segmentation/truth/{target}/{subject}",
     "derivative": "{results}/" + DERIVATIVES + "/sub-{sub}/ses-site{ses}/anat/sub-{sub}_ses-site{ses}",
     "manifest": "{results}/manifests/{name}",
+    "learned_site": "{results}/model/{run}/sites/{target}",        # a target site's token (harmodiff.sites)
 }
 
 
@@ -117,6 +118,11 @@ class Paths:
 
     def manifest(self, name: str) -> str:
         return result_path("manifest", ".tsv", self.results, name=name)
+
+    def learned_site(self, run: str, target: str, suffix: str = ".site.pt") -> str:
+        """A target site's token learned for the model of training run `run` (suffix .site_loss.png: its loss
+        curve, which `harmodiff.sites learn` writes beside it)."""
+        return result_path("learned_site", suffix, self.results, run=run, target=target)
 
     # the BIDS-Derivatives dataset of the harmonized scans (harmodiff.derivatives)
     def derivatives_root(self) -> str:

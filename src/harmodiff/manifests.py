@@ -91,6 +91,7 @@ class ManifestTables:
         plan = self.plan
         names = ["raw_scans", "train", "leakage", "segmentations", "similarity", "figure2", "sweep_subjects"]
         names += [f"histmatch-{t}" for t in plan.target_sites]
+        names += [f"learn_site-{t}" for t in plan.learned_sites]
         if plan.extra_runs() and len(plan.sweep_scans()):
             names.append("sweep_runs")
         if plan.synthetic:
@@ -105,8 +106,8 @@ class ManifestTables:
     @functools.cache  # noqa: B019 (one set of tables per workflow run: the cache lives as long as the run)
     def table(self, name: str) -> pd.DataFrame:
         plan = self.plan
-        if name.startswith("histmatch-"):
-            return self._scan_table(plan.train[plan.train["site"] == name.removeprefix("histmatch-")], "image", "mask")
+        if name.startswith(("histmatch-", "learn_site-")) and name in self.names():
+            return self._scan_table(plan.reference_scans(name.partition("-")[2]), "image", "mask")
         builders = {"raw_scans": lambda: pd.DataFrame({"scan_id": list(plan.scans.index),
                                                        "image": list(plan.scans["path"])}),
                     "train": lambda: self._scan_table(plan.train, "image", "mask", "site"),

@@ -10,7 +10,7 @@ import functools
 
 import pandas as pd
 
-from harmodiff.config import EvaluationConfig
+from harmodiff.config import EvaluationConfig, TrainConfig
 from harmodiff.io import InputError
 from harmodiff.layout import Paths, bids_label, sweep_method
 
@@ -29,11 +29,15 @@ class RunPlan:
         self.target_sites = list(config["target_sites"])
         self.test = scans[scans["cohort"] == "test"]
         self.train = scans[scans["cohort"] == "train"]
-        untrained = [t for t in self.target_sites if not (self.train["site"] == t).any()]
-        if "histmatch" in self.methods and untrained:  # a pretrained model without training scans
-            raise InputError(f"config evaluation.methods: histmatch matches to the target site's training scans, "
-                             f"and target site {untrained[0]} has none here (remove histmatch, or add its "
-                             "training scans)")
+        self.run = TrainConfig.of(config.get("train")).run
+        # target sites the model was not trained on: their tokens are learned from their target-only scans
+        target_only = scans[scans["cohort"] == "target"]
+        self.learned_sites = [t for t in self.target_sites if (target_only["site"] == t).any()]
+        unmatched = [t for t in self.target_sites if not len(self.reference_scans(t))]
+        if "histmatch" in self.methods and unmatched:  # a pretrained model without training scans
+            raise InputError(f"config evaluation.methods: histmatch matches to the target site's training or "
+                             f"target-only scans, and target site {unmatched[0]} has none here (remove histmatch, "
+                             "or add its scans)")
         self.test_subjects = list(dict.fromkeys(self.test["subject"]))
         # paired t-tests against this site (evaluation.reference_site; else the first test site)
         self.reference_site = evaluation.reference_site or sorted(set(self.test["site"]))[0]
@@ -43,6 +47,16 @@ class RunPlan:
         self.subject_reference = {}
         for r in self.test.itertuples():
             self.subject_reference.setdefault(r.subject, r)
+
+    # targets
+    def reference_scans(self, target: str) -> pd.DataFrame:
+        """The scans of a target site the run has: its training scans, or its target-only scans."""
+        scans = self.scans[self.scans["site"] == target]
+        return scans[scans["cohort"].isin(["train", "target"])]
+
+    def learned_site_file(self, target: str) -> str | None:
+        """The learned token of a target site the model was not trained on (None for a training site)."""
+        return self.paths.learned_site(self.run, target) if target in self.learned_sites else None
 
     # methods and targets
     def method_targets(self, method: str) -> list[str]:

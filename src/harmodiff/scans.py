@@ -2,7 +2,8 @@
 
 `read_scan_sheet` validates a sheet against `schemas/scans.schema.yaml` and checks what a schema
 cannot: unique scan_ids, files that exist and are NIfTI, and target sites that have training
-scans. Every error names the sheet row (1-based line number in the file, header = line 1).
+scans or target-only scans (cohort `target`: a scanner the model was not trained on, its site token
+learned from them, `harmodiff.sites`). Every error names the sheet row (1-based line number in the file, header = line 1).
 
 Builders (`python -m harmodiff.scans {synthetic,bids,srpbs} ...`):
 
@@ -31,6 +32,9 @@ from harmodiff.io import InputError, check_outputs, not_a_file, write_text
 from harmodiff.manifests import add_manifest_option
 
 COLUMNS = ["scan_id", "subject", "site", "cohort", "path"]
+# train: the model learns its sites from these; test: harmonized and evaluated; target: scans of a scanner the
+# model was not trained on, only to learn its site token from (and histogram matching's reference)
+COHORTS = ("train", "test", "target")
 
 
 def _schema() -> dict:
@@ -121,13 +125,25 @@ def validate_scan_sheet(df: pd.DataFrame, *, source: str = "scan sheet", base_di
     return df.reset_index(drop=True)
 
 
-def check_target_sites(df: pd.DataFrame, target_sites, source: str) -> None:
-    """InputError naming a target site without training scans."""
-    train_sites = set(df.loc[df["cohort"] == "train", "site"])
+def check_target_sites(df: pd.DataFrame, target_sites, source: str, *, trained_sites=None) -> None:
+    """InputError naming a target site with neither training scans nor target-only scans, a site with both,
+    and target-only scans of a site that is not a target. `trained_sites`: the sites of a pretrained model
+    (there are no training scans), which a target without target-only scans must be among."""
+    train_sites = set(df.loc[df["cohort"] == "train", "site"]) if trained_sites is None else set(trained_sites)
+    target_only = set(df.loc[df["cohort"] == "target", "site"])
+    both = sorted(train_sites & target_only)
+    if both:
+        raise InputError(f"{source}: site {both[0]!r} has target-only scans (cohort target) and is a training site; "
+                         "target-only scans are of a scanner the model was not trained on: name it differently")
+    unused = sorted(target_only - set(target_sites))
+    if unused and target_sites:  # a sheet read without its run's targets is not checked for them
+        raise InputError(f"{source}: site {unused[0]!r} has target-only scans (cohort target) but is not in config "
+                         "target_sites")
     for site in target_sites:
-        if site not in train_sites:
-            raise InputError(f"{source}: target site {site!r} has no training scans "
-                             f"(training sites: {sorted(train_sites) or 'none'})")
+        if site not in train_sites | target_only:
+            known = "the pretrained model's sites" if trained_sites is not None else "training sites"
+            raise InputError(f"{source}: target site {site!r} has no training scans and no target-only scans "
+                             f"(cohort target) to learn it from ({known}: {sorted(train_sites) or 'none'})")
 
 
 def read_scan_sheet(path: str | Path, *, target_sites=(), check_files: bool = True) -> pd.DataFrame:
@@ -208,9 +224,9 @@ def from_bids(root: str | Path, *, site_column: str = "site", cohort: str = "tes
         role = cohort
         if cohort_column:
             role = _bids_value(cohort_column, sub, ses, sessions, participants)
-            if role not in ("train", "test"):
+            if role not in COHORTS:
                 raise InputError(f"{f}: column {cohort_column!r} of {sub}_sessions.tsv or participants.tsv must say "
-                                 f"train or test for {where}, got {role!r}")
+                                 f"{', '.join(COHORTS[:-1])} or {COHORTS[-1]} for {where}, got {role!r}")
         scan_id = f.name.split(".nii")[0].removesuffix("_T1w")
         rows.append((scan_id, sub, str(site), role, str(f.resolve())))
     if not rows:
@@ -288,14 +304,14 @@ def main(argv=None) -> int:
     b = sub.add_parser("bids", help="sheet of a BIDS dataset")
     b.add_argument("root")
     b.add_argument("--site-column", default="site")
-    b.add_argument("--cohort", choices=["train", "test"], default="test")
-    b.add_argument("--cohort-column", help="column of sessions.tsv / participants.tsv saying train or test")
+    b.add_argument("--cohort", choices=COHORTS, default="test")
+    b.add_argument("--cohort-column", help="column of sessions.tsv / participants.tsv saying train, test or target")
     u = sub.add_parser("readable", help="read every scan in full before any job starts; exit 2 naming the bad ones")
     add_manifest_option(u, ("scan_id", "image"))
     u.add_argument("--output", required=True, help="TSV: scan_id path shape problem (written only when all pass)")
     r = sub.add_parser("srpbs", help="sheet of the SRPBS traveling-subject release")
     r.add_argument("root")
-    r.add_argument("--cohort", choices=["train", "test"], default="test")
+    r.add_argument("--cohort", choices=COHORTS, default="test")
     for q in (s, b, r):
         q.add_argument("-o", "--output", required=True, help="TSV to write")
     a = p.parse_args(argv)

@@ -1,8 +1,9 @@
 """Harmonize to a scanner the model never saw: its site token fitted to a few of its scans.
 
     python -m harmodiff.sites learn --checkpoint CKPT --manifest NEW_SITE.tsv --site NAME \\
-        --output NAME.site.pt [--steps 300 --lr 0.05 --batch-size 2 --seed 0]
-        (the manifest's columns: image, mask: preprocessed scans of the new scanner and their brain masks)
+        --output NAME.site.pt [--config results/config/learn_site.yaml] [--steps N --lr X --batch-size N --seed N]
+        (the manifest's columns: image, mask: preprocessed scans of the new scanner and their brain masks;
+        the settings and their defaults: config `learn_site`, `harmodiff.config.LearnSiteConfig`)
     python -m harmodiff.harmonize --checkpoint CKPT --learned-site NAME.site.pt --target-site NAME ...
 
 The site enters the network only through one token (`model.HarmonizationUNet`: the site embedding, a
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harmodiff.config import TrainConfig
+from harmodiff.config import LearnSiteConfig, TrainConfig, add_setting_options, load_settings
 from harmodiff.diffusion import NoiseSchedule
 from harmodiff.io import InputError, atomic_path, check_outputs, file_sha256, load_image, one_line_errors
 from harmodiff.manifests import add_manifest_option
@@ -115,10 +116,12 @@ def starting_embeddings(model, labels: SiteLabels) -> torch.Tensor:
     return torch.stack([weight[[labels.index(s, g) for s in labels.trained]].mean(0) for g in labels.levels])
 
 
-def learn_site(model, record: ModelRecord, volumes, name: str, *, steps: int = 300, lr: float = 0.05,
-               batch_size: int = 2, seed: int = 0, device: str = "cpu", progress: bool = False):
-    """Fit a new site's embeddings to `volumes` (train.Volume, any site name) with everything else frozen.
-    Returns (embeddings, loss per step)."""
+def learn_site(model, record: ModelRecord, volumes, name: str, settings: LearnSiteConfig | None = None, *,
+               device: str = "cpu", progress: bool = False):
+    """Fit a new site's embeddings to `volumes` (train.Volume, any site name) with everything else frozen,
+    as `settings` say (steps, lr, batch_size, seed; None: the section's defaults). Returns (embeddings,
+    loss per step)."""
+    settings = LearnSiteConfig.of(settings)
     from tqdm import tqdm
 
     from harmodiff.train import SampleSpec, diffusion_loss, make_batch
@@ -126,8 +129,8 @@ def learn_site(model, record: ModelRecord, volumes, name: str, *, steps: int = 3
     if not volumes:
         raise InputError(f"site {name!r}: no scans to learn it from")
     labels = _check_name(record, name)
-    train_cfg = dataclasses.replace(TrainConfig.of(record.config["train"]), null_prob=0.0, seed=seed,
-                                    batch_size=batch_size, spatial_augmentation=False, bf16=False,
+    train_cfg = dataclasses.replace(TrainConfig.of(record.config["train"]), null_prob=0.0, seed=settings.seed,
+                                    batch_size=settings.batch_size, spatial_augmentation=False, bf16=False,
                                     contrast_levels=list(record.labels.levels))
     spec = SampleSpec(tuple(dataclasses.replace(v, site=name) for v in volumes), labels, train_cfg,
                       record.patch_shape, record.anatomy)
@@ -135,12 +138,12 @@ def learn_site(model, record: ModelRecord, volumes, name: str, *, steps: int = 3
     trained_table = model.site_embedding
     model.requires_grad_(False)
     model.site_embedding = AddedSiteEmbedding(trained_table, starting_embeddings(model, record.labels)).to(device)
-    optimizer = torch.optim.Adam([model.site_embedding.added], lr=lr)
+    optimizer = torch.optim.Adam([model.site_embedding.added], lr=settings.lr)
     schedule = NoiseSchedule.linear(record.num_train_timesteps)
     losses = []
     try:
-        for step in tqdm(range(steps), desc=f"learn {name}", disable=not progress):
-            loss = diffusion_loss(model, schedule, train_cfg, make_batch(spec, step, range(batch_size)), device)
+        for step in tqdm(range(settings.steps), desc=f"learn {name}", disable=not progress):
+            loss = diffusion_loss(model, schedule, train_cfg, make_batch(spec, step, range(settings.batch_size)), device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -178,32 +181,27 @@ def main(argv=None) -> int:
     add_manifest_option(le, ("image", "mask"), help="the new site's preprocessed scans and brain masks")
     le.add_argument("--site", required=True, help="the new site's name (not one of the model's sites)")
     le.add_argument("--output", required=True, help="NAME.site.pt; its loss curve is written beside it")
-    le.add_argument("--steps", type=int, default=300)
-    le.add_argument("--lr", type=float, default=0.05)
-    le.add_argument("--batch-size", type=int, default=2)
-    le.add_argument("--seed", type=int, default=0)
-    le.add_argument("--threads", type=int)
+    le.add_argument("--config", help="settings file (its learn_site section: the workflow's "
+                    "results/config/learn_site.yaml, or a workflow config); the options below override it")
+    add_setting_options(le, LearnSiteConfig)
     le.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    if a.steps < 1 or a.batch_size < 1 or not a.lr > 0:
-        raise InputError("--steps and --batch-size must be >= 1 and --lr > 0")
+    settings = load_settings(LearnSiteConfig, a.config, a)
     out = Path(a.output)
     curve = out.with_name(out.name.removesuffix(".pt") + "_loss.png")
     check_outputs([out, curve], inputs=[a.checkpoint, a.manifest.attrs["path"], *a.manifest["image"],
                                         *a.manifest["mask"]])
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    torch.set_num_threads(settings.threads)
     model, record = load_model_for_inference(a.checkpoint, a.device)
     _check_name(record, a.site)
     volumes = load_site_volumes(a.manifest, record, a.checkpoint)
-    embeddings, losses = learn_site(model, record, volumes, a.site, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
-                                    seed=a.seed, device=a.device, progress=True)
+    embeddings, losses = learn_site(model, record, volumes, a.site, settings, device=a.device, progress=True)
     site = LearnedSite(a.site, embeddings, tuple(record.labels.levels), file_sha256(a.checkpoint),
-                       tuple(str(s) for s in a.manifest["image"]), a.steps, tuple(losses))
+                       tuple(str(s) for s in a.manifest["image"]), settings.steps, tuple(losses))
     site.save(out)
     plot_loss([{"step": k + 1, "loss": v} for k, v in enumerate(losses)], curve)
     print(f"{out}: site {a.site} from {len(volumes)} scans, loss {np.mean(losses[:10]):.4f} -> "
-          f"{np.mean(losses[-10:]):.4f} over {a.steps} steps")
+          f"{np.mean(losses[-10:]):.4f} over {settings.steps} steps")
     return 0
 
 

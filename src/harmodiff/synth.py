@@ -24,7 +24,10 @@ Nothing is downloaded: the template, brain mask and GM/WM maps come from nilearn
   own voxel size and axis order/orientation.
 
 The training cohort has distinct subjects per site; the test cohort has traveling subjects, each
-scanned at every test site (test sites are not training sites), as in SRPBS. Each traveling
+scanned at every test site (test sites are not training sites), as in SRPBS. A new site
+(`new_sites`) is a scanner the model is not trained on: its own subjects' scans are target-only (cohort
+`target`: a site token is learned from them, `harmodiff.sites`), and the traveling subjects' truth is
+rendered at it as at every training site. Each traveling
 subject also has a study site (`study_site`): the one scan a pooled study would have of it, older
 subjects more often at later sites, so that a study's site and age are partly confounded. Ground truth is
 written beside the scans: per subject the MNI-space brain mask and tissue maps and the true
@@ -86,11 +89,23 @@ class SynthConfig(SyntheticCohort):
                                                length=2)
 
 
+def _codes(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{chr(ord('A') + i)}" if i < 26 else f"{prefix}{i}" for i in range(n)]
+
+
 def site_names(cfg: SynthConfig) -> tuple[list[str], list[str]]:
     """Training and test site codes (three letters, like SRPBS's)."""
-    train = [f"TR{chr(ord('A') + i)}" if i < 26 else f"TR{i}" for i in range(cfg.train_sites)]
-    test = [f"TS{chr(ord('A') + i)}" if i < 26 else f"TS{i}" for i in range(cfg.test_sites)]
-    return train, test
+    return _codes("TR", cfg.train_sites), _codes("TS", cfg.test_sites)
+
+
+def new_site_names(cfg: SynthConfig) -> list[str]:
+    """Codes of the scanners outside the training sites (`new_sites`): target-only scans."""
+    return _codes("NS", cfg.new_sites)
+
+
+def target_site_names(cfg: SynthConfig) -> list[str]:
+    """The sites a traveling subject's truth is rendered at: the training sites, then the new ones."""
+    return site_names(cfg)[0] + new_site_names(cfg)
 
 
 def cohort_plan(cfg: SynthConfig) -> pd.DataFrame:
@@ -111,6 +126,12 @@ def cohort_plan(cfg: SynthConfig) -> pd.DataFrame:
         subject = f"sub-ts{j + 1:02d}"
         for site in test_sites:
             rows.append((subject, site, "test"))
+    # after every other subject: a cohort without new sites keeps its subjects' seeds and bytes
+    k = 0
+    for site in new_site_names(cfg):
+        for _ in range(cfg.new_site_subjects):
+            k += 1
+            rows.append((f"sub-ns{k:03d}", site, "target"))
     df = pd.DataFrame(rows, columns=["subject", "site", "cohort"])
     df.insert(0, "scan_id", [f"{r.subject}_ses-{r.site}" for r in df.itertuples()])
     df["path"] = [f"raw/{r.cohort}/{r.site}/{r.scan_id}.nii.gz" for r in df.itertuples()]
@@ -514,9 +535,9 @@ def native_brain_mask(outdir: str | Path, scan_id: str) -> Path:
 
 
 def all_site_params(cfg: SynthConfig) -> dict:
-    """Every site's parameters, seeded by its place among the training then the test sites."""
+    """Every site's parameters, seeded by its place among the training, the test, then the new sites."""
     train_sites, test_sites = site_names(cfg)
-    return {name: site_params(cfg, name, i) for i, name in enumerate(train_sites + test_sites)}
+    return {name: site_params(cfg, name, i) for i, name in enumerate(train_sites + test_sites + new_site_names(cfg))}
 
 
 def plan_subjects(plan: pd.DataFrame) -> list[str]:
@@ -545,8 +566,8 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
 
     Layout: raw/{cohort}/{site}/{scan_id}.nii.gz, truth/subjects/{subject}_{mask,gm,wm,csf}.nii.gz
     (MNI space), truth/scans/{scan_id}_brainmask.nii.gz (native), truth/rendered/{scan_id}.nii.gz
-    (the scan's noise- and bias-free brain in MNI space), truth/at_site/{train site}/{subject}.nii.gz
-    (each traveling subject's noise-free brain at each training site: the ideal harmonization
+    (the scan's noise- and bias-free brain in MNI space), truth/at_site/{site}/{subject}.nii.gz
+    (each traveling subject's noise-free brain at each training and new site: the ideal harmonization
     to that target), truth/subjects.tsv (cohort, age, study_site, true volumes and ratios),
     truth/scans.tsv, truth/sites.json, truth/config.json, scans.tsv.
     """
@@ -554,7 +575,7 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
 
     out = Path(outdir)
     plan = cohort_plan(cfg)
-    train_sites, test_sites = site_names(cfg)
+    test_sites = site_names(cfg)[1]
     sites, subjects = all_site_params(cfg), plan_subjects(plan)
     subj_rows, scan_rows = [], []
     voxel_ml = cfg.render_spacing ** 3 / 1000.0
@@ -589,8 +610,8 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
             })
             bar.update(1)
         if (plan[plan["subject"] == subject_id]["cohort"] == "test").any():
-            # what a perfect harmonization of this subject to each training (target) site looks like
-            for site in train_sites:
+            # what a perfect harmonization of this subject to each possible target looks like
+            for site in target_site_names(cfg):
                 img = render_site_mni(subject, sites[site], cfg.render_spacing) * subject["brain_mask"]
                 save_image(img, aff, out / "truth" / "at_site" / site / f"{subject_id}.nii.gz")
     bar.close()

@@ -12,7 +12,7 @@ import pandas as pd
 
 from harmodiff import scans as scan_sheets
 from harmodiff.config import BidsCohort
-from harmodiff.synth import SynthConfig, cohort_plan
+from harmodiff.synth import SynthConfig, cohort_plan, target_site_names
 
 
 def _synth(config: dict) -> SynthConfig | None:
@@ -29,10 +29,8 @@ def synthetic_config(config: dict) -> dict | None:
     if cfg is None:
         return None
     plan = cohort_plan(cfg)
-    test = plan[plan["cohort"] == "test"]
-    train_sites = list(dict.fromkeys(plan.loc[plan["cohort"] == "train", "site"]))
-    subjects = list(dict.fromkeys(test["subject"]))
-    truth = [f"truth/at_site/{site}/{subj}.nii.gz" for site in train_sites for subj in subjects]
+    subjects = list(dict.fromkeys(plan.loc[plan["cohort"] == "test", "subject"]))
+    truth = [f"truth/at_site/{site}/{subj}.nii.gz" for site in target_site_names(cfg) for subj in subjects]
     truth += [f"truth/subjects/{subj}_mask.nii.gz" for subj in dict.fromkeys(plan["subject"])]
     truth += [f"truth/rendered/{scan}.nii.gz" for scan in plan["scan_id"]]
     return {"paths": list(plan["path"]), "truth": truth}
@@ -95,27 +93,24 @@ def scan_table(config: dict, results: str = "results") -> pd.DataFrame:
         if not pretrained:
             raise scan_sheets.InputError(f"{source} scans: no 'train' rows, so nothing to train the model on (add "
                                          "training scans, or set train.pretrained to a trained model)")
-        _check_targets_known(pretrained, targets)
+        scan_sheets.check_target_sites(df, targets, f"config target_sites ({source} scans, the pretrained model)",
+                                       trained_sites=_pretrained_sites(pretrained))
     else:
         scan_sheets.check_target_sites(df, targets, {"sheet": cohort.get("sheet"), "bids": "BIDS dataset and "
                                                      "training sheet"}.get(source) or f"{source} cohort")
     return df.set_index("scan_id", drop=False)
 
 
-def _check_targets_known(pretrained, targets) -> None:
-    """Without training scans the target sites are the pretrained model's: its model.json (written
+def _pretrained_sites(pretrained) -> list[str]:
+    """Without training scans a target site is the pretrained model's or learned: its model.json (written
     beside checkpoint.pt by `harmodiff.train export`) names the sites it was trained on."""
     import json
 
     record = Path(pretrained).parent / "model.json"
     try:
-        sites = json.loads(record.read_text())["site_labels"]["sites"]
+        return list(json.loads(record.read_text())["site_labels"]["sites"])
     except (OSError, ValueError, KeyError, TypeError):
         raise scan_sheets.InputError(f"config train.pretrained: {record} (the sites the model was trained on, "
                                      "written beside checkpoint.pt by 'harmodiff.train export') is missing or "
                                      "unreadable; without training scans the target sites are checked against it") from None
-    unknown = [t for t in targets if t not in sites]
-    if unknown:
-        raise scan_sheets.InputError(f"config target_sites: {', '.join(unknown)} not among the sites the pretrained "
-                                     f"model was trained on ({', '.join(sites)}; {record})")
 

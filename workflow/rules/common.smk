@@ -31,7 +31,7 @@ os.environ.update(PYTHONPATH=os.path.join(workflow.basedir, "src"))
 
 
 wildcard_constraints:
-    cohort="train|test",
+    cohort="train|test|target",
     target="[A-Za-z0-9][A-Za-z0-9_.+-]*",
     method="[A-Za-z0-9][A-Za-z0-9_.+-]*",
     site="[A-Za-z0-9][A-Za-z0-9_.+-]*",
@@ -90,6 +90,11 @@ def pretrained_args():
         return []
     sha = config["train"]["pretrained_sha256"]
     return ["--pretrained", path] + (["--pretrained-sha256", sha] if sha else [])
+
+
+def learned_site_args(wildcards, input):
+    """harmonize's arguments naming a learned target site's token (a list: the shell quotes each, `:q`)."""
+    return ["--learned-site", input.learned_site] if input.get("learned_site") else []
 
 
 def bids_source(wildcards):

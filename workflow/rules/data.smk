@@ -54,7 +54,7 @@ rule stage_settings:
     benchmark:
         "results/benchmarks/stage_settings/{stage}.tsv"
     wildcard_constraints:
-        stage="preprocess|anatomy|harmonize|synth",
+        stage="preprocess|anatomy|harmonize|synth|learn_site",
     localrule: True
     threads: 1
     resources:

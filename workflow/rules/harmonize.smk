@@ -4,7 +4,8 @@ HARMONIZE = config["harmonize"]
 HARMONIZE_SHELL = (
     "python -m harmodiff.harmonize --config {input.settings:q} --checkpoint {input.checkpoint:q} "
     "--input {input.image:q} --mask {input.mask:q} --anatomy {input.anatomy:q} --coarse {input.coarse:q} "
-    "--target-site {wildcards.target:q} --output {output.image:q} {params.runs:q} --seed-key {wildcards.scan:q} "
+    "--target-site {wildcards.target:q} {params.learned_site:q} --output {output.image:q} {params.runs:q} "
+    "--seed-key {wildcards.scan:q} "
     "--threads {threads} > {log:q} 2>&1"
 )
 
@@ -19,9 +20,11 @@ TEST_SCAN = {
 }
 
 # every harmonization reads the model, the scan, its mask and its anatomy maps (with the settings
-# they were made with, checked against the model's)
+# they were made with, checked against the model's), and a target the model was not trained on its
+# learned token
 HARMONIZE_INPUT = {
     "checkpoint": rules.train.output.checkpoint,
+    "learned_site": lambda wildcards: PLAN.learned_site_file(wildcards.target) or [],
     **{k: TEST_SCAN[k] for k in ("image", "mask", "anatomy", "coarse", "anatomy_settings")},
     "settings": "results/config/harmonize.yaml",
 }
@@ -52,6 +55,7 @@ rule harmonize:
         gpu=1,
     params:
         runs=[],
+        learned_site=learned_site_args,
     shell:
         HARMONIZE_SHELL
 
@@ -89,6 +93,7 @@ rule harmonize_all_settings:
         gpu=1,
     params:
         runs=lambda wildcards, input: ["--runs", input.runs],
+        learned_site=learned_site_args,
     shell:
         HARMONIZE_SHELL
 

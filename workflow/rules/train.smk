@@ -54,3 +54,32 @@ rule train:
         "python -m harmodiff.train --config {input.settings:q} {params.training_scans:q} "
         "--output-dir {params.state:q} --resume "
         "--export-dir {params.export:q} {params.pretrained:q} --threads {threads} > {log:q} 2>&1"
+
+
+# a target site the model was not trained on (config target_sites naming a site whose scans in the scan
+# sheet are target-only, cohort target): its token learned from those scans with the network frozen
+rule learn_site:
+    input:
+        unpack(lambda wildcards: manifest_inputs(f"learn_site-{wildcards.target}")),
+        checkpoint=rules.train.output.checkpoint,
+        settings="results/config/learn_site.yaml",
+    output:
+        site=PATHS.learned_site(RUN, "{target}"),
+        loss=PATHS.learned_site(RUN, "{target}", ".site_loss.png"),
+    log:
+        f"results/logs/learn_site/{RUN}/{{target}}.log",
+    benchmark:
+        f"results/benchmarks/learn_site/{RUN}/{{target}}.tsv"
+    wildcard_constraints:
+        target="|".join(re.escape(site) for site in PLAN.learned_sites) or "(?!)",
+    conda:
+        "../../envs/torch.yaml"
+    threads: config["learn_site"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    shell:
+        "python -m harmodiff.sites learn --config {input.settings:q} --checkpoint {input.checkpoint:q} "
+        "--manifest {input.manifest:q} --site {wildcards.target:q} --output {output.site:q} "
+        "--threads {threads} > {log:q} 2>&1"
