@@ -76,13 +76,15 @@ def held_out():
 
 
 def score(images, cases) -> dict:
-    ssim, mae, closest = [], [], []
-    for image, (_, _, _, brain, truths) in zip(images, cases):
+    ssim, mae, closest, by_source = [], [], [], {s: [] for s in TRAINING_SITES}
+    for image, (_, source, _, brain, truths) in zip(images, cases):
         by_site = {s: ssim_psnr(image, t, brain, brain)[0] for s, t in truths.items()}
         ssim.append(by_site["D"])
+        by_source[source].append(by_site["D"])
         mae.append(float(np.abs(image - truths["D"])[brain].mean()))
         closest.append(max(by_site, key=by_site.get) == "D")
     return {"SSIM vs truth at D": float(np.mean(ssim)), "MAE": float(np.mean(mae)),
+            **{f"SSIM from {s}": float(np.mean(v)) for s, v in by_source.items()},
             "closest truth is D": f"{sum(closest)}/{len(closest)}"}
 
 
@@ -136,14 +138,14 @@ def main(argv=None) -> None:
         for name, runs in ((f"learned token ({draws} draw{'s' * (draws > 1)})", per_draw),
                            (f"histogram matching to the same scans ({draws} draw{'s' * (draws > 1)})", hm)):
             ssim = [r["SSIM vs truth at D"] for r in runs]
-            rows.append({"target D as": name, "scans of D": n, "SSIM vs truth at D": float(np.mean(ssim)),
+            rows.append({"target D as": name, "scans of D": n,
+                         **{k: float(np.mean([r[k] for r in runs])) for k in runs[0] if k != "closest truth is D"},
                          "SSIM sd over draws": float(np.std(ssim)) if len(runs) > 1 else np.nan,
-                         "MAE": float(np.mean([r["MAE"] for r in runs])),
                          "closest truth is D": " ".join(r["closest truth is D"] for r in runs)})
     rows.append({"target D as": f"model trained with D ({len(D_TRAINING)} subjects of D among its 16)",
                  "scans of D": len(D_TRAINING), **score(harmonized(abcd), cases)})
     table = pd.DataFrame(rows)[["target D as", "scans of D", "SSIM vs truth at D", "SSIM sd over draws", "MAE",
-                                "closest truth is D"]]
+                                *[f"SSIM from {s}" for s in TRAINING_SITES], "closest truth is D"]]
 
     weight = model.site_embedding.weight.detach()
     cosines = []

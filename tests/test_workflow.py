@@ -490,7 +490,7 @@ def test_e2e_a_bids_study_harmonized_with_a_pretrained_model(e2e, tmp_path):
     assert not list(tmp_path.rglob("PWNED*")) and not list(ROOT.glob("PWNED*"))
     learned = wd / "results/model/diffusion/sites/MINE.site.pt"
     site = LearnedSite.load(learned, wd / "results/model/diffusion/checkpoint.pt")  # made for this model
-    assert site.scans == (str(wd / "results/preprocessed/target/MINE/sub-mine01_ses-MINE.nii.gz"),)
+    assert site.scans == ("results/preprocessed/target/MINE/sub-mine01_ses-MINE.nii.gz",)  # as the rule named it
     assert site.steps == base["learn_site"]["steps"] == len(site.loss)
     for target in ("TRA", "MINE"):
         harmonized = sorted((wd / f"results/harmonized/diffusion/{target}").rglob("*.nii.gz"))
