@@ -473,7 +473,7 @@ class LearnSiteConfig(Section):
     frozen (harmodiff.sites)."""
 
     where: typing.ClassVar[str] = "learn_site"
-    steps: int = setting(300, "optimizer steps of the site token (a CPU: minutes; the demo U-Net ~2 s a step)",
+    steps: int = setting(300, "optimizer steps of the site token (the demo U-Net on 2 CPU cores: ~0.7 s a step)",
                          exclusive_minimum=0)
     lr: float = setting(0.05, "Adam learning rate of the token", exclusive_minimum=0)
     batch_size: int = setting(2, "training samples per step (patches of the site's scans)", exclusive_minimum=0)
