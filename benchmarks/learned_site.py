@@ -104,9 +104,9 @@ def main(argv=None) -> None:
     abcd = train_model(workdir, True, a.steps, a.reuse)
     d_scans = [scan(k, "D") for k in D_SCANS]
 
-    def harmonized(pair, target="D"):
+    def harmonized(pair):
         model, record = pair
-        return [harmonize_array(model, record, src, brain, target, SETTINGS)[0] for _, _, src, brain, _ in cases]
+        return [harmonize_array(model, record, src, brain, "D", SETTINGS)[0] for _, _, src, brain, _ in cases]
 
     rows = [{"target D as": "no harmonization (the source scans)", "scans of D": 0,
              **score([src for _, _, src, _, _ in cases], cases)}]

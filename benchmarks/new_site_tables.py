@@ -27,7 +27,7 @@ from harmodiff.tables import markdown_table  # noqa: E402
 
 def per_target(tables: Path) -> pd.DataFrame:
     t = pd.read_csv(tables / "truth_summary.csv")
-    t = t[~t["method"].str.contains("_")]  # the main setting's rows, not the sweep's
+    t = t[t["method"].isin(["preprocessed", "diffusion", "histmatch"])]  # not the sweep's settings
     return t[["method", "target", "scans", "ssim_mean", "ssim_sd", "mae_mean", "gradient_r_mean",
               "detail_ratio_mean"]].sort_values(["target", "method"])
 
@@ -77,7 +77,7 @@ def main(results: str) -> None:
           "truth.\n")
     for path in sites:
         site = LearnedSite.load(path)
-        bench = path.parents[2].parent / "benchmarks/learn_site" / path.parents[1].name / f"{site.name}.tsv"
+        bench = results / "benchmarks/learn_site" / path.parents[1].name / f"{site.name}.tsv"  # <run>/sites/
         seconds = float(pd.read_csv(bench, sep="\t")["s"].iloc[0]) if bench.is_file() else float("nan")
         loss = np.asarray(site.loss)
         print(f"Learned site {site.name}: {len(site.scans)} scans, {site.steps} steps, loss "

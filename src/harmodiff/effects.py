@@ -30,6 +30,7 @@ from harmodiff.combat import combat_ratios
 from harmodiff.evaluate import TISSUES
 from harmodiff.io import InputError, check_outputs, one_line_errors, write_table
 from harmodiff.manifests import add_manifest_option
+from harmodiff.scans import REFERENCE_COHORTS
 from harmodiff.tables import target_truth_ratios
 
 DECADE = 10.0
@@ -115,7 +116,7 @@ def pull_table(ratios: pd.DataFrame, truth: pd.DataFrame, target_truth: pd.DataF
         at = target if target in rendered else rendered[0]
         ideal = target_truth[target_truth["target"] == at].set_index("subject")
         # the subjects the target was learned from: its training subjects, or a new site's target-only ones
-        training = subjects[subjects["cohort"].isin(["train", "target"]) & (subjects["study_site"] == at)]
+        training = subjects[subjects["cohort"].isin(REFERENCE_COHORTS) & (subjects["study_site"] == at)]
         fractions = group["fractions"].iloc[0] if "fractions" in group else "posterior"
         for tissue in TISSUES:
             error = group.groupby("subject")[f"{tissue}_ratio"].mean() - ideal[f"{fractions}_{tissue}_ratio"]

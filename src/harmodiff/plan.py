@@ -13,6 +13,7 @@ import pandas as pd
 from harmodiff.config import EvaluationConfig, TrainConfig
 from harmodiff.io import InputError
 from harmodiff.layout import Paths, bids_label, sweep_method
+from harmodiff.scans import REFERENCE_COHORTS
 
 
 class RunPlan:
@@ -52,7 +53,7 @@ class RunPlan:
     def reference_scans(self, target: str) -> pd.DataFrame:
         """The scans of a target site the run has: its training scans, or its target-only scans."""
         scans = self.scans[self.scans["site"] == target]
-        return scans[scans["cohort"].isin(["train", "target"])]
+        return scans[scans["cohort"].isin(REFERENCE_COHORTS)]
 
     def learned_site_file(self, target: str) -> str | None:
         """The learned token of a target site the model was not trained on (None for a training site)."""

@@ -35,6 +35,7 @@ COLUMNS = ["scan_id", "subject", "site", "cohort", "path"]
 # train: the model learns its sites from these; test: harmonized and evaluated; target: scans of a scanner the
 # model was not trained on, only to learn its site token from (and histogram matching's reference)
 COHORTS = ("train", "test", "target")
+REFERENCE_COHORTS = ("train", "target")  # the scans a target site is known by: its training or target-only ones
 
 
 def _schema() -> dict:
