@@ -267,6 +267,10 @@ class SyntheticCohort(Section):
                               "power curve) | tissue (each voxel's T1 and proton density through an MPRAGE- or "
                               "SPGR-like signal equation at 1.5 or 3 T, with thicker slices; docs/decisions.md)",
                               choices=("contrast", "tissue"))
+    ventricle_growth_mm: tuple[float, float] = setting(
+        (0.0, 0.0), "a regional effect of age beside the cortical atrophy: the lateral ventricles grow by this "
+        "range of mm (tissue that near them becomes CSF), linear in age from the youngest to the oldest; "
+        "[0, 0]: none (the shipped model's cohort)", length=2, items_minimum=0)
 
     def check(self):
         lo, hi = self.native_spacing

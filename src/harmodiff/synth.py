@@ -7,7 +7,9 @@ Nothing is downloaded: the template, brain mask and GM/WM maps come from nilearn
   (GM within `atrophy_mm` of CSF or the brain's edge becomes CSF) and a shift of the GM/WM
   boundary by `wm_shift_mm` (positive: WM grows into GM). A voxel-wise GM->CSF mixture was
   tried first: it reads as a darker cortex that Atropos still calls GM. The atrophy is the
-  subject's age's (linear in `age_years`): a biological effect whose true size is known.
+  subject's age's (linear in `age_years`): a biological effect whose true size is known. A regional
+  effect may come with it (`ventricle_growth_mm`): the lateral ventricles grow into the tissue around
+  them, also linear in age, so the WM ratio falls with age too.
 * A **site** (`site_model: contrast`) is a tissue contrast (CSF/GM/WM/skull/scalp intensities), a
   power-law intensity curve, blur, the amplitude of a smooth multiplicative bias field, Rician noise
   and a global intensity scale. Its intensities are close to one monotone function of another
@@ -67,6 +69,9 @@ RELAXATION = {
     "skull": {"t1": (300.0, 400.0), "pd": 0.08, "t2s": (2.0, 1.0)},        # cortical bone: little MR-visible water
 }
 DEEP_GM_MM = (8.0, 11.0)   # GM this near a basal ganglia or thalamus ROI centre is deep GM (a ramp between)
+# the lateral ventricles (ventricle_growth_mm): CSF this deep inside the brain, in this MNI box (mm; x, y, z)
+VENTRICLE_DEPTH_MM = 15.0
+VENTRICLE_BOX_MM = ((-25.0, 25.0), (-40.0, 25.0), (-5.0, 30.0))
 WM_T1_GRADIENT = 0.05      # WM T1 changes by this fraction per 70 mm from back to front
 T1_FIELD_SD = 0.03         # sd of each subject's smooth multiplicative T1 field (GM and WM)
 PD_FIELD_SD = 0.02         # ... and of its PD field, drawn apart from the T1 field
@@ -236,8 +241,10 @@ def subject_params(cfg: SynthConfig, subject_index: int) -> dict:
     rng = np.random.default_rng([cfg.seed, 1, subject_index])
     u = rng.random()  # = rng.uniform(*atrophy_mm)'s draw: cohorts rendered before ages existed keep their bytes
     (a0, a1), (y0, y1) = cfg.atrophy_mm, cfg.age_years
+    v0, v1 = cfg.ventricle_growth_mm
     return {"age": float(y0 + (y1 - y0) * u), "atrophy_mm": float(a0 + (a1 - a0) * u),
-            "wm_shift_mm": float(rng.uniform(*cfg.wm_shift_mm)), "warp_seed": int(rng.integers(2**31))}
+            "wm_shift_mm": float(rng.uniform(*cfg.wm_shift_mm)), "warp_seed": int(rng.integers(2**31)),
+            "ventricle_growth_mm": float(v0 + (v1 - v0) * u)}
 
 
 def study_site(cfg: SynthConfig, subject_index: int, age: float, sites: list[str]) -> str:
@@ -277,6 +284,30 @@ def _reshape_tissues(p_gm, p_wm, p_csf, brain_mask, spacing, atrophy_mm, wm_shif
     return (1 - w) * p_gm, p_wm, p_csf + w * p_gm
 
 
+def lateral_ventricles(p_csf: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray, spacing: float) -> np.ndarray:
+    """The lateral ventricles of a subject: the largest connected piece of CSF (p > 0.5) deeper than
+    VENTRICLE_DEPTH_MM inside the brain and inside VENTRICLE_BOX_MM (MNI), which keeps the deep sulci and
+    the interhemispheric fissure out (about 30 ml on the MNI152 maps)."""
+    depth = ndimage.distance_transform_edt(brain_mask, sampling=spacing)
+    candidate = (p_csf > 0.5) & (depth > VENTRICLE_DEPTH_MM)
+    for axis, (lo, hi) in enumerate(VENTRICLE_BOX_MM):
+        mm = affine[axis, 3] + spacing * np.arange(p_csf.shape[axis])
+        inside = (mm > lo) & (mm < hi)
+        candidate &= inside.reshape([-1 if k == axis else 1 for k in range(3)])
+    labels, n = ndimage.label(candidate)
+    if n == 0:
+        raise ValueError("no lateral ventricles found in the subject's CSF map")
+    sizes = ndimage.sum(candidate, labels, range(1, n + 1))
+    return labels == int(np.argmax(sizes)) + 1
+
+
+def _grow_ventricles(p_gm, p_wm, p_csf, ventricles, spacing, growth_mm):
+    """Tissue (GM and WM) within `growth_mm` of the ventricles becomes CSF: age's regional effect."""
+    d = ndimage.distance_transform_edt(~ventricles, sampling=spacing) - 0.5 * spacing
+    w = _ramp(growth_mm - d) * ~ventricles
+    return (1 - w) * p_gm, (1 - w) * p_wm, p_csf + w * (p_gm + p_wm)
+
+
 def render_subject(cfg: SynthConfig, subject_index: int) -> dict:
     """Tissue probability maps of one subject in MNI space (render grid)."""
     affine, mask, gm, wm = _template_maps(cfg.render_spacing)
@@ -302,6 +333,9 @@ def render_subject(cfg: SynthConfig, subject_index: int) -> dict:
     brain_mask = brain > 0.5
     p_gm, p_wm, p_csf = _reshape_tissues(p_gm, p_wm, p_csf, brain_mask, s, params["atrophy_mm"],
                                          params["wm_shift_mm"])
+    if params["ventricle_growth_mm"] > 0:  # only then: a cohort without it keeps its bytes
+        ventricles = lateral_ventricles(p_csf, brain_mask, affine, s)
+        p_gm, p_wm, p_csf = _grow_ventricles(p_gm, p_wm, p_csf, ventricles, s, params["ventricle_growth_mm"])
     outside_mm = ndimage.distance_transform_edt(~brain_mask, sampling=s).astype(np.float32)
     return {
         "affine": affine, "brain": brain, "brain_mask": brain_mask,
@@ -592,7 +626,7 @@ def generate(outdir: str | Path, cfg: SynthConfig, progress: bool = True) -> pd.
         study = study_site(cfg, si, subject["age"], test_sites) if cohort == "test" else own["site"].iloc[0]
         subj_rows.append({"subject": subject_id, "cohort": cohort, "age": subject["age"], "study_site": study,
                           **subject_volumes(subject, voxel_ml), "atrophy_mm": subject["atrophy_mm"],
-                          "wm_shift_mm": subject["wm_shift_mm"]})
+                          "wm_shift_mm": subject["wm_shift_mm"], "ventricle_growth_mm": subject["ventricle_growth_mm"]})
         for row in plan[plan["subject"] == subject_id].itertuples():
             image, vox, brain, scan_to_mni, pose, mni_img = render_scan(cfg, subject, sites[row.site], row.Index)
             save_image(image, vox, out / row.path)
