@@ -86,6 +86,22 @@ def test_the_estimator_recovers_the_planted_effect_and_a_site_offset_biases_it()
     assert kept["ci_covers_truth"] and abs(kept["error"]) < 0.002
 
 
+def test_the_ideal_rows_carry_the_segmentations_own_attenuation_of_the_effect():
+    """The truth rendered at the target and segmented by a segmentation that sees 40 % of each subject's
+    departure from the mean GM ratio: the ideal row's slope is 40 % of the true one, exactly."""
+    truth = _cohort()
+    traveling = truth[truth.cohort == "test"]
+    mean = traveling["gm_ratio"].mean()
+    ideal = traveling[["subject"]].assign(target="TRA", posterior_gm_ratio=mean + 0.4 * (traveling["gm_ratio"] - mean),
+                                          posterior_wm_ratio=traveling["wm_ratio"])
+    t = effects.effect_table(_ratios(truth, "preprocessed", "none", 0.0), truth, ideal).set_index(["method", "tissue"])
+    row = t.loc[("ideal", "GM")]
+    assert row["target"] == "TRA" and row["n_subjects"] == len(traveling)
+    assert row["estimate"] == pytest.approx(0.4 * row["true_effect"])
+    assert t.loc[("ideal", "WM"), "estimate"] == pytest.approx(t.loc[("truth", "WM"), "estimate"])
+    assert "ideal" not in set(effects.effect_table(_ratios(truth, "preprocessed", "none", 0.0), truth)["method"])
+
+
 def test_combat_on_a_study_too_small_says_why_in_the_table():
     truth = _cohort(n=4)
     t = effects.effect_table(_ratios(truth, "preprocessed", "none", SITE_OFFSET), truth)

@@ -156,6 +156,44 @@ def test_atrophy_turns_the_outer_cortex_into_csf():
     assert ((g2 > 0.05) & (g2 < 0.95)).sum() < 0.25 * (gm > 0).sum()
 
 
+def test_the_ventricles_are_the_deep_csf_in_the_box_and_grow_by_the_requested_distance():
+    """A brain ball (radius 60 mm) centred on MNI (0, -8, 12): a CSF ball of radius 8 mm at the centre (the
+    ventricles), a deep CSF ball outside the box (x = 32 mm, 22 mm deep) and a CSF shell at the edge; the rest is WM."""
+    n, spacing = 64, 2.0
+    affine = np.diag([spacing] * 3 + [1.0])
+    affine[:3, 3] = np.array([0.0, -8.0, 12.0]) - spacing * (n - 1) / 2
+    mm = [affine[k, 3] + spacing * g for k, g in enumerate(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"))]
+    r_centre = np.sqrt(mm[0] ** 2 + (mm[1] + 8) ** 2 + (mm[2] - 12) ** 2)
+    brain = r_centre <= 60
+    ventricle = r_centre <= 8
+    cleft = np.sqrt((mm[0] - 32) ** 2 + (mm[1] + 8) ** 2 + (mm[2] - 12) ** 2) <= 6
+    csf = (ventricle | cleft | (brain & (r_centre > 56))).astype(np.float32)
+    wm = (brain & (csf == 0)).astype(np.float32)
+    gm = np.zeros_like(wm)
+    found = synth.lateral_ventricles(csf, brain, affine, spacing)
+    np.testing.assert_array_equal(found, ventricle)
+    g2, w2, c2 = synth._grow_ventricles(gm, wm, csf, found, spacing, 4.0)
+    grown = _ball_radius((c2 * (r_centre < 30)).sum() * spacing ** 3) - _ball_radius(ventricle.sum() * spacing ** 3)
+    assert abs(grown - 4.0) < 0.5, grown
+    np.testing.assert_allclose(g2 + w2 + c2, gm + wm + csf, atol=1e-6)  # tissue becomes CSF, none is made
+    np.testing.assert_array_equal(c2[cleft], csf[cleft])                  # the cleft is not a ventricle
+    with pytest.raises(ValueError, match="no lateral ventricles"):
+        synth.lateral_ventricles(csf * ~ventricle * ~cleft, brain, affine, spacing)
+
+
+def test_the_ventricles_grow_linearly_with_age_and_not_at_all_by_default():
+    cfg = synth.SynthConfig(ventricle_growth_mm=(0.0, 3.0))
+    params = [synth.subject_params(cfg, i) for i in range(8)]
+    ages = np.array([p["age"] for p in params])
+    growth = np.array([p["ventricle_growth_mm"] for p in params])
+    np.testing.assert_allclose(growth, 3.0 * (ages - 20.0) / 60.0, atol=1e-9)
+    default = [synth.subject_params(synth.SynthConfig(), i) for i in range(8)]
+    assert all(p["ventricle_growth_mm"] == 0 for p in default)
+    for p, q in zip(params, default):  # the growth takes no draw: every other parameter is the same
+        assert {k: v for k, v in p.items() if k != "ventricle_growth_mm"} == \
+            {k: v for k, v in q.items() if k != "ventricle_growth_mm"}
+
+
 def test_the_cli_renders_the_cohort_of_its_settings_file_with_options_on_top(tmp_path, monkeypatch, capsys):
     """The workflow's results/config/synth.yaml (settings_text of the config) gives synth the config's
     cohort.synthetic; an option overrides one key; a wrong key is one line naming the file."""

@@ -346,6 +346,9 @@ def test_e2e_evaluation_tables(e2e):
     slope = 10 * np.diff(study.gm_ratio.to_numpy())[0] / np.diff(study.age.to_numpy())[0]
     assert effect.loc[("preprocessed", "GM"), "estimate"] == pytest.approx(slope, rel=1e-4)
     assert set(methods) <= set(effect.index.get_level_values("method"))
+    # the ideal rows: the same slope through the two subjects' truth at the target, segmented
+    ideal = effect.loc[("ideal", "GM")]
+    assert ideal["target"] == "TRA" and ideal["n_subjects"] == 2 and np.isfinite(ideal["estimate"])
     pull = pd.read_csv(e2e / "results/tables/target_pull.csv")
     assert set(methods) <= set(pull.method) and (pull[pull.method.isin(methods)].n_subjects == 2).all()
 

@@ -10,7 +10,8 @@ subjects' ages drive a cortical atrophy of known size (`synth.subject_params`).
   ordinary least squares, 95 % CI) over the study's scans, next to the true effect: the same slope of
   the subjects' true ratios. ComBat is also fit on the study itself, as a pooled study would, without
   a covariate (`combat_study`, which takes the part of the age effect that looks like a site effect)
-  and with age protected (`combat_study_age`).
+  and with age protected (`combat_study_age`). The `ideal` rows are the effect on each subject's truth
+  rendered at the target and segmented alike: what the segmentation lets a perfect harmonizer keep.
 * **The pull toward the target** (`pull_table`). A site token learned from few training subjects can
   learn their anatomy. Per method and target, the slope of (a subject's ratio after harmonization
   minus the ratio of its ideal harmonization, its truth rendered at the target and segmented alike)
@@ -81,15 +82,22 @@ def _effect_rows(method: str, target: str, study: pd.DataFrame, true: dict, note
     return rows
 
 
-def effect_table(ratios: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+def effect_table(ratios: pd.DataFrame, truth: pd.DataFrame, target_truth: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per method, target and tissue: the study's age effect on the ratio (per decade) with its 95 % CI,
     the true effect and the error. Methods with fewer than `MIN_SUBJECTS` study scans (the sweep's
-    extra runs) are left out; with that many, the slope has no CI."""
+    extra runs) are left out; with that many, the slope has no CI. With `target_truth` (each traveling
+    subject's truth rendered at a target and segmented, `tables.target_truth_ratios`), method `ideal`
+    per target: the effect a perfect harmonizer's images give after the same segmentation, the one every
+    method is read against when the segmentation itself sees only part of the true effect."""
     subjects = _subjects(truth)
     traveling = subjects[subjects["cohort"] == "test"]
     true = {t: ols_slope(traveling[f"{t}_ratio"], traveling["age"], DECADE)["estimate"] for t in TISSUES}
     study = study_ratios(ratios, subjects)
     rows = _effect_rows("truth", "none", traveling, true)
+    for target, ideal in ([] if target_truth is None else target_truth.groupby("target", sort=False)):
+        ideal = ideal.merge(traveling[["subject", "age"]], on="subject")
+        ideal = ideal.rename(columns={f"posterior_{t}_ratio": f"{t}_ratio" for t in TISSUES})
+        rows += _effect_rows("ideal", target, ideal, true)
     for (method, target), group in study.groupby(["method", "target"], sort=True):
         if len(group) >= MIN_SUBJECTS:
             rows += _effect_rows(method, target, group, true)
@@ -141,8 +149,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     check_outputs([a.output_effects, a.output_pull], inputs=[a.ratios, a.truth, a.target_manifest.attrs["path"]])
     ratios, truth = pd.read_csv(a.ratios), pd.read_csv(a.truth, sep="\t")
-    effects = effect_table(ratios, truth)
-    pull = pull_table(ratios, truth, target_truth_ratios(a.target_manifest))
+    target_truth = target_truth_ratios(a.target_manifest)
+    effects = effect_table(ratios, truth, target_truth)
+    pull = pull_table(ratios, truth, target_truth)
     write_table(effects, a.output_effects)
     write_table(pull, a.output_pull)
     print(f"age effect (per decade):\n{effects.to_string(index=False)}\n\npull toward the target:\n"
