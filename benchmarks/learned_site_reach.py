@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -26,36 +25,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import learned_site as ls  # noqa: E402
 from harmodiff import sites  # noqa: E402
-from harmodiff.diffusion import NoiseSchedule  # noqa: E402
 from harmodiff.harmonize import harmonize_array  # noqa: E402
 from harmodiff.tables import markdown_table  # noqa: E402
-from harmodiff.train import SampleSpec, TrainConfig, diffusion_loss, make_batch  # noqa: E402
+from harmodiff.train import make_batch  # noqa: E402
 
 LEARN_SCANS = 4
 LEARN = sites.LearnSiteConfig(steps=200, lr=0.05, batch_size=4, seed=0)
 
 
 def learn_from_noisier(model, record, volumes, t_min: int) -> torch.Tensor:
-    """`sites.learn_site`'s loop with each sample's timestep drawn from [t_min, T) instead of [0, T)."""
-    labels = sites._check_name(record, "D")
-    cfg = dataclasses.replace(TrainConfig.of(record.config["train"]), null_prob=0.0, seed=LEARN.seed,
-                              batch_size=LEARN.batch_size, spatial_augmentation=False, bf16=False,
-                              contrast_levels=list(record.labels.levels))
-    spec = SampleSpec(tuple(dataclasses.replace(v, site="D") for v in volumes), labels, cfg, record.patch_shape,
-                      record.anatomy)
-    model = copy.deepcopy(model).train()
-    model.requires_grad_(False)
-    model.site_embedding = sites.AddedSiteEmbedding(model.site_embedding, sites.starting_embeddings(model, record.labels))
-    optimizer = torch.optim.Adam([model.site_embedding.added], lr=LEARN.lr)
-    schedule, T = NoiseSchedule.linear(record.num_train_timesteps), record.num_train_timesteps
-    for step in range(LEARN.steps):
+    """`sites.learn_site` with each sample's timestep drawn from [t_min, T) instead of [0, T)."""
+    T = record.num_train_timesteps
+
+    def batches(spec, step):
         batch = list(make_batch(spec, step, range(LEARN.batch_size)))
         batch[4] = t_min + batch[4] % (T - t_min)
-        loss = diffusion_loss(model, schedule, cfg, tuple(batch), "cpu")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return model.site_embedding.added.detach().clone()
+        return tuple(batch)
+
+    return sites.learn_site(model, record, volumes, "D", LEARN, batches=batches)[0]
 
 
 def main(argv=None) -> None:

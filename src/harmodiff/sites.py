@@ -117,10 +117,11 @@ def starting_embeddings(model, labels: SiteLabels) -> torch.Tensor:
 
 
 def learn_site(model, record: ModelRecord, volumes, name: str, settings: LearnSiteConfig | None = None, *,
-               device: str = "cpu", progress: bool = False):
+               device: str = "cpu", progress: bool = False, batches=None):
     """Fit a new site's embeddings to `volumes` (train.Volume, any site name) with everything else frozen,
-    as `settings` say (steps, lr, batch_size, seed; None: the section's defaults). Returns (embeddings,
-    loss per step)."""
+    as `settings` say (steps, lr, batch_size, seed; None: the section's defaults). `batches(spec, step)`
+    builds each step's batch (None: `train.make_batch`, as training draws them; a benchmark may redraw
+    the timesteps). Returns (embeddings, loss per step)."""
     settings = LearnSiteConfig.of(settings)
     from tqdm import tqdm
 
@@ -140,10 +141,13 @@ def learn_site(model, record: ModelRecord, volumes, name: str, settings: LearnSi
     model.site_embedding = AddedSiteEmbedding(trained_table, starting_embeddings(model, record.labels)).to(device)
     optimizer = torch.optim.Adam([model.site_embedding.added], lr=settings.lr)
     schedule = NoiseSchedule.linear(record.num_train_timesteps)
+    if batches is None:
+        def batches(spec_, step_):
+            return make_batch(spec_, step_, range(settings.batch_size))
     losses = []
     try:
         for step in tqdm(range(settings.steps), desc=f"learn {name}", disable=not progress):
-            loss = diffusion_loss(model, schedule, train_cfg, make_batch(spec, step, range(settings.batch_size)), device)
+            loss = diffusion_loss(model, schedule, train_cfg, batches(spec, step), device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
